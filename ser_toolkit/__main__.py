@@ -1,0 +1,5 @@
+"""``python -m ser_toolkit`` runs the ``sertk`` command line."""
+
+from ser_toolkit.cli import main
+
+main()

@@ -1,0 +1,375 @@
+"""Building a cache: decode, down-mix, resample once; incremental, parallel, crash-safe.
+
+How a build survives interruption:
+
+1. Decoded audio is flushed every few seconds of work into *part files*
+   (``<cache>.parts/<config-hash>/part-*.h5``), each written under a temporary
+   name and renamed when complete.
+2. When every utterance is decoded, the final cache is written to a temporary
+   file from the previous cache (for unchanged utterances) and the parts, then
+   renamed over ``<cache>.h5``; only then are the parts removed.
+
+A killed build leaves at most complete part files and a stale temporary; the
+next run reuses the parts and removes the temporary. An exclusive lock on
+``<cache>.h5.lock`` serialises concurrent builds of the same cache (the second
+waits, then finds little or nothing to do). Parts are keyed by a hash of the
+preprocessing config, so a different config never mixes with old audio.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from ser_toolkit import __version__
+from ser_toolkit.atomic import atomic_path, exclusive_lock, remove_stale_tmp
+from ser_toolkit.audio import CLIP_LEVEL, MONO_RULES, RESAMPLER, TARGET_RATE, prepare
+from ser_toolkit.cache import SCHEMA_VERSION
+from ser_toolkit.cache.reader import COLUMNS, INT16_SCALE, read_header
+from ser_toolkit.datasets import Dataset, Utterance
+from ser_toolkit.emotions import EMOTION_INDEX
+from ser_toolkit.errors import AudioError, CacheError, SertkError
+
+DTYPES = ("float32", "int16")
+PART_SAMPLES = 8 * 1024 * 1024  # flush a part file every 8 M samples (~9 min of audio, 32 MB)
+TASK_SIZE = 8  # utterances per worker task
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """Everything that changes the cached audio; a change rebuilds the cache."""
+
+    sample_rate: int = TARGET_RATE
+    mono: str = "mean"
+    dtype: str = "float32"
+    resampler: str = RESAMPLER
+
+    def __post_init__(self) -> None:
+        if self.mono not in MONO_RULES:
+            raise SertkError(f"unknown mono rule {self.mono!r}", f"use one of {', '.join(MONO_RULES)}")
+        if self.dtype not in DTYPES:
+            raise SertkError(f"unknown cache dtype {self.dtype!r}", f"use one of {', '.join(DTYPES)}")
+        if not 1000 <= self.sample_rate <= 192000:
+            raise SertkError(f"sample rate {self.sample_rate} is out of range", "use e.g. 16000")
+
+    def key(self) -> str:
+        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+@dataclass
+class BuildSummary:
+    """What a build did (printed at the end of ``sertk cache``)."""
+
+    path: str
+    utterances: int = 0
+    decoded: int = 0
+    reused: int = 0
+    resumed: int = 0
+    hours: float = 0.0
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    ignored: dict[str, int] = field(default_factory=dict)
+    clipped_utterances: int = 0
+    seconds: float = 0.0
+    rebuilt: bool = False
+    unchanged: bool = False
+
+
+def _decode_task(dataset: Dataset, root: Path | None, utts: list[Utterance], pre: Preprocess):
+    """Worker: decode and prepare a few utterances; errors come back as reasons."""
+    out = []
+    for u in utts:
+        try:
+            data, rate = dataset.load(u, root)
+            clipped = int(np.count_nonzero(np.abs(data) >= CLIP_LEVEL))
+            wave = prepare(data, rate, pre.mono, pre.sample_rate)
+            if not np.isfinite(wave).all():
+                raise AudioError(f"{u.path or u.id}: non-finite samples after resampling", "check the file")
+            out.append((u.id, wave, clipped, None))
+        except AudioError as exc:
+            out.append((u.id, None, 0, exc.message))
+        except Exception as exc:  # a decoder crash on one file must not stop the corpus
+            out.append((u.id, None, 0, f"{u.path or u.id}: {type(exc).__name__}: {exc}"))
+    return out
+
+
+def _to_storage(wave: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "int16":
+        return np.clip(np.round(wave * INT16_SCALE), -32768, 32767).astype(np.int16)
+    return wave.astype(np.float32, copy=False)
+
+
+def _write_part(path: Path, items: list[tuple[str, str, np.ndarray, int]], dtype: str) -> None:
+    import h5py
+
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as fh:
+            lengths = np.array([w.size for _, _, w, _ in items], dtype=np.int64)
+            fh.create_dataset("audio", data=np.concatenate([w for _, _, w, _ in items]).astype(dtype)
+                              if items else np.zeros(0, dtype))
+            fh.create_dataset("id", data=[i for i, _, _, _ in items], dtype=h5py.string_dtype())
+            fh.create_dataset("fingerprint", data=[f for _, f, _, _ in items], dtype=h5py.string_dtype())
+            fh.create_dataset("length", data=lengths)
+            fh.create_dataset("clipped", data=np.array([c for _, _, _, c in items], dtype=np.int64))
+
+
+def _read_parts(folder: Path) -> dict[str, tuple[Path, int, int, str, int]]:
+    """id -> (part file, offset, length, fingerprint, clipped) for complete part files."""
+    import h5py
+
+    found: dict[str, tuple[Path, int, int, str, int]] = {}
+    for part in sorted(folder.glob("part-*.h5")):
+        try:
+            with h5py.File(part, "r") as fh:
+                ids = [s.decode() for s in fh["id"][()]]
+                fps = [s.decode() for s in fh["fingerprint"][()]]
+                lengths = fh["length"][()]
+                clipped = fh["clipped"][()]
+        except (OSError, KeyError):
+            part.unlink(missing_ok=True)  # cannot be complete: renamed parts are; be safe anyway
+            continue
+        offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(lengths) else []
+        for uid, fp, off, n, c in zip(ids, fps, offsets, lengths, clipped):
+            found[uid] = (part, int(off), int(n), fp, int(c))
+    return found
+
+
+def _existing(path: Path, pre: Preprocess) -> tuple[dict[str, Any] | None, str]:
+    """The previous cache's header if it can be reused, else None and why."""
+    if not path.exists():
+        return None, "new"
+    try:
+        header = read_header(path)
+    except CacheError as exc:
+        if "is not a sertk cache" in exc.message or "not an HDF5 file" in exc.message:
+            raise CacheError(f"{path} exists and is not a sertk cache",
+                             "choose another --cache-dir/--name or move that file away") from None
+        return None, "incomplete or old schema"
+    if header["config"].get("preprocess") != asdict(pre):
+        return None, "preprocessing config changed"
+    return header, "incremental"
+
+
+class _Progress:
+    """A rich progress bar (no-op when quiet)."""
+
+    def __init__(self, total: int, quiet: bool, label: str) -> None:
+        self._bar = None
+        if not quiet and total:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                       TimeElapsedColumn, TimeRemainingColumn)
+
+            self._bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TimeRemainingColumn(), transient=False)
+            self._bar.start()
+            self._task = self._bar.add_task(label, total=total)
+
+    def advance(self, n: int) -> None:
+        if self._bar is not None:
+            self._bar.advance(self._task, n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+def _decode_all(dataset: Dataset, root: Path | None, todo: list[Utterance], pre: Preprocess,
+                workers: int) -> Iterable[list[tuple[str, np.ndarray | None, int, str | None]]]:
+    tasks = [todo[i:i + TASK_SIZE] for i in range(0, len(todo), TASK_SIZE)]
+    if workers <= 1:
+        for t in tasks:
+            yield _decode_task(dataset, root, t, pre)
+        return
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        pending = set()
+        it = iter(tasks)
+        for t in it:  # keep a bounded number of tasks in flight: memory stays flat
+            pending.add(pool.submit(_decode_task, dataset, root, t, pre))
+            if len(pending) >= 4 * workers:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for f in done:
+                    yield f.result()
+        for f in pending:
+            yield f.result()
+
+
+def build_cache(dataset: Dataset, root: Path | None, path: Path, pre: Preprocess | None = None,
+                workers: int = 1, strict: bool = False, quiet: bool = False,
+                on_part: Callable[[int], None] | None = None) -> BuildSummary:
+    """Build or update the cache of ``dataset`` at ``path``; see the module doc for the guarantees."""
+    pre = pre or Preprocess()
+    t0 = time.perf_counter()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    waiting = f"another sertk process is building {path}; waiting for it to finish"
+    with exclusive_lock(path.with_name(path.name + ".lock"), waiting):
+        remove_stale_tmp(path.parent, path.name)
+        scan = dataset.scan(root)
+        if not scan.utterances:
+            raise SertkError(f"dataset '{dataset.name}' found no utterances under {root}",
+                             "check --root (it should be the corpus's top folder)")
+        summary = BuildSummary(path=str(path), ignored=dict(scan.ignored))
+        fingerprints: dict[str, str] = {}
+        skipped: list[dict[str, str]] = []
+        for u in scan.utterances:
+            try:
+                fingerprints[u.id] = dataset.fingerprint(u, root)
+            except OSError as exc:
+                reason = f"{u.path}: cannot read ({exc.strerror})"
+                if strict:
+                    raise AudioError(reason, "fix the file or run without --strict") from None
+                skipped.append({"id": u.id, "path": u.path or "", "reason": reason, "fingerprint": ""})
+        header, mode = _existing(path, pre)
+        summary.rebuilt = mode == "preprocessing config changed"
+        config = {
+            "preprocess": asdict(pre),
+            "dataset": {"name": dataset.name, "options": dataset.options,
+                        "root": str(root) if root is not None else None},
+            "sertk_version": __version__,
+        }
+        old: dict[str, tuple[int, int, str, int]] = {}
+        old_skipped: dict[str, dict[str, str]] = {}
+        if header is not None:
+            c = header["columns"]
+            old = {uid: (int(o), int(n), fp, int(cl)) for uid, o, n, fp, cl in
+                   zip(c["id"], c["offset"], c["length"], c["fingerprint"], c["clipped"])}
+            old_skipped = {s["id"]: s for s in header["summary"].get("skipped", []) if "id" in s}
+        parts_dir = path.with_name(path.name + ".parts") / pre.key()
+        parts_dir.mkdir(parents=True, exist_ok=True)
+        parts = _read_parts(parts_dir)
+        todo = []
+        for u in scan.utterances:
+            fp = fingerprints.get(u.id)
+            if fp is None:
+                continue
+            if u.id in old and old[u.id][2] == fp:
+                summary.reused += 1
+            elif u.id in parts and parts[u.id][3] == fp:
+                summary.resumed += 1
+            elif u.id in old_skipped and old_skipped[u.id].get("fingerprint") == fp and not strict:
+                skipped.append(old_skipped[u.id])
+            else:
+                todo.append(u)
+        table_same = header is not None and header["config"]["dataset"] == config["dataset"] and \
+            not todo and summary.resumed == 0 and [u.id for u in scan.utterances if u.id in old] == \
+            header["columns"]["id"] and len(old) == summary.reused
+        if table_same and header is not None:
+            summary.unchanged = True
+            summary.utterances = len(old)
+            summary.skipped = skipped
+            summary.hours = sum(n for _, n, _, _ in old.values()) / pre.sample_rate / 3600
+            summary.clipped_utterances = sum(1 for v in old.values() if v[3] > 0)
+            summary.seconds = time.perf_counter() - t0
+            shutil.rmtree(parts_dir.parent, ignore_errors=True)
+            return summary
+
+        # Decode what is new or changed, flushing part files as we go.
+        by_id = {u.id: u for u in todo}
+        progress = _Progress(len(todo), quiet, f"caching {dataset.name}")
+        buffer: list[tuple[str, str, np.ndarray, int]] = []
+        buffered = 0
+        part_no = len(list(parts_dir.glob("part-*.h5")))
+        try:
+            for results in _decode_all(dataset, root, todo, pre, workers):
+                for uid, wave, clipped, error in results:
+                    if error is not None:
+                        if strict:
+                            raise AudioError(error, "fix or remove the file, or run without --strict")
+                        skipped.append({"id": uid, "path": by_id[uid].path or "", "reason": error,
+                                        "fingerprint": fingerprints[uid]})
+                        continue
+                    buffer.append((uid, fingerprints[uid], _to_storage(wave, pre.dtype), clipped))
+                    buffered += wave.size
+                progress.advance(len(results))
+                if buffered >= PART_SAMPLES:
+                    _write_part(parts_dir / f"part-{part_no:05d}.h5", buffer, pre.dtype)
+                    part_no += 1
+                    summary.decoded += len(buffer)
+                    buffer, buffered = [], 0
+                    if on_part is not None:
+                        on_part(part_no)
+            if buffer:
+                _write_part(parts_dir / f"part-{part_no:05d}.h5", buffer, pre.dtype)
+                summary.decoded += len(buffer)
+                buffer = []
+        finally:
+            progress.close()
+        parts = _read_parts(parts_dir)
+
+        # Assemble the final file from the old cache and the parts, then rename it into place.
+        rows = [u for u in scan.utterances if (u.id in old and old[u.id][2] == fingerprints.get(u.id))
+                or (u.id in parts and parts[u.id][3] == fingerprints.get(u.id))]
+        summary.skipped = skipped
+        summary.utterances = len(rows)
+        if not rows:
+            raise SertkError(f"no utterance of dataset '{dataset.name}' could be decoded "
+                             f"({len(skipped)} skipped; first: {skipped[0]['reason'] if skipped else '-'})",
+                             "check the corpus files")
+        _assemble(path, rows, fingerprints, old, parts, pre, config, summary)
+        shutil.rmtree(parts_dir.parent, ignore_errors=True)
+        summary.seconds = time.perf_counter() - t0
+        return summary
+
+
+def _assemble(path: Path, rows: list[Utterance], fingerprints: dict[str, str],
+              old: dict[str, tuple[int, int, str, int]], parts: dict[str, tuple[Path, int, int, str, int]],
+              pre: Preprocess, config: dict[str, Any], summary: BuildSummary) -> None:
+    import h5py
+
+    lengths = np.array([old[u.id][1] if u.id in old and old[u.id][2] == fingerprints[u.id]
+                        else parts[u.id][2] for u in rows], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    clipped = []
+    summary.hours = float(lengths.sum()) / pre.sample_rate / 3600
+    with atomic_path(path) as tmp:
+        src_old = h5py.File(path, "r") if old else None
+        open_parts: dict[Path, Any] = {}
+        try:
+            with h5py.File(tmp, "w") as fh:
+                audio = fh.create_dataset("audio", shape=(int(lengths.sum()),), dtype=pre.dtype)
+                for u, off, n in zip(rows, offsets, lengths):
+                    if u.id in old and old[u.id][2] == fingerprints[u.id]:
+                        o = old[u.id][0]
+                        audio[off:off + n] = src_old["audio"][o:o + n]
+                        clipped.append(old[u.id][3])
+                    else:
+                        part, o, _, _, c = parts[u.id]
+                        if part not in open_parts:
+                            open_parts[part] = h5py.File(part, "r")
+                        audio[off:off + n] = open_parts[part]["audio"][o:o + n]
+                        clipped.append(c)
+                summary.clipped_utterances = sum(1 for c in clipped if c > 0)
+                t = fh.create_group("utterances")
+                s = h5py.string_dtype()
+                t.create_dataset("id", data=[u.id for u in rows], dtype=s)
+                t.create_dataset("path", data=[u.path or "" for u in rows], dtype=s)
+                t.create_dataset("emotion", data=[u.emotion for u in rows], dtype=s)
+                t.create_dataset("emotion_index", data=np.array([EMOTION_INDEX[u.emotion] for u in rows], np.int8))
+                t.create_dataset("speaker", data=[u.speaker for u in rows], dtype=s)
+                t.create_dataset("gender", data=[u.gender or "" for u in rows], dtype=s)
+                t.create_dataset("corpus", data=[u.corpus for u in rows], dtype=s)
+                t.create_dataset("extra", data=[json.dumps(dict(u.extra), sort_keys=True) for u in rows], dtype=s)
+                t.create_dataset("offset", data=offsets)
+                t.create_dataset("length", data=lengths)
+                t.create_dataset("fingerprint", data=[fingerprints[u.id] for u in rows], dtype=s)
+                t.create_dataset("clipped", data=np.array(clipped, dtype=np.int64))
+                assert set(t) == set(COLUMNS)
+                fh.attrs["config"] = json.dumps(config, sort_keys=True)
+                fh.attrs["summary"] = json.dumps({"skipped": summary.skipped, "ignored": summary.ignored,
+                                                  "built": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+                fh.attrs["sertk_schema"] = SCHEMA_VERSION
+                fh.attrs["sertk_complete"] = True  # written last
+        finally:
+            if src_old is not None:
+                src_old.close()
+            for f in open_parts.values():
+                f.close()

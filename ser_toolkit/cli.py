@@ -1,0 +1,260 @@
+"""The ``sertk`` command line (Typer + rich).
+
+Heavy libraries (numpy, h5py, torch, librosa...) are imported inside the
+commands that need them, so ``sertk --help`` stays instant. User errors
+(:class:`ser_toolkit.errors.SertkError`, usage errors, unreadable paths) print
+one line and exit 2; ``--debug`` (or ``SERTK_DEBUG=1``) shows the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from ser_toolkit import __version__
+from ser_toolkit.errors import SertkError
+
+app = typer.Typer(
+    name="sertk",
+    help="Speech emotion recognition toolkit: cache corpora, augment, train HuBERT models, report.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+DEFAULT_CACHE_DIR = Path("cache")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"sertk {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors."),
+) -> None:
+    """Speech emotion recognition toolkit."""
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+def _dataset(name: str, assignments: Optional[List[str]]):
+    from ser_toolkit.params import parse_assignments
+    from ser_toolkit.registry import get
+
+    cls = get("dataset", name).obj
+    return cls(**parse_assignments(assignments))
+
+
+@app.command()
+def plugins(
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    kind: Optional[str] = typer.Option(None, "--kind", help="Only dataset, augmentation or model plugins."),
+) -> None:
+    """List every plugin: kind, name, provider, parameters with defaults and allowed values."""
+    from ser_toolkit.registry import KINDS, get_registry
+
+    if kind is not None and kind not in KINDS:
+        raise SertkError(f"unknown plugin kind {kind!r}", f"use one of {', '.join(KINDS)}")
+    entries = [e.describe() for e in get_registry().entries(kind)]
+    if as_json:
+        typer.echo(json.dumps(entries, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table("kind", "name", "provider", "parameters", "description", show_lines=False)
+    for e in entries:
+        params = "\n".join(
+            f"{p['name']}={p['default']}" + (f" ({'|'.join(map(str, p['choices']))})" if "choices" in p else "")
+            for p in e["params"]) or "-"
+        table.add_row(e["kind"], e["name"], f"{e['distribution']} {e['version']}", params, e["description"])
+    _console().print(table)
+
+
+@app.command()
+def cache(
+    dataset: str = typer.Argument(..., help="Dataset plugin name (see 'sertk plugins')."),
+    root: Optional[Path] = typer.Option(None, "--root", help="Corpus folder (not needed for synthetic corpora)."),
+    cache_dir: Path = typer.Option(DEFAULT_CACHE_DIR, "--cache-dir", help="Folder of cache files."),
+    name: Optional[str] = typer.Option(None, "--name", help="Cache file stem (default: the dataset's)."),
+    assignments: Optional[List[str]] = typer.Option(None, "--set", "-s", help="Dataset parameter key=value."),
+    workers: int = typer.Option(min(2, os.cpu_count() or 1), "--workers", "-j", min=1, help="Decoding processes."),
+    mono: str = typer.Option("mean", "--mono", help="Down-mix rule: mean, first or loudest."),
+    dtype: str = typer.Option("float32", "--dtype", help="Stored sample type: float32 or int16."),
+    strict: bool = typer.Option(False, "--strict", help="Fail on the first bad file instead of skipping it."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    as_json: bool = typer.Option(False, "--json", help="Print the build summary as JSON."),
+) -> None:
+    """Decode and resample a corpus once into an HDF5 cache of model inputs."""
+    from dataclasses import asdict
+
+    from ser_toolkit.cache.build import Preprocess, build_cache
+    from ser_toolkit.datasets import check_root
+
+    ds = _dataset(dataset, assignments)
+    if ds.needs_root:
+        root = check_root(dataset, root, allow_file=ds.root_may_be_file)
+    elif root is not None:
+        raise SertkError(f"dataset '{dataset}' is made in code and takes no --root", "drop --root")
+    path = Path(cache_dir) / f"{name or ds.cache_name()}.h5"
+    summary = build_cache(ds, root, path, Preprocess(mono=mono, dtype=dtype), workers=workers,
+                          strict=strict, quiet=quiet or as_json)
+    if as_json:
+        typer.echo(json.dumps(asdict(summary), indent=2))
+        return
+    con = _console()
+    state = "unchanged" if summary.unchanged else ("rebuilt" if summary.rebuilt else "written")
+    con.print(f"[bold]{path}[/bold] {state}: {summary.utterances} utterances, {summary.hours:.2f} h "
+              f"({summary.decoded} decoded, {summary.reused} reused, {summary.resumed} resumed) "
+              f"in {summary.seconds:.1f} s")
+    for reason, count in sorted(summary.ignored.items()):
+        con.print(f"  ignored {count} files: {reason}")
+    if summary.clipped_utterances:
+        con.print(f"  {summary.clipped_utterances} utterances contain clipped samples")
+    for s in summary.skipped:
+        con.print(f"  [yellow]skipped[/yellow] {s['reason']}")
+
+
+def _cache_path(cache_arg: str) -> Path:
+    """A cache path, or a bare name looked up as ``cache/<name>.h5``."""
+    p = Path(cache_arg)
+    if not p.exists() and not p.suffix:
+        candidate = DEFAULT_CACHE_DIR / f"{cache_arg}.h5"
+        if candidate.exists():
+            return candidate
+    return p
+
+
+@app.command()
+def inspect(
+    cache_file: str = typer.Argument(..., metavar="CACHE", help="Cache file (or dataset name in ./cache)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Summarise a cache: utterances per emotion and speaker, hours, config, skipped files."""
+    from ser_toolkit.cache.reader import CacheReader
+
+    summary = CacheReader(_cache_path(cache_file)).summary()
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    from rich.table import Table
+
+    con = _console()
+    con.print(f"[bold]{summary['path']}[/bold]: {summary['dataset']}, {summary['utterances']} utterances, "
+              f"{summary['hours']:.2f} h at {summary['sample_rate']} Hz, "
+              f"{len(summary['speakers'])} speakers, schema {summary['schema_version']}")
+    t = Table("emotion", "utterances")
+    for e, n in summary["emotions"].items():
+        t.add_row(e, str(n))
+    con.print(t)
+    con.print("genders: " + ", ".join(f"{g} {n}" for g, n in summary["genders"].items()))
+    pre = summary["config"]["preprocess"]
+    con.print(f"preprocessing: {pre['mono']} down-mix, {pre['resampler']}, {pre['dtype']}")
+    for reason, count in sorted(summary["ignored"].items()):
+        con.print(f"ignored {count} files: {reason}")
+    for s in summary["skipped"]:
+        con.print(f"skipped {s['reason']}")
+
+
+@app.command()
+def split(
+    cache_file: str = typer.Argument(..., metavar="CACHE", help="Cache file (or dataset name in ./cache)."),
+    spec: str = typer.Option("stratified", "--split", help="stratified|speaker|kfold[:opts] or file:PATH."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write utterance,split CSV here."),
+    as_json: bool = typer.Option(False, "--json", help="Print counts as JSON."),
+) -> None:
+    """Apply a split spec to a cache; print counts per split and emotion, optionally write the CSV."""
+    from collections import Counter
+
+    from ser_toolkit import atomic
+    from ser_toolkit.cache.reader import CacheReader
+    from ser_toolkit.emotions import EMOTIONS
+    from ser_toolkit.splits import make_split
+
+    reader = CacheReader(_cache_path(cache_file))
+    utts = reader.utterances
+    assignment = make_split(utts, spec)
+    counts: dict = {}
+    for u in utts:
+        side = counts.setdefault(assignment[u.id], {"utterances": 0, "emotions": Counter(), "speakers": set()})
+        side["utterances"] += 1
+        side["emotions"][u.emotion] += 1
+        side["speakers"].add(u.speaker)
+    result = {name: {"utterances": s["utterances"], "emotions": {e: s["emotions"].get(e, 0) for e in EMOTIONS},
+                     "speakers": sorted(s["speakers"])} for name, s in sorted(counts.items())}
+    if output is not None:
+        atomic.write_text(output, "utterance,split\n" + "".join(f"{u.id},{assignment[u.id]}\n" for u in utts))
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    con = _console()
+    for name, s in result.items():
+        con.print(f"[bold]{name}[/bold]: {s['utterances']} utterances, {len(s['speakers'])} speakers; "
+                  + ", ".join(f"{e} {n}" for e, n in s["emotions"].items()))
+    if output is not None:
+        con.print(f"wrote {output}")
+
+
+def _click_exceptions():
+    """Typer >= 0.20 vendors click as ``typer._click``; older versions raise click's own classes."""
+    from types import SimpleNamespace
+
+    try:
+        from typer._click.exceptions import ClickException, NoArgsIsHelpError
+    except ImportError:  # pragma: no cover - older typer
+        from click.exceptions import ClickException
+
+        NoArgsIsHelpError = type("_Never", (Exception,), {})
+    return SimpleNamespace(Exit=typer.Exit, Abort=typer.Abort, ClickException=ClickException,
+                           NoArgsIsHelpError=NoArgsIsHelpError)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    """Entry point: run the app, turning user errors into one line and exit status 2."""
+    cx = _click_exceptions()
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("SERTK_DEBUG") == "1"
+    command = typer.main.get_command(app)
+    try:
+        rc = command.main(args=args, prog_name="sertk", standalone_mode=False)
+    except SertkError as exc:
+        if debug:
+            raise
+        print(f"Error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except cx.Exit as exc:
+        sys.exit(exc.exit_code)
+    except cx.NoArgsIsHelpError as exc:
+        print(exc.format_message())
+        sys.exit(0)
+    except cx.ClickException as exc:
+        if debug:
+            raise
+        ctx = getattr(exc, "ctx", None)
+        where = ctx.command_path if ctx is not None else "sertk"
+        print(f"Error: {exc.format_message().rstrip('.')}; see '{where} --help'", file=sys.stderr)
+        sys.exit(2)
+    except (cx.Abort, KeyboardInterrupt):
+        print("Interrupted; nothing half-written was left behind, rerun the command to resume.", file=sys.stderr)
+        sys.exit(130)
+    except OSError as exc:
+        if debug:
+            raise
+        where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
+        print(f"Error: cannot access{where}: {exc.strerror or exc}; check the path and its permissions",
+              file=sys.stderr)
+        sys.exit(2)
+    sys.exit(rc if isinstance(rc, int) else 0)

@@ -1,0 +1,72 @@
+"""The sertk plugin hooks: these docstrings are the plugin reference.
+
+A plugin is any module or object with functions named after these hooks and
+decorated with :data:`ser_toolkit.hookimpl`. Third-party plugins are found
+through the ``sertk`` entry-point group::
+
+    [project.entry-points.sertk]
+    my_plugin = "my_package.my_module"
+
+Every hook receives one ``registry`` argument. New information is added to
+that object, never as new hook arguments, so a plugin written today keeps
+working. A hook implementation may also accept no arguments it does not use
+(pluggy passes only the arguments an implementation names).
+
+Built-in plugins (``ser_toolkit/plugins/``) use exactly these hooks.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    from ser_toolkit.registry import ProviderRegistry
+
+hookspec = pluggy.HookspecMarker("sertk")
+
+
+@hookspec
+def register_datasets(registry: "ProviderRegistry") -> None:
+    """Register dataset plugins: ``registry.register(MyDataset)``.
+
+    ``MyDataset`` subclasses :class:`ser_toolkit.datasets.Dataset` and sets:
+
+    - ``name``: the name users type (``sertk cache NAME``); unique across all plugins.
+    - ``description``: one line for ``sertk plugins``.
+    - ``label_map``: corpus label -> canonical emotion (``neutral``, ``happy``, ``sad``,
+      ``angry``, ``fear``, ``disgust``, ``surprise``) or ``None`` for labels that
+      are dropped. Declared explicitly, so every mapping is visible and listed.
+    - ``params``: a tuple of :class:`ser_toolkit.params.Param`; user values
+      (``--set key=value``) are validated when the dataset is constructed.
+    - ``needs_root``: ``False`` for corpora made in code (no ``--root``).
+
+    and implements ``scan(root) -> Scan``: the utterances found under ``root``
+    (id, audio path, emotion, speaker, gender, corpus, extra fields) plus counts of
+    files ignored and why. Datasets that synthesise audio also override
+    ``load(utterance)`` and ``fingerprint(utterance)``.
+    """
+
+
+@hookspec
+def register_augmentations(registry: "ProviderRegistry") -> None:
+    """Register augmentation plugins: ``registry.register(MyAugmentation)``.
+
+    An augmentation has a ``name``, a ``description`` and declared ``params``
+    (validated at construction), and an ``apply(wave, rng, context)`` step taking a
+    16 kHz mono float32 waveform, an explicit ``numpy.random.Generator`` and a
+    context, returning the new waveform and the parameters it sampled
+    (JSON-serialisable). The same seed must give bit-identical output and objects
+    must pickle (they run in DataLoader workers).
+    """
+
+
+@hookspec
+def register_models(registry: "ProviderRegistry") -> None:
+    """Register model plugins: ``registry.register(MyModel)``.
+
+    A model plugin has a ``name``, a ``description`` and declared ``params``, and
+    builds a classifier for the canonical emotions from a checkpoint id, a local
+    directory or a preset.
+    """

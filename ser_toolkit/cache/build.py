@@ -42,6 +42,7 @@ from ser_toolkit.errors import AudioError, CacheError, SertkError
 
 DTYPES = ("float32", "int16")
 PART_SAMPLES = 8 * 1024 * 1024  # flush a part file every 8 M samples (~9 min of audio, 32 MB)
+"""Samples buffered before a part file is flushed (``SERTK_PART_SAMPLES`` overrides it)."""
 TASK_SIZE = 8  # utterances per worker task
 
 
@@ -100,6 +101,12 @@ def _decode_task(dataset: Dataset, root: Path | None, utts: list[Utterance], pre
         except Exception as exc:  # a decoder crash on one file must not stop the corpus
             out.append((u.id, None, 0, f"{u.path or u.id}: {type(exc).__name__}: {exc}"))
     return out
+
+
+def table_digest(utts: list[Utterance]) -> str:
+    """A hash of the utterance table (ids, labels, speakers, extra fields...)."""
+    rows = [[u.id, u.path, u.emotion, u.speaker, u.gender, u.corpus, dict(u.extra)] for u in utts]
+    return hashlib.sha1(json.dumps(rows, sort_keys=True).encode()).hexdigest()
 
 
 def _to_storage(wave: np.ndarray, dtype: str) -> np.ndarray:
@@ -259,9 +266,10 @@ def build_cache(dataset: Dataset, root: Path | None, path: Path, pre: Preprocess
                 skipped.append(old_skipped[u.id])
             else:
                 todo.append(u)
+        digest = table_digest([u for u in scan.utterances if u.id in old and u.id not in {s["id"] for s in skipped}])
         table_same = header is not None and header["config"]["dataset"] == config["dataset"] and \
-            not todo and summary.resumed == 0 and [u.id for u in scan.utterances if u.id in old] == \
-            header["columns"]["id"] and len(old) == summary.reused
+            not todo and summary.resumed == 0 and len(old) == summary.reused and \
+            header["summary"].get("table_digest") == digest
         if table_same and header is not None:
             summary.unchanged = True
             summary.utterances = len(old)
@@ -277,6 +285,7 @@ def build_cache(dataset: Dataset, root: Path | None, path: Path, pre: Preprocess
         progress = _Progress(len(todo), quiet, f"caching {dataset.name}")
         buffer: list[tuple[str, str, np.ndarray, int]] = []
         buffered = 0
+        part_samples = int(os.environ.get("SERTK_PART_SAMPLES", PART_SAMPLES))
         part_no = len(list(parts_dir.glob("part-*.h5")))
         try:
             for results in _decode_all(dataset, root, todo, pre, workers):
@@ -290,7 +299,7 @@ def build_cache(dataset: Dataset, root: Path | None, path: Path, pre: Preprocess
                     buffer.append((uid, fingerprints[uid], _to_storage(wave, pre.dtype), clipped))
                     buffered += wave.size
                 progress.advance(len(results))
-                if buffered >= PART_SAMPLES:
+                if buffered >= part_samples:
                     _write_part(parts_dir / f"part-{part_no:05d}.h5", buffer, pre.dtype)
                     part_no += 1
                     summary.decoded += len(buffer)
@@ -365,6 +374,7 @@ def _assemble(path: Path, rows: list[Utterance], fingerprints: dict[str, str],
                 assert set(t) == set(COLUMNS)
                 fh.attrs["config"] = json.dumps(config, sort_keys=True)
                 fh.attrs["summary"] = json.dumps({"skipped": summary.skipped, "ignored": summary.ignored,
+                                                  "table_digest": table_digest(rows),
                                                   "built": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
                 fh.attrs["sertk_schema"] = SCHEMA_VERSION
                 fh.attrs["sertk_complete"] = True  # written last

@@ -122,7 +122,8 @@ class Manifest(Dataset):
             audio = Path(str(row[file_key]))
             full = audio if audio.is_absolute() else base / audio
             rel = full.relative_to(base).as_posix() if not audio.is_absolute() else str(full)
-            uid = str(row.get("id") or Path(rel).with_suffix("").as_posix())
+            default_id = full.stem if audio.is_absolute() else Path(rel).with_suffix("").as_posix()
+            uid = str(row.get("id") or default_id)
             if uid in found:
                 raise SertkError(f"{path}: utterance id {uid!r} appears twice", "make ids unique")
             gender = _GENDERS.get(str(row.get("gender") or "").strip().lower())

@@ -1,0 +1,37 @@
+"""Shared fixtures: the real corpora and an in-process CLI runner."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from helpers import Result, shared_data_dir
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    root = shared_data_dir()
+    if not (root / "ravdess").is_dir() or not (root / "savee").is_dir():
+        pytest.skip(f"real corpora not found at {root} (set SERTK_SHARED_DATA to the folder holding ravdess/ and savee/)")
+    return root
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """Run ``sertk ARGS`` in-process; returns exit code, stdout, stderr."""
+    from ser_toolkit.cli import main
+
+    def run(*args: str, cwd: Path | None = None) -> Result:
+        if cwd is not None:
+            monkeypatch.chdir(cwd)
+        capsys.readouterr()
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        captured = capsys.readouterr()
+        return Result(code, captured.out, captured.err)
+
+    return run

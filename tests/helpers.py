@@ -1,0 +1,50 @@
+"""Test helpers: paths, a subprocess CLI runner, synthetic audio files."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path:
+    """``$SERTK_SHARED_DATA`` or ``../shared/data`` beside the repository."""
+    return Path(os.environ.get("SERTK_SHARED_DATA", REPO.parent / "shared" / "data")).resolve()
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+def run_sertk(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: float = 300) -> Result:
+    """Run ``python -m ser_toolkit ARGS`` in a subprocess."""
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "ser_toolkit", *map(str, args)], capture_output=True,
+                          text=True, env=full_env, cwd=cwd, timeout=timeout)
+    return Result(proc.returncode, proc.stdout, proc.stderr)
+
+
+def tone(seconds: float = 0.5, rate: int = 16000, channels: int = 1, freq: float = 220.0,
+         amp: float = 0.3) -> np.ndarray:
+    """A test signal (frames, channels): a tone per channel at different pitches."""
+    t = np.arange(int(seconds * rate)) / rate
+    cols = [amp * np.sin(2 * np.pi * freq * (c + 1) * t) for c in range(channels)]
+    return np.stack(cols, axis=1).astype(np.float32)
+
+
+def write_audio(path: Path, seconds: float = 0.5, rate: int = 16000, channels: int = 1,
+                subtype: str | None = None, freq: float = 220.0) -> Path:
+    import soundfile as sf
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(str(path), tone(seconds, rate, channels, freq), rate, subtype=subtype)
+    return path

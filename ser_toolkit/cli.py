@@ -248,8 +248,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         print(f"Error: {exc.format_message().rstrip('.')}; see '{where} --help'", file=sys.stderr)
         sys.exit(2)
     except (cx.Abort, KeyboardInterrupt):
-        print("Interrupted; nothing half-written was left behind, rerun the command to resume.", file=sys.stderr)
-        sys.exit(130)
+        rc = 130
     except OSError as exc:
         if debug:
             raise
@@ -257,4 +256,6 @@ def main(argv: Optional[List[str]] = None) -> None:
         print(f"Error: cannot access{where}: {exc.strerror or exc}; check the path and its permissions",
               file=sys.stderr)
         sys.exit(2)
+    if rc == 130:  # Ctrl-C (typer turns KeyboardInterrupt into exit code 130)
+        print("Interrupted; nothing half-written was left behind, rerun the command to resume.", file=sys.stderr)
     sys.exit(rc if isinstance(rc, int) else 0)

@@ -66,7 +66,8 @@ class Param:
             parts.append(f">= {self.min}")
         elif self.max is not None:
             parts.append(f"<= {self.max}")
-        kind = f"a list of {self.base_type}" if self.is_list else f"a {self.base_type}"
+        article = "an" if self.base_type[0] in "aeiou" else "a"
+        kind = f"a list of {self.base_type}" if self.is_list else f"{article} {self.base_type}"
         return kind + (" " + " and ".join(parts) if parts else "")
 
     def _convert_one(self, value: Any, owner: str) -> Any:

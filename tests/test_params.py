@@ -28,7 +28,7 @@ def test_defaults_filled_and_strings_converted():
     ({"rate": "3"}, "'rate' must be a float between 0.5 and 2.0"),
     ({"rate": "fast"}, "'rate'"),
     ({"rate": "nan"}, "'rate'"),
-    ({"n": "1.5"}, "'n' must be a int"),
+    ({"n": "1.5"}, "'n' must be an int"),
     ({"n": "0"}, ">= 1"),
     ({"mode": "c"}, "one of a, b"),
     ({"flag": "perhaps"}, "'flag'"),

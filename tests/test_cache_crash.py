@@ -1,0 +1,97 @@
+"""Crash safety: kill -9 or Ctrl-C mid-build never leaves a cache that reads as complete; reruns finish."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers import run_sertk
+from ser_toolkit.cache.reader import CacheReader
+from ser_toolkit.errors import CacheError
+
+ARGS = ["cache", "synthetic", "--set", "per_emotion=12", "--workers", "1", "-q"]
+ENV = {"SERTK_PART_SAMPLES": "200000"}  # a part file every ~12 s of audio
+
+
+def _start(cache_dir: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "ser_toolkit", *ARGS, "--cache-dir", str(cache_dir)],
+                            env={**os.environ, **ENV}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_parts(cache_dir: Path, proc: subprocess.Popen, n: int = 2, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if len(list(cache_dir.glob("synthetic.h5.parts/*/part-*.h5"))) >= n:
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"build ended before it could be interrupted: {proc.stderr.read()}")
+        time.sleep(0.05)
+    pytest.fail("no part file appeared")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted build to compare against."""
+    out = tmp_path_factory.mktemp("ref")
+    r = run_sertk(*ARGS, "--cache-dir", out, env=ENV)
+    assert r.code == 0, r.err
+    return CacheReader(out / "synthetic.h5")
+
+
+def _same(a: CacheReader, b: CacheReader) -> None:
+    assert a.ids == b.ids
+    for i in range(len(a)):
+        np.testing.assert_array_equal(a.wave(i), b.wave(i))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_interrupted_build_resumes(tmp_path, reference, sig):
+    proc = _start(tmp_path)
+    _wait_for_parts(tmp_path, proc)
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130 and "rerun the command to resume" in proc.stderr.read()
+    # nothing reads as complete
+    with pytest.raises(CacheError):
+        CacheReader(tmp_path / "synthetic.h5")
+    r = run_sertk(*ARGS, "--cache-dir", tmp_path, "--json", env=ENV)
+    assert r.code == 0, r.err
+    import json
+
+    summary = json.loads(r.out)
+    assert summary["resumed"] > 0 and summary["decoded"] + summary["resumed"] == len(reference)
+    _same(CacheReader(tmp_path / "synthetic.h5"), reference)
+    assert not list(tmp_path.glob("synthetic.h5.tmp-*")) and not (tmp_path / "synthetic.h5.parts").exists()
+
+
+@pytest.mark.slow
+def test_kill_during_update_keeps_old_cache(tmp_path, reference):
+    small = run_sertk("cache", "synthetic", "--set", "per_emotion=2", "-q", "--cache-dir", tmp_path)
+    assert small.code == 0
+    before = CacheReader(tmp_path / "synthetic.h5")
+    n_before = len(before)
+    proc = _start(tmp_path)  # grows the cache to per_emotion=12
+    _wait_for_parts(tmp_path, proc, n=1)
+    proc.kill()
+    proc.wait()
+    still = CacheReader(tmp_path / "synthetic.h5")  # the old complete cache is intact
+    assert len(still) == n_before
+    assert run_sertk(*ARGS, "--cache-dir", tmp_path, env=ENV).code == 0
+    _same(CacheReader(tmp_path / "synthetic.h5"), reference)
+
+
+@pytest.mark.slow
+def test_concurrent_builds_do_not_corrupt(tmp_path, reference):
+    procs = [_start(tmp_path) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    _same(CacheReader(tmp_path / "synthetic.h5"), reference)

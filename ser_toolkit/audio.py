@@ -8,8 +8,10 @@ Down-mix rule (``mono``):
 - ``first``: keep channel 0 (e.g. the close-talking microphone).
 - ``loudest``: keep the channel with the highest RMS energy.
 
-Resampling uses soxr at its very-high-quality setting; audio already at the
-target rate is not touched.
+Resampling uses soxr (``soxr-hq`` by default, ``soxr-vhq`` optional) and the
+output has ``ceil(n * target / rate)`` samples. With ``mean`` down-mixing this
+is sample-for-sample what ``librosa.load(path, sr=16000)`` returns, i.e. the
+reference study's loader. Audio already at the target rate is not touched.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from ser_toolkit.errors import AudioError
 
 TARGET_RATE = 16000
 MONO_RULES = ("mean", "first", "loudest")
-RESAMPLER = "soxr-vhq"
+RESAMPLERS = {"soxr-hq": "HQ", "soxr-vhq": "VHQ"}
+RESAMPLER = "soxr-hq"
 CLIP_LEVEL = 0.999
 
 
@@ -90,24 +93,29 @@ def to_mono(data: np.ndarray, rule: str = "mean") -> np.ndarray:
     raise ValueError(f"unknown mono rule {rule!r}; use one of {', '.join(MONO_RULES)}")
 
 
-def resample(wave: np.ndarray, rate: int, target: int = TARGET_RATE) -> np.ndarray:
-    """High-quality resampling (soxr VHQ); identity when ``rate == target``."""
+def resample(wave: np.ndarray, rate: int, target: int = TARGET_RATE, resampler: str = RESAMPLER) -> np.ndarray:
+    """soxr resampling to ``ceil(n * target / rate)`` samples; identity when ``rate == target``."""
     if rate == target:
         return wave.astype(np.float32, copy=False)
     import soxr
 
-    return soxr.resample(wave, rate, target, quality="VHQ").astype(np.float32, copy=False)
+    out = soxr.resample(wave, rate, target, quality=RESAMPLERS[resampler]).astype(np.float32, copy=False)
+    n = int(np.ceil(wave.shape[0] * target / rate))
+    if out.shape[0] < n:
+        out = np.concatenate([out, np.zeros(n - out.shape[0], np.float32)])
+    return out[:n]
 
 
-def prepare(data: np.ndarray, rate: int, mono: str = "mean", target: int = TARGET_RATE) -> np.ndarray:
+def prepare(data: np.ndarray, rate: int, mono: str = "mean", target: int = TARGET_RATE,
+            resampler: str = RESAMPLER) -> np.ndarray:
     """Decoded samples -> model input: mono, ``target`` Hz, float32."""
-    return resample(to_mono(data, mono), rate, target)
+    return resample(to_mono(data, mono), rate, target, resampler)
 
 
-def load(path: str | Path, mono: str = "mean", target: int = TARGET_RATE) -> np.ndarray:
+def load(path: str | Path, mono: str = "mean", target: int = TARGET_RATE, resampler: str = RESAMPLER) -> np.ndarray:
     """Decode a file and prepare it as model input in one step."""
     data, rate = decode(path)
-    return prepare(data, rate, mono, target)
+    return prepare(data, rate, mono, target, resampler)
 
 
 def clipped_samples(wave: np.ndarray, level: float = CLIP_LEVEL) -> int:

@@ -93,7 +93,8 @@ def cache(
     assignments: Optional[List[str]] = typer.Option(None, "--set", "-s", help="Dataset parameter key=value."),
     workers: int = typer.Option(min(2, os.cpu_count() or 1), "--workers", "-j", min=1, help="Decoding processes."),
     mono: str = typer.Option("mean", "--mono", help="Down-mix rule: mean, first or loudest."),
-    dtype: str = typer.Option("float32", "--dtype", help="Stored sample type: float32 or int16."),
+    dtype: str = typer.Option("float32", "--dtype", help="Stored sample type: float32 or int16 (half the size)."),
+    resampler: str = typer.Option("soxr-hq", "--resampler", help="soxr-hq (= librosa.load) or soxr-vhq."),
     strict: bool = typer.Option(False, "--strict", help="Fail on the first bad file instead of skipping it."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     as_json: bool = typer.Option(False, "--json", help="Print the build summary as JSON."),
@@ -110,7 +111,7 @@ def cache(
     elif root is not None:
         raise SertkError(f"dataset '{dataset}' is made in code and takes no --root", "drop --root")
     path = Path(cache_dir) / f"{name or ds.cache_name()}.h5"
-    summary = build_cache(ds, root, path, Preprocess(mono=mono, dtype=dtype), workers=workers,
+    summary = build_cache(ds, root, path, Preprocess(mono=mono, dtype=dtype, resampler=resampler), workers=workers,
                           strict=strict, quiet=quiet or as_json)
     if as_json:
         typer.echo(json.dumps(asdict(summary), indent=2))

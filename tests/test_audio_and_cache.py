@@ -167,4 +167,18 @@ def test_inspect_json_keys(tmp_path, cli):
     assert info["utterances"] == 14 and list(info["emotions"]) == [
         "neutral", "happy", "sad", "angry", "fear", "disgust", "surprise"]
     assert info["config"]["preprocess"] == {"sample_rate": 16000, "mono": "mean", "dtype": "float32",
-                                            "resampler": "soxr-vhq"}
+                                            "resampler": "soxr-hq"}
+
+
+def test_cache_equals_the_reference_loader(tmp_path):
+    """44.1 kHz stereo and 48 kHz mono: the cache holds exactly what librosa.load(path, sr=16000) returns."""
+    import librosa
+
+    write_audio(tmp_path / "stereo.wav", 0.7, rate=44100, channels=2)
+    write_audio(tmp_path / "mono48.wav", 0.33, rate=48000, subtype="PCM_24")
+    ds, root = corpus(tmp_path, {"stereo.wav": "happy", "mono48.wav": "sad"})
+    build_cache(ds, root, tmp_path / "c.h5", quiet=True)
+    reader = CacheReader(tmp_path / "c.h5")
+    for name in ("stereo", "mono48"):
+        ref, _ = librosa.load(str(tmp_path / f"{name}.wav"), sr=16000)
+        np.testing.assert_array_equal(reader.wave(name), ref)

@@ -17,7 +17,7 @@ from ser_toolkit.cache.reader import CacheReader
 from ser_toolkit.errors import CacheError
 
 ARGS = ["cache", "synthetic", "--set", "per_emotion=12", "--workers", "1", "-q"]
-ENV = {"SERTK_PART_SAMPLES": "200000"}  # a part file every ~12 s of audio
+ENV = {"SERTK_CACHE_TASK_SIZE": "8"}  # a part file every 8 utterances
 
 
 def _start(cache_dir: Path) -> subprocess.Popen:

@@ -27,13 +27,13 @@ from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import numpy as np
 
 from ser_toolkit import __version__
 from ser_toolkit.atomic import atomic_path, exclusive_lock, remove_stale_tmp
-from ser_toolkit.audio import CLIP_LEVEL, MONO_RULES, RESAMPLER, TARGET_RATE, prepare
+from ser_toolkit.audio import CLIP_LEVEL, MONO_RULES, RESAMPLER, RESAMPLERS, TARGET_RATE, prepare
 from ser_toolkit.cache import SCHEMA_VERSION
 from ser_toolkit.cache.reader import COLUMNS, INT16_SCALE, read_header
 from ser_toolkit.datasets import Dataset, Utterance
@@ -41,9 +41,8 @@ from ser_toolkit.emotions import EMOTION_INDEX
 from ser_toolkit.errors import AudioError, CacheError, SertkError
 
 DTYPES = ("float32", "int16")
-PART_SAMPLES = 8 * 1024 * 1024  # flush a part file every 8 M samples (~9 min of audio, 32 MB)
-"""Samples buffered before a part file is flushed (``SERTK_PART_SAMPLES`` overrides it)."""
-TASK_SIZE = 8  # utterances per worker task
+TASK_SIZE = 128  # utterances per worker task and part file
+COPY_SAMPLES = 4 * 1024 * 1024  # largest slice copied at once while assembling
 
 
 @dataclass(frozen=True)
@@ -58,6 +57,8 @@ class Preprocess:
     def __post_init__(self) -> None:
         if self.mono not in MONO_RULES:
             raise SertkError(f"unknown mono rule {self.mono!r}", f"use one of {', '.join(MONO_RULES)}")
+        if self.resampler not in RESAMPLERS:
+            raise SertkError(f"unknown resampler {self.resampler!r}", f"use one of {', '.join(RESAMPLERS)}")
         if self.dtype not in DTYPES:
             raise SertkError(f"unknown cache dtype {self.dtype!r}", f"use one of {', '.join(DTYPES)}")
         if not 1000 <= self.sample_rate <= 192000:
@@ -85,21 +86,45 @@ class BuildSummary:
     unchanged: bool = False
 
 
-def _decode_task(dataset: Dataset, root: Path | None, utts: list[Utterance], pre: Preprocess):
-    """Worker: decode and prepare a few utterances; errors come back as reasons."""
-    out = []
-    for u in utts:
-        try:
-            data, rate = dataset.load(u, root)
-            clipped = int(np.count_nonzero(np.abs(data) >= CLIP_LEVEL))
-            wave = prepare(data, rate, pre.mono, pre.sample_rate)
-            if not np.isfinite(wave).all():
-                raise AudioError(f"{u.path or u.id}: non-finite samples after resampling", "check the file")
-            out.append((u.id, wave, clipped, None))
-        except AudioError as exc:
-            out.append((u.id, None, 0, exc.message))
-        except Exception as exc:  # a decoder crash on one file must not stop the corpus
-            out.append((u.id, None, 0, f"{u.path or u.id}: {type(exc).__name__}: {exc}"))
+def _decode_task(dataset: Dataset, root: Path | None, utts: list[Utterance], pre: Preprocess,
+                 fingerprints: list[str], part: Path) -> list[tuple[str, int, int, str | None]]:
+    """Worker: decode and prepare a few utterances, streaming them into one part file.
+
+    Only metadata (id, length, clipped samples, error) travels back to the parent;
+    the audio goes straight to disk, one utterance in memory at a time.
+    """
+    import h5py
+
+    out: list[tuple[str, int, int, str | None]] = []
+    kept: list[tuple[str, str, int, int]] = []
+    with atomic_path(part) as tmp:
+        with h5py.File(tmp, "w") as fh:
+            audio = fh.create_dataset("audio", shape=(0,), maxshape=(None,), dtype=pre.dtype,
+                                      chunks=(1 << 18,))
+            for u, fp in zip(utts, fingerprints):
+                try:
+                    data, rate = dataset.load(u, root)
+                    clipped = int(np.count_nonzero(np.abs(data) >= CLIP_LEVEL))
+                    wave = prepare(data, rate, pre.mono, pre.sample_rate, pre.resampler)
+                    del data
+                    if not np.isfinite(wave).all():
+                        raise AudioError(f"{u.path or u.id}: non-finite samples after resampling", "check the file")
+                except AudioError as exc:
+                    out.append((u.id, 0, 0, exc.message))
+                    continue
+                except Exception as exc:  # a decoder crash on one file must not stop the corpus
+                    out.append((u.id, 0, 0, f"{u.path or u.id}: {type(exc).__name__}: {exc}"))
+                    continue
+                end = audio.shape[0]
+                audio.resize((end + wave.size,))
+                audio[end:] = _to_storage(wave, pre.dtype)
+                kept.append((u.id, fp, wave.size, clipped))
+                out.append((u.id, wave.size, clipped, None))
+            s = h5py.string_dtype()
+            fh.create_dataset("id", data=[k[0] for k in kept], dtype=s)
+            fh.create_dataset("fingerprint", data=[k[1] for k in kept], dtype=s)
+            fh.create_dataset("length", data=np.array([k[2] for k in kept], dtype=np.int64))
+            fh.create_dataset("clipped", data=np.array([k[3] for k in kept], dtype=np.int64))
     return out
 
 
@@ -113,20 +138,6 @@ def _to_storage(wave: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "int16":
         return np.clip(np.round(wave * INT16_SCALE), -32768, 32767).astype(np.int16)
     return wave.astype(np.float32, copy=False)
-
-
-def _write_part(path: Path, items: list[tuple[str, str, np.ndarray, int]], dtype: str) -> None:
-    import h5py
-
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as fh:
-            lengths = np.array([w.size for _, _, w, _ in items], dtype=np.int64)
-            fh.create_dataset("audio", data=np.concatenate([w for _, _, w, _ in items]).astype(dtype)
-                              if items else np.zeros(0, dtype))
-            fh.create_dataset("id", data=[i for i, _, _, _ in items], dtype=h5py.string_dtype())
-            fh.create_dataset("fingerprint", data=[f for _, f, _, _ in items], dtype=h5py.string_dtype())
-            fh.create_dataset("length", data=lengths)
-            fh.create_dataset("clipped", data=np.array([c for _, _, _, c in items], dtype=np.int64))
 
 
 def _read_parts(folder: Path) -> dict[str, tuple[Path, int, int, str, int]]:
@@ -189,19 +200,22 @@ class _Progress:
             self._bar.stop()
 
 
-def _decode_all(dataset: Dataset, root: Path | None, todo: list[Utterance], pre: Preprocess,
-                workers: int) -> Iterable[list[tuple[str, np.ndarray | None, int, str | None]]]:
-    tasks = [todo[i:i + TASK_SIZE] for i in range(0, len(todo), TASK_SIZE)]
+def _decode_all(dataset: Dataset, root: Path | None, todo: list[Utterance], fingerprints: dict[str, str],
+                pre: Preprocess, workers: int, parts_dir: Path) -> Iterable[list[tuple[str, int, int, str | None]]]:
+    """Decode ``todo`` in tasks of ``task_size()`` utterances, each writing one part file."""
+    size = task_size()
+    token = f"{os.getpid()}-{time.time_ns()}"
+    tasks = [(todo[i:i + size], [fingerprints[u.id] for u in todo[i:i + size]],
+              parts_dir / f"part-{token}-{i // size:05d}.h5") for i in range(0, len(todo), size)]
     if workers <= 1:
-        for t in tasks:
-            yield _decode_task(dataset, root, t, pre)
+        for utts, fps, part in tasks:
+            yield _decode_task(dataset, root, utts, pre, fps, part)
         return
     with ProcessPoolExecutor(max_workers=workers) as pool:
         pending = set()
-        it = iter(tasks)
-        for t in it:  # keep a bounded number of tasks in flight: memory stays flat
-            pending.add(pool.submit(_decode_task, dataset, root, t, pre))
-            if len(pending) >= 4 * workers:
+        for utts, fps, part in tasks:  # a bounded number of tasks in flight: memory stays flat
+            pending.add(pool.submit(_decode_task, dataset, root, utts, pre, fps, part))
+            if len(pending) >= 2 * workers:
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for f in done:
                     yield f.result()
@@ -209,9 +223,13 @@ def _decode_all(dataset: Dataset, root: Path | None, todo: list[Utterance], pre:
             yield f.result()
 
 
+def task_size() -> int:
+    """Utterances per worker task and part file (``SERTK_CACHE_TASK_SIZE`` overrides it)."""
+    return max(1, int(os.environ.get("SERTK_CACHE_TASK_SIZE", TASK_SIZE)))
+
+
 def build_cache(dataset: Dataset, root: Path | None, path: Path, pre: Preprocess | None = None,
-                workers: int = 1, strict: bool = False, quiet: bool = False,
-                on_part: Callable[[int], None] | None = None) -> BuildSummary:
+                workers: int = 1, strict: bool = False, quiet: bool = False) -> BuildSummary:
     """Build or update the cache of ``dataset`` at ``path``; see the module doc for the guarantees."""
     pre = pre or Preprocess()
     t0 = time.perf_counter()
@@ -280,36 +298,20 @@ def build_cache(dataset: Dataset, root: Path | None, path: Path, pre: Preprocess
             shutil.rmtree(parts_dir.parent, ignore_errors=True)
             return summary
 
-        # Decode what is new or changed, flushing part files as we go.
+        # Decode what is new or changed; every finished task is a complete part file.
         by_id = {u.id: u for u in todo}
         progress = _Progress(len(todo), quiet, f"caching {dataset.name}")
-        buffer: list[tuple[str, str, np.ndarray, int]] = []
-        buffered = 0
-        part_samples = int(os.environ.get("SERTK_PART_SAMPLES", PART_SAMPLES))
-        part_no = len(list(parts_dir.glob("part-*.h5")))
         try:
-            for results in _decode_all(dataset, root, todo, pre, workers):
-                for uid, wave, clipped, error in results:
-                    if error is not None:
-                        if strict:
-                            raise AudioError(error, "fix or remove the file, or run without --strict")
+            for results in _decode_all(dataset, root, todo, fingerprints, pre, workers, parts_dir):
+                for uid, _, _, error in results:
+                    if error is None:
+                        summary.decoded += 1
+                    elif strict:
+                        raise AudioError(error, "fix or remove the file, or run without --strict")
+                    else:
                         skipped.append({"id": uid, "path": by_id[uid].path or "", "reason": error,
                                         "fingerprint": fingerprints[uid]})
-                        continue
-                    buffer.append((uid, fingerprints[uid], _to_storage(wave, pre.dtype), clipped))
-                    buffered += wave.size
                 progress.advance(len(results))
-                if buffered >= part_samples:
-                    _write_part(parts_dir / f"part-{part_no:05d}.h5", buffer, pre.dtype)
-                    part_no += 1
-                    summary.decoded += len(buffer)
-                    buffer, buffered = [], 0
-                    if on_part is not None:
-                        on_part(part_no)
-            if buffer:
-                _write_part(parts_dir / f"part-{part_no:05d}.h5", buffer, pre.dtype)
-                summary.decoded += len(buffer)
-                buffer = []
         finally:
             progress.close()
         parts = _read_parts(parts_dir)
@@ -339,23 +341,38 @@ def _assemble(path: Path, rows: list[Utterance], fingerprints: dict[str, str],
     offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
     clipped = []
     summary.hours = float(lengths.sum()) / pre.sample_rate / 3600
+    # Where each row's audio comes from, coalesced into contiguous runs: one slice copy per run.
+    runs: list[list[Any]] = []  # [source, source offset, target offset, length]
+    for u, off, n in zip(rows, offsets, lengths):
+        if u.id in old and old[u.id][2] == fingerprints[u.id]:
+            src, o = None, old[u.id][0]
+            clipped.append(old[u.id][3])
+        else:
+            src, o = parts[u.id][0], parts[u.id][1]
+            clipped.append(parts[u.id][4])
+        last = runs[-1] if runs else None
+        if last is not None and last[0] == src and last[1] + last[3] == o and last[2] + last[3] == off:
+            last[3] += int(n)
+        else:
+            runs.append([src, o, int(off), int(n)])
     with atomic_path(path) as tmp:
-        src_old = h5py.File(path, "r") if old else None
-        open_parts: dict[Path, Any] = {}
+        previous = h5py.File(path, "r") if old else None
+        part, part_file = None, None  # one part open at a time: memory stays flat
         try:
             with h5py.File(tmp, "w") as fh:
                 audio = fh.create_dataset("audio", shape=(int(lengths.sum()),), dtype=pre.dtype)
-                for u, off, n in zip(rows, offsets, lengths):
-                    if u.id in old and old[u.id][2] == fingerprints[u.id]:
-                        o = old[u.id][0]
-                        audio[off:off + n] = src_old["audio"][o:o + n]
-                        clipped.append(old[u.id][3])
+                for src, o, off, n in runs:
+                    if src is None:
+                        source = previous
                     else:
-                        part, o, _, _, c = parts[u.id]
-                        if part not in open_parts:
-                            open_parts[part] = h5py.File(part, "r")
-                        audio[off:off + n] = open_parts[part]["audio"][o:o + n]
-                        clipped.append(c)
+                        if src != part:
+                            if part_file is not None:
+                                part_file.close()
+                            part, part_file = src, h5py.File(src, "r")
+                        source = part_file
+                    for start in range(0, n, COPY_SAMPLES):
+                        k = min(COPY_SAMPLES, n - start)
+                        audio[off + start:off + start + k] = source["audio"][o + start:o + start + k]
                 summary.clipped_utterances = sum(1 for c in clipped if c > 0)
                 t = fh.create_group("utterances")
                 s = h5py.string_dtype()
@@ -379,7 +396,6 @@ def _assemble(path: Path, rows: list[Utterance], fingerprints: dict[str, str],
                 fh.attrs["sertk_schema"] = SCHEMA_VERSION
                 fh.attrs["sertk_complete"] = True  # written last
         finally:
-            if src_old is not None:
-                src_old.close()
-            for f in open_parts.values():
-                f.close()
+            for f in (previous, part_file):
+                if f is not None:
+                    f.close()

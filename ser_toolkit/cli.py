@@ -110,6 +110,8 @@ def cache(
         root = check_root(dataset, root, allow_file=ds.root_may_be_file)
     elif root is not None:
         raise SertkError(f"dataset '{dataset}' is made in code and takes no --root", "drop --root")
+    if Path(cache_dir).exists() and not Path(cache_dir).is_dir():
+        raise SertkError(f"--cache-dir {cache_dir} is a file, not a folder", "pass a folder for cache files")
     path = Path(cache_dir) / f"{name or ds.cache_name()}.h5"
     summary = build_cache(ds, root, path, Preprocess(mono=mono, dtype=dtype, resampler=resampler), workers=workers,
                           strict=strict, quiet=quiet or as_json)

@@ -95,3 +95,20 @@ def test_concurrent_builds_do_not_corrupt(tmp_path, reference):
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     _same(CacheReader(tmp_path / "synthetic.h5"), reference)
+
+
+@pytest.mark.slow
+def test_ctrl_c_to_the_process_group_with_workers(tmp_path, reference):
+    """A terminal's Ctrl-C reaches every process: one line, exit 130, no worker tracebacks, resumable."""
+    proc = subprocess.Popen([sys.executable, "-m", "ser_toolkit", *ARGS[:-3], "--workers", "2", "-q",
+                             "--cache-dir", str(tmp_path)], env={**os.environ, **ENV}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    _wait_for_parts(tmp_path, proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err
+    assert [line for line in err.splitlines() if line.strip()] == [
+        "Interrupted; nothing half-written was left behind, rerun the command to resume."]
+    assert run_sertk(*ARGS, "--cache-dir", tmp_path, env=ENV).code == 0
+    _same(CacheReader(tmp_path / "synthetic.h5"), reference)

@@ -56,6 +56,8 @@ def test_user_errors_are_one_line(cli, tmp_path):
     _one_line_error(cli("inspect", tmp_path / "none.h5"), "does not exist")
     _one_line_error(cli("plugins", "--kind", "thing"), "unknown plugin kind")
     _one_line_error(cli("nosuchcommand"), "No such command")
+    (tmp_path / "afile").write_text("")
+    _one_line_error(cli("cache", "synthetic", "--cache-dir", tmp_path / "afile"), "is a file, not a folder")
 
 
 def test_foreign_and_corrupt_files_are_one_line(cli, tmp_path):

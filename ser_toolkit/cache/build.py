@@ -211,7 +211,8 @@ def _decode_all(dataset: Dataset, root: Path | None, todo: list[Utterance], fing
         for utts, fps, part in tasks:
             yield _decode_task(dataset, root, utts, pre, fps, part)
         return
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    pool = ProcessPoolExecutor(max_workers=workers, initializer=_ignore_sigint)
+    try:
         pending = set()
         for utts, fps, part in tasks:  # a bounded number of tasks in flight: memory stays flat
             pending.add(pool.submit(_decode_task, dataset, root, utts, pre, fps, part))
@@ -221,6 +222,15 @@ def _decode_all(dataset: Dataset, root: Path | None, todo: list[Utterance], fing
                     yield f.result()
         for f in pending:
             yield f.result()
+    finally:  # on Ctrl-C or an error: drop queued tasks; running ones finish their (atomic) part
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _ignore_sigint() -> None:
+    """Workers leave Ctrl-C to the parent, which stops the pool cleanly."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def task_size() -> int:

@@ -33,6 +33,11 @@ BUILTIN_PLUGINS = (
     "ser_toolkit.plugins.savee",
     "ser_toolkit.plugins.manifest",
     "ser_toolkit.plugins.synthetic",
+    "ser_toolkit.plugins.timestretch",
+    "ser_toolkit.plugins.noise",
+    "ser_toolkit.plugins.specaugment",
+    "ser_toolkit.plugins.ncp",
+    "ser_toolkit.plugins.duplicate",
 )
 
 

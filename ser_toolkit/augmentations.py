@@ -1,0 +1,198 @@
+"""The augmentation plugin contract, partner pools and weighted combinations.
+
+An augmentation takes a 16 kHz mono float32 waveform, an explicit
+``numpy.random.Generator`` and an :class:`AugmentContext`, and returns
+``(new_wave, params)``: ``params`` are the values it actually sampled
+(JSON-serialisable), so every augmented utterance can be logged and
+reproduced. Augmentations keep the label of their input. Parameters are
+declared and validated at construction; objects pickle (DataLoader workers).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Mapping, Sequence
+
+import numpy as np
+
+from ser_toolkit.emotions import EMOTIONS
+from ser_toolkit.errors import ParameterError, SertkError
+from ser_toolkit.params import Param, validate
+
+SAMPLE_RATE = 16000
+
+
+@dataclass
+class PartnerPool:
+    """Utterances an augmentation may draw as partners (N-CP), by emotion.
+
+    Build it from the *training* split only (:meth:`from_split`): test
+    utterances must never be pasted into training audio.
+    """
+
+    ids: Sequence[str]
+    emotions: Sequence[str]
+    load: Callable[[str], np.ndarray]
+    split: str = "train"
+
+    def __post_init__(self) -> None:
+        self._by_emotion: dict[str, list[str]] = {}
+        for uid, emo in zip(self.ids, self.emotions):
+            self._by_emotion.setdefault(emo, []).append(uid)
+
+    def candidates(self, emotion: str, exclude: str | None = None) -> list[str]:
+        return [u for u in self._by_emotion.get(emotion, []) if u != exclude]
+
+    def draw(self, rng: np.random.Generator, emotion: str, exclude: str | None = None) -> tuple[str, np.ndarray]:
+        """A random partner of ``emotion`` (not ``exclude``): its id and waveform."""
+        pool = self.candidates(emotion, exclude)
+        if not pool:
+            raise SertkError(f"no {emotion} partner utterance available in the {self.split} split",
+                             "N-CP needs neutral and emotional utterances in the training data")
+        uid = pool[int(rng.integers(len(pool)))]
+        return uid, self.load(uid)
+
+    @classmethod
+    def from_split(cls, reader, assignment: Mapping[str, str], split: str = "train") -> "PartnerPool":
+        """Partners from one split of a cache (``assignment``: id -> split name)."""
+        ids = [uid for uid in reader.ids if assignment.get(uid) == split]
+        emotions = [reader.column("emotion")[reader.index(uid)] for uid in ids]
+        return cls(ids, emotions, reader.wave, split)
+
+
+@dataclass
+class AugmentContext:
+    """What an augmentation may know besides the waveform.
+
+    ``utterance_id`` and ``emotion`` describe the input; ``partners`` draws
+    partner utterances (training split only); new fields may be added later.
+    """
+
+    sample_rate: int = SAMPLE_RATE
+    utterance_id: str | None = None
+    emotion: str | None = None
+    partners: PartnerPool | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Augmentation:
+    """Base class for augmentation plugins (see ``register_augmentations``)."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    params: ClassVar[tuple[Param, ...]] = ()
+    stochastic: ClassVar[bool] = True
+    """False for augmentations whose output does not depend on the seed (e.g. ``duplicate``)."""
+    needs_partners: ClassVar[bool] = False
+
+    def __init__(self, **options: Any) -> None:
+        self.options = validate(self.params, options, f"augmentation '{self.name}'")
+        self.check_options()
+
+    def check_options(self) -> None:
+        """Cross-parameter checks (override; raise :class:`ParameterError`)."""
+
+    def apply(self, wave: np.ndarray, rng: np.random.Generator,
+              context: AugmentContext | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+        """Return the augmented waveform and the parameters sampled for it."""
+        raise NotImplementedError
+
+    def __call__(self, wave: np.ndarray, rng: np.random.Generator,
+                 context: AugmentContext | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+        """Checked :meth:`apply`: float32 1-D in, finite float32 1-D out."""
+        wave = np.ascontiguousarray(wave, dtype=np.float32)
+        if wave.ndim != 1:
+            raise SertkError(f"augmentation '{self.name}' takes a mono 1-D waveform (got shape {wave.shape})",
+                             "down-mix to mono first")
+        out, params = self.apply(wave, rng, context or AugmentContext())
+        out = np.ascontiguousarray(out, dtype=np.float32)
+        if not np.isfinite(out).all():
+            raise SertkError(f"augmentation '{self.name}' produced NaN or inf (params {params})",
+                             "report this as a bug in the plugin")
+        return out, params
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.options.items())})"
+
+
+def pick(rng: np.random.Generator, fixed: Any, values: Sequence[float] | None,
+         value_range: Sequence[float] | None) -> float:
+    """A fixed value, else uniform in ``value_range``, else one of ``values``."""
+    if fixed is not None:
+        return float(fixed)
+    if value_range is not None:
+        return float(rng.uniform(value_range[0], value_range[1]))
+    return float(values[int(rng.integers(len(values)))])
+
+
+def check_range(owner: str, name: str, value: Sequence[float] | None) -> None:
+    if value is not None and (len(value) != 2 or value[0] > value[1]):
+        raise ParameterError(f"{owner}: parameter '{name}' must be two numbers low,high with low <= high "
+                             f"(got {value})", "e.g. --set " + name + "=0.8,1.2")
+
+
+def utterance_seed(seed: int, utterance_id: str, *salt: int | str) -> np.random.Generator:
+    """A generator seeded by (seed, utterance id, salt...): the same audio for the same id, in any order."""
+    digest = hashlib.sha256("\x1f".join([str(seed), utterance_id, *map(str, salt)]).encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:16], "little"))
+
+
+class Weighted(Augmentation):
+    """Picks one method per utterance with given probabilities, then samples its parameters."""
+
+    name = "weighted"
+    description = "one of several augmentations per utterance, with given probabilities"
+
+    def __init__(self, methods: Mapping[str, Augmentation], weights: Mapping[str, float]) -> None:
+        self.options = {}
+        missing = set(weights) - set(methods)
+        if missing or not weights:
+            raise ParameterError(f"weights name unknown methods {sorted(missing)}" if missing
+                                 else "weighted combination needs at least one method", "check the weights")
+        total = float(sum(weights.values()))
+        if any(w < 0 for w in weights.values()) or total <= 0:
+            raise ParameterError(f"weights must be non-negative with a positive sum (got {dict(weights)})",
+                                 "fix the weights")
+        self.methods = dict(methods)
+        self.names = list(weights)
+        self.probabilities = np.array([weights[n] / total for n in self.names])
+        self.needs_partners = any(m.needs_partners for m in methods.values())
+
+    def apply(self, wave, rng, context=None):
+        name = self.names[int(rng.choice(len(self.names), p=self.probabilities))]
+        out, params = self.methods[name](wave, rng, context)
+        return out, {"method": name, **params}
+
+    def __repr__(self) -> str:
+        return f"Weighted({dict(zip(self.names, self.probabilities.round(3)))})"
+
+
+def weights_from_gains(baseline: float, results: Mapping[str, float], top_k: int | None = None) -> dict[str, float]:
+    """The reference study's weights: gain = F1 - baseline F1, normalised over positive gains.
+
+    A method with zero or negative gain is left out with a warning; ``top_k``
+    keeps the k largest gains. Raises :class:`ParameterError` if none is left.
+    """
+    gains = {m: float(f1) - float(baseline) for m, f1 in results.items()}
+    for m, g in gains.items():
+        if g <= 0:
+            warnings.warn(f"augmentation '{m}' has no gain over the baseline ({g:+.3f}); left out of the weights",
+                          stacklevel=2)
+    positive = sorted(((g, m) for m, g in gains.items() if g > 0), reverse=True)
+    if top_k is not None:
+        if top_k < 1:
+            raise ParameterError(f"top-k must be at least 1 (got {top_k})", "e.g. top_k=2")
+        positive = positive[:top_k]
+    if not positive:
+        raise ParameterError("no augmentation improves on the baseline, so no weights can be computed",
+                             "give weights explicitly")
+    total = sum(g for g, _ in positive)
+    return {m: g / total for g, m in positive}
+
+
+def canonical_emotion(name: str) -> str:
+    if name not in EMOTIONS:
+        raise SertkError(f"unknown emotion {name!r}", f"use one of {', '.join(EMOTIONS)}")
+    return name

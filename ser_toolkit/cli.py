@@ -225,6 +225,106 @@ def _click_exceptions():
                            NoArgsIsHelpError=NoArgsIsHelpError)
 
 
+def _grouped_options(assignments: Optional[List[str]], names: List[str]) -> dict:
+    """``--set name.key=value`` (or ``key=value`` with one method) -> {name: {key: value}}."""
+    from ser_toolkit.params import parse_assignments
+
+    out: dict = {n: {} for n in names}
+    for key, value in parse_assignments(assignments).items():
+        method, dot, param = key.partition(".")
+        if not dot:
+            if len(names) != 1:
+                raise SertkError(f"--set {key}=... is ambiguous with several augmentations",
+                                 f"write --set METHOD.{key}=... (methods: {', '.join(names)})")
+            method, param = names[0], key
+        if method not in out:
+            raise SertkError(f"--set {key}: '{method}' is not one of the chosen augmentations",
+                             f"chosen: {', '.join(names)}")
+        out[method][param] = value
+    return out
+
+
+@app.command()
+def augment(
+    name: str = typer.Argument(..., help="Augmentation plugin name (see 'sertk plugins --kind augmentation')."),
+    input_file: Path = typer.Argument(..., metavar="IN", help="Input audio (any common format, rate, channels)."),
+    output_file: Path = typer.Argument(..., metavar="OUT", help="Output file (16 kHz; format from the extension)."),
+    seed: int = typer.Option(0, "--seed", help="Random seed."),
+    assignments: Optional[List[str]] = typer.Option(None, "--set", "-s", help="Fix a parameter: key=value."),
+    partner: Optional[Path] = typer.Option(None, "--partner", help="Partner utterance (ncp: the neutral one)."),
+    as_json: bool = typer.Option(False, "--json", help='Print {"augmentation": NAME, "params": {...}}.'),
+) -> None:
+    """Augment one file and print the parameters it sampled, to listen to an augmentation."""
+    import numpy as np
+    import soundfile as sf
+
+    from ser_toolkit import atomic
+    from ser_toolkit.audio import load
+    from ser_toolkit.augmentations import AugmentContext, PartnerPool
+    from ser_toolkit.params import parse_assignments
+    from ser_toolkit.registry import get
+
+    cls = get("augmentation", name).obj
+    aug = cls(**parse_assignments(assignments))
+    formats = {f".{k.lower()}": k for k in sf.available_formats()}
+    fmt = formats.get(output_file.suffix.lower())
+    if fmt is None:
+        raise SertkError(f"cannot write {output_file}: unknown audio extension {output_file.suffix!r}",
+                         "use .wav, .flac or .ogg")
+    wave = load(input_file)
+    context = AugmentContext(utterance_id=input_file.stem, emotion=None)
+    if partner is not None:
+        other = load(partner)
+        context.partners = PartnerPool(["partner"], ["neutral"], lambda _: other, split="given")
+        context.extra["partner_id"] = "partner"
+    elif getattr(cls, "needs_partners", False):
+        raise SertkError(f"augmentation '{name}' needs a partner utterance", "pass --partner NEUTRAL_FILE")
+    out, params = aug(wave, np.random.default_rng(seed), context)
+    if out.size and np.abs(out).max() > 1:
+        params = {**params, "output_peak": float(np.abs(out).max())}
+    with atomic.atomic_path(output_file) as tmp:
+        sf.write(str(tmp), out, 16000, format=fmt, subtype="FLOAT" if fmt == "WAV" else None)
+    if as_json:
+        typer.echo(json.dumps({"augmentation": name, "params": params}))
+        return
+    _console().print(f"wrote {output_file}: {wave.size / 16000:.2f} s -> {out.size / 16000:.2f} s, {name} "
+                     + ", ".join(f"{k}={v}" for k, v in params.items()))
+
+
+@app.command()
+def materialize(
+    cache_file: str = typer.Argument(..., metavar="CACHE", help="Cache file (or dataset name in ./cache)."),
+    plugins_arg: str = typer.Option(..., "--plugins", help="Comma-separated augmentation names."),
+    spec: str = typer.Option("stratified", "--split", help="Split spec (see 'sertk split')."),
+    subset: str = typer.Option("test", "--subset", help="test: one set per method plus 'mixed'; train: copies."),
+    copies: int = typer.Option(1, "--copies", min=1, help="Augmented copies per utterance (train)."),
+    seed: int = typer.Option(0, "--seed", help="Seed (per utterance id, so order does not matter)."),
+    assignments: Optional[List[str]] = typer.Option(None, "--set", "-s", help="METHOD.key=value parameters."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Materialise augmented sets into the cache folder: test sets per method and mixed, or training copies."""
+    from ser_toolkit.augment_sets import build_augmentation, materialize as write_set
+    from ser_toolkit.cache.reader import CacheReader
+    from ser_toolkit.splits import make_split
+
+    names = [n.strip() for n in plugins_arg.split(",") if n.strip()]
+    if not names:
+        raise SertkError("--plugins is empty", "name at least one augmentation, e.g. --plugins specaugment")
+    if subset not in ("test", "train"):
+        raise SertkError(f"--subset must be test or train (got {subset!r})", "use --subset test or --subset train")
+    options = _grouped_options(assignments, names)
+    reader = CacheReader(_cache_path(cache_file))
+    assignment = make_split(reader.utterances, spec)
+    jobs = [(n, build_augmentation([n], options), {"methods": {n: options[n]}}) for n in names]
+    if subset == "test" and len(names) > 1:
+        jobs.append(("mixed", build_augmentation(names, options), {"methods": options, "weights": "equal"}))
+    con = _console()
+    for set_name, aug, cfg in jobs:
+        path, written = write_set(reader, assignment, subset, set_name, aug,
+                                  copies=copies if subset == "train" else 1, seed=seed, aug_config=cfg, quiet=quiet)
+        con.print(f"{path} {'written' if written else 'unchanged'}")
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     """Entry point: run the app, turning user errors into one line and exit status 2."""
     cx = _click_exceptions()

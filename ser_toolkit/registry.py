@@ -161,7 +161,7 @@ def build_plugin_manager() -> tuple[pluggy.PluginManager, dict[str, Provider]]:
             raise PluginError(
                 f"plugin '{ep.name}' from {dist} {version} failed to load: "
                 f"{type(exc).__name__}: {exc}",
-                f"fix or uninstall it, or skip it with SERTK_LOAD_PLUGINS (e.g. SERTK_LOAD_PLUGINS='')",
+                "fix or uninstall it, or skip it with SERTK_LOAD_PLUGINS (e.g. SERTK_LOAD_PLUGINS='')",
             ) from exc
         pm.register(plugin, name=ep.name)
         providers[ep.name] = Provider(ep.name, dist, version)

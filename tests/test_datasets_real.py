@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from ser_toolkit.cache.build import build_cache
 from ser_toolkit.cache.reader import CacheReader
 from ser_toolkit.plugins.ravdess import Ravdess
 from ser_toolkit.plugins.savee import Savee

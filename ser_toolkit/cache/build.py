@@ -23,7 +23,6 @@ import json
 import os
 import shutil
 import time
-from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,10 +33,9 @@ import numpy as np
 from ser_toolkit import __version__
 from ser_toolkit.atomic import atomic_path, exclusive_lock, remove_stale_tmp
 from ser_toolkit.audio import CLIP_LEVEL, MONO_RULES, RESAMPLER, RESAMPLERS, TARGET_RATE, prepare
-from ser_toolkit.cache import SCHEMA_VERSION
-from ser_toolkit.cache.reader import COLUMNS, INT16_SCALE, read_header
+from ser_toolkit.cache.reader import INT16_SCALE, read_header
+from ser_toolkit.cache.writer import finish, write_table
 from ser_toolkit.datasets import Dataset, Utterance
-from ser_toolkit.emotions import EMOTION_INDEX
 from ser_toolkit.errors import AudioError, CacheError, SertkError
 
 DTYPES = ("float32", "int16")
@@ -384,27 +382,9 @@ def _assemble(path: Path, rows: list[Utterance], fingerprints: dict[str, str],
                         k = min(COPY_SAMPLES, n - start)
                         audio[off + start:off + start + k] = source["audio"][o + start:o + start + k]
                 summary.clipped_utterances = sum(1 for c in clipped if c > 0)
-                t = fh.create_group("utterances")
-                s = h5py.string_dtype()
-                t.create_dataset("id", data=[u.id for u in rows], dtype=s)
-                t.create_dataset("path", data=[u.path or "" for u in rows], dtype=s)
-                t.create_dataset("emotion", data=[u.emotion for u in rows], dtype=s)
-                t.create_dataset("emotion_index", data=np.array([EMOTION_INDEX[u.emotion] for u in rows], np.int8))
-                t.create_dataset("speaker", data=[u.speaker for u in rows], dtype=s)
-                t.create_dataset("gender", data=[u.gender or "" for u in rows], dtype=s)
-                t.create_dataset("corpus", data=[u.corpus for u in rows], dtype=s)
-                t.create_dataset("extra", data=[json.dumps(dict(u.extra), sort_keys=True) for u in rows], dtype=s)
-                t.create_dataset("offset", data=offsets)
-                t.create_dataset("length", data=lengths)
-                t.create_dataset("fingerprint", data=[fingerprints[u.id] for u in rows], dtype=s)
-                t.create_dataset("clipped", data=np.array(clipped, dtype=np.int64))
-                assert set(t) == set(COLUMNS)
-                fh.attrs["config"] = json.dumps(config, sort_keys=True)
-                fh.attrs["summary"] = json.dumps({"skipped": summary.skipped, "ignored": summary.ignored,
-                                                  "table_digest": table_digest(rows),
-                                                  "built": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-                fh.attrs["sertk_schema"] = SCHEMA_VERSION
-                fh.attrs["sertk_complete"] = True  # written last
+                write_table(fh, rows, offsets, lengths, [fingerprints[u.id] for u in rows], clipped)
+                finish(fh, config, {"skipped": summary.skipped, "ignored": summary.ignored,
+                                    "table_digest": table_digest(rows)})
         finally:
             for f in (previous, part_file):
                 if f is not None:

@@ -1,0 +1,102 @@
+"""Materialised augmented sets and on-the-fly augmentation: deterministic, logged, leak-free."""
+
+from __future__ import annotations
+
+import json
+import pickle
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from ser_toolkit.augment_sets import OnlineAugmented, build_augmentation, materialize, sets_dir
+from ser_toolkit.augmentations import PartnerPool
+from ser_toolkit.cache.build import build_cache
+from ser_toolkit.cache.reader import CacheReader
+from ser_toolkit.plugins.synthetic import Synthetic
+from ser_toolkit.splits import make_split
+
+SPLIT = "speaker:test=0.25,seed=1"
+
+
+@pytest.fixture(scope="module")
+def small_cache(tmp_path_factory):
+    out = tmp_path_factory.mktemp("aug") / "synthetic.h5"
+    build_cache(Synthetic(per_emotion=2), None, out, quiet=True)
+    return out
+
+
+def test_cli_materializes_test_sets_once_and_identically(small_cache, tmp_path, cli):
+    args = ["materialize", small_cache, "--plugins", "timestretch,noise,specaugment,ncp", "--split", SPLIT, "-q"]
+    r = cli(*args)
+    assert r.code == 0, r.err
+    reader = CacheReader(small_cache)
+    assignment = make_split(reader.utterances, SPLIT)
+    folder = sets_dir(small_cache, assignment)
+    names = sorted(p.name for p in folder.glob("*.h5"))
+    assert names == ["test-mixed.h5", "test-ncp.h5", "test-noise.h5", "test-specaugment.h5", "test-timestretch.h5"]
+    assert "unchanged" in cli(*args).out and "written" not in cli(*args).out
+    test_ids = {uid for uid, s in assignment.items() if s == "test"}
+    mixed = CacheReader(folder / "test-mixed.h5")
+    assert {u.extra["source"] for u in mixed.utterances} == test_ids
+    assert set(Counter(u.extra["method"] for u in mixed.utterances)) == {"timestretch", "noise", "specaugment", "ncp"}
+    ncp = CacheReader(folder / "test-ncp.h5")
+    for u in ncp.utterances:  # partners of test utterances come from the training split only
+        assert assignment[u.extra["params"]["partner"]] == "train" and u.emotion == u.extra["params"]["label"]
+    # the same sets built elsewhere (another cache copy, other order) hold the very same audio
+    copy = tmp_path / "synthetic.h5"
+    copy.write_bytes(small_cache.read_bytes())
+    assert cli("materialize", copy, "--plugins", "specaugment", "--split", SPLIT, "-q").code == 0
+    a = CacheReader(folder / "test-specaugment.h5")
+    b = CacheReader(sets_dir(copy, assignment) / "test-specaugment.h5")
+    assert a.ids == b.ids and all(np.array_equal(a.wave(i), b.wave(i)) for i in range(len(a)))
+    assert json.loads(cli("inspect", folder / "test-noise.h5", "--json").out)["utterances"] == len(test_ids)
+
+
+def test_training_copies_and_reference_ncp_pairing(small_cache, cli):
+    r = cli("materialize", small_cache, "--plugins", "ncp,timestretch", "--split", SPLIT, "--subset", "train",
+            "--copies", "2", "--set", "timestretch.rate=1.1", "-q")
+    assert r.code == 0, r.err
+    reader = CacheReader(small_cache)
+    assignment = make_split(reader.utterances, SPLIT)
+    folder = sets_dir(small_cache, assignment)
+    train = [u for u in reader.utterances if assignment[u.id] == "train"]
+    ncp = CacheReader(folder / "train-ncp-x2.h5")
+    assert len(ncp) == 2 * len(train)
+    assert Counter(u.emotion for u in ncp.utterances) == Counter({e: 2 * n for e, n in
+                                                                 Counter(u.emotion for u in train).items()})
+    pairs = Counter((u.extra["source"], u.extra["params"]["partner"]) for u in ncp.utterances)
+    assert max(pairs.values()) == 1
+    ts = CacheReader(folder / "train-timestretch-x2.h5")
+    assert {u.extra["params"]["rate"] for u in ts.utterances} == {1.1}
+    src = reader.wave(train[0].id)
+    assert abs(ts.wave(0).size - round(src.size / 1.1)) <= 1
+
+
+def test_materialize_errors(small_cache, cli):
+    r = cli("materialize", small_cache, "--plugins", "noise,specaugment", "--set", "level=0.1", "--split", SPLIT)
+    assert r.code == 2 and "ambiguous" in r.err
+    r = cli("materialize", small_cache, "--plugins", "reverbz", "--split", SPLIT)
+    assert r.code == 2 and "unknown augmentation 'reverbz'" in r.err
+    r = cli("materialize", small_cache, "--plugins", "noise", "--subset", "valid", "--split", SPLIT)
+    assert r.code == 2 and "--subset must be test or train" in r.err
+
+
+def test_online_augmentation_reproducible_per_epoch(small_cache):
+    reader = CacheReader(small_cache)
+    assignment = make_split(reader.utterances, SPLIT)
+    train_idx = [i for i, uid in enumerate(reader.ids) if assignment[uid] == "train"]
+    aug = build_augmentation(["specaugment", "ncp", "noise"])
+    view = OnlineAugmented(reader, train_idx, aug, seed=5, partners=PartnerPool.from_split(reader, assignment))
+    w0, label, log0 = view.item(3)
+    assert label == reader.labels[train_idx[3]] and log0["epoch"] == 0 and "method" in log0["params"]
+    clone = pickle.loads(pickle.dumps(view))  # as a DataLoader worker gets it
+    assert np.array_equal(clone.item(3)[0], w0)
+    changed = 0
+    for epoch in range(1, 6):
+        view.set_epoch(epoch)
+        clone.set_epoch(epoch)
+        w, _, log = view.item(3)
+        assert np.array_equal(clone.item(3)[0], w)
+        changed += not np.array_equal(w, w0)
+    assert changed >= 4  # new parameters each epoch

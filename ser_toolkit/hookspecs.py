@@ -53,12 +53,29 @@ def register_datasets(registry: "ProviderRegistry") -> None:
 def register_augmentations(registry: "ProviderRegistry") -> None:
     """Register augmentation plugins: ``registry.register(MyAugmentation)``.
 
-    An augmentation has a ``name``, a ``description`` and declared ``params``
-    (validated at construction), and an ``apply(wave, rng, context)`` step taking a
-    16 kHz mono float32 waveform, an explicit ``numpy.random.Generator`` and a
-    context, returning the new waveform and the parameters it sampled
-    (JSON-serialisable). The same seed must give bit-identical output and objects
-    must pickle (they run in DataLoader workers).
+    ``MyAugmentation`` subclasses :class:`ser_toolkit.augmentations.Augmentation` and sets:
+
+    - ``name``, ``description``, and ``params`` (a tuple of
+      :class:`ser_toolkit.params.Param` with defaults, units and allowed
+      ranges/choices, validated at construction; cross-parameter checks go in
+      ``check_options()``).
+    - ``stochastic = False`` if the output never depends on the seed;
+      ``needs_partners = True`` if it draws other utterances.
+
+    and implements ``apply(wave, rng, context) -> (new_wave, params)``:
+
+    - ``wave``: 16 kHz mono float32; never modify it in place.
+    - ``rng``: a ``numpy.random.Generator``; the only source of randomness, so the
+      same seed gives bit-identical output.
+    - ``context``: an :class:`ser_toolkit.augmentations.AugmentContext` with the
+      input's ``utterance_id`` and ``emotion`` and ``partners``, a pool of
+      training-split utterances (``context.partners.draw(rng, "neutral")``).
+    - ``params``: the values actually sampled, JSON-serialisable (they are logged
+      per utterance).
+
+    Augmentations keep the input's label. Objects must pickle (they run in
+    DataLoader workers). Run ``ser_toolkit.testing.check_augmentation(MyAugmentation)``
+    in your tests: it checks all of the above.
     """
 
 

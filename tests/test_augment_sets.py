@@ -100,3 +100,34 @@ def test_online_augmentation_reproducible_per_epoch(small_cache):
         assert np.array_equal(clone.item(3)[0], w)
         changed += not np.array_equal(w, w0)
     assert changed >= 4  # new parameters each epoch
+
+
+@pytest.mark.slow
+def test_online_augmentation_in_torch_dataloader_workers(small_cache):
+    """Two DataLoader workers: the same seed and epoch give the same audio as a single process."""
+    torch = pytest.importorskip("torch")
+
+    class TorchView(torch.utils.data.Dataset):
+        def __init__(self, view):
+            self.view = view
+
+        def __len__(self):
+            return len(self.view)
+
+        def __getitem__(self, i):
+            wave, label, log = self.view.item(i)
+            return torch.from_numpy(wave), label, json.dumps(log["params"], sort_keys=True)
+
+    reader = CacheReader(small_cache)
+    aug = build_augmentation(["specaugment", "noise", "timestretch"])
+    view = OnlineAugmented(reader, list(range(12)), aug, seed=3)
+
+    def epoch_items(epoch, workers):
+        view.set_epoch(epoch)
+        loader = torch.utils.data.DataLoader(TorchView(view), batch_size=None, num_workers=workers,
+                                             multiprocessing_context="fork" if workers else None)
+        return [(w.numpy(), params) for w, _, params in loader]
+
+    serial, parallel = epoch_items(1, 0), epoch_items(1, 2)
+    assert all(np.array_equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(serial, parallel))
+    assert [p for _, p in epoch_items(2, 2)] != [p for _, p in parallel]

@@ -103,7 +103,7 @@ def test_noise_from_files(tmp_path):
 # --- specaugment -------------------------------------------------------------------------------
 
 def _db(a: float, b: float) -> float:
-    return 10 * np.log10(a / b)
+    return 10 * np.log10((a + 1e-30) / b)
 
 
 @pytest.mark.parametrize("scale", ["mel", "linear"])
@@ -251,8 +251,9 @@ def test_weights_from_gains_reproduce_the_reference():
     assert list(w) == ["specaugment", "timestretch", "ncp", "noise"]
     assert [round(v, 3) for v in w.values()] == [0.363, 0.282, 0.209, 0.145]
     assert list(weights_from_gains(0.586, f1, top_k=2)) == ["specaugment", "timestretch"]
-    with pytest.warns(UserWarning, match="'noise' has no gain"):
+    with pytest.warns(UserWarning) as record:
         w = weights_from_gains(0.7, f1)
+    assert sorted(str(r.message).split("'")[1] for r in record) == ["ncp", "noise"]
     assert set(w) == {"specaugment", "timestretch"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -157,3 +157,23 @@ def test_tutorial_plugin_works(tmp_path):
                                                                  "not a mycorpus file name": 1}
     bad = run_sertk("cache", "mycorpus", "--root", corpus, "--set", "min_take=0", env=env)
     assert bad.code == 2 and "parameter 'min_take' must be an int >= 1 (got 0)" in bad.err
+
+
+
+def test_augmentation_tutorial_passes_conformance(tmp_path):
+    """The augmentation tutorial's code, as a real entry-point plugin, passes the shipped conformance suite."""
+    import re
+
+    doc = (REPO / "docs" / "plugins.md").read_text()
+    code = re.search(r"```python\n# src/sertk_phone/__init__.py\n(.*?)```", doc, re.S).group(1)
+    site = tmp_path / "site"
+    make_dist(site, "sertk-phone", "sertk_phone", code)
+    check = ("from ser_toolkit.registry import get\nfrom ser_toolkit.testing import check_augmentation\n"
+             "e = get('augmentation', 'telephone')\ncheck_augmentation(e.obj)\nprint(e.provider.distribution)")
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
+                       env={**__import__("os").environ, "PYTHONPATH": str(site)})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "sertk-phone"

@@ -9,7 +9,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from ser_toolkit.augment_sets import OnlineAugmented, build_augmentation, materialize, sets_dir
+from ser_toolkit.augment_sets import OnlineAugmented, build_augmentation, sets_dir
 from ser_toolkit.augmentations import PartnerPool
 from ser_toolkit.cache.build import build_cache
 from ser_toolkit.cache.reader import CacheReader

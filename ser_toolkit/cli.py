@@ -325,6 +325,193 @@ def materialize(
         con.print(f"{path} {'written' if written else 'unchanged'}")
 
 
+def _parse_weights(text: Optional[str]) -> Optional[dict]:
+    if not text:
+        return None
+    out = {}
+    for item in text.split(","):
+        name, sep, value = item.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise SertkError(f"--weights item {item!r} is not NAME=NUMBER", "e.g. --weights specaugment=0.6,noise=0.4")
+    return out
+
+
+@app.command()
+def train(
+    dataset: str = typer.Option("synthetic", "--dataset", help="Cache name in --cache-dir, or a cache path."),
+    cache_dir: Path = typer.Option(DEFAULT_CACHE_DIR, "--cache-dir", help="Folder of cache files."),
+    split_spec: str = typer.Option("stratified:test=0.2,seed=42", "--split", help="Split spec (see 'sertk split')."),
+    valid: float = typer.Option(0.0, "--valid", help="Share of training data held out for validation/early stopping."),
+    plugins_arg: str = typer.Option("", "--plugins", help="Augmentations, comma-separated."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="NAME=W,... probabilities of a combination."),
+    weights_from: Optional[List[Path]] = typer.Option(None, "--weights-from",
+                                                      help="Baseline run, then one run per method (repeat)."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", help="With --weights-from: keep the k largest gains."),
+    aug_mode: str = typer.Option("online", "--aug-mode", help="online (new parameters each epoch) or offline."),
+    aug_copies: int = typer.Option(1, "--aug-copies", help="Augmented copies per utterance (1 = reference 1:1)."),
+    model: str = typer.Option("hubert", "--model", help="Model plugin (tiny, acoustic, hubert), hub id or folder."),
+    model_set: Optional[List[str]] = typer.Option(None, "--model-set", help="Model parameter key=value."),
+    assignments: Optional[List[str]] = typer.Option(None, "--set", "-s", help="Augmentation METHOD.key=value."),
+    freeze_feature_encoder: bool = typer.Option(False, "--freeze-feature-encoder", help="Freeze the CNN encoder."),
+    probe: bool = typer.Option(False, "--probe", help="Frozen encoder + learnable weighted sum of layers."),
+    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Save memory."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs (model default; reference 7)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Batch size (reference 8)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="AdamW learning rate (reference 1e-5)."),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay."),
+    schedule: str = typer.Option("constant", "--schedule", help="constant, linear or cosine decay."),
+    warmup: float = typer.Option(0.0, "--warmup", help="Warm-up share of the steps."),
+    grad_accum: int = typer.Option(1, "--grad-accum", help="Gradient accumulation steps."),
+    max_seconds: Optional[float] = typer.Option(None, "--max-seconds", help="Random crop of longer clips."),
+    class_weights: str = typer.Option("none", "--class-weights", help="none or balanced."),
+    early_stopping: int = typer.Option(0, "--early-stopping", help="Patience in epochs (needs --valid)."),
+    select_metric: str = typer.Option("uar", "--select-metric", help="Best-checkpoint metric on validation."),
+    seed: int = typer.Option(42, "--seed", help="Seed of every random choice."),
+    workers: int = typer.Option(min(4, os.cpu_count() or 1), "--workers", help="DataLoader workers."),
+    no_bucket: bool = typer.Option(False, "--no-bucket", help="Shuffle without length bucketing."),
+    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the model."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default runs/<dataset>-<model>-<plugins>)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Fine-tune a model on a cached corpus, with augmentation on the fly or materialised."""
+    import sys as _sys
+    from dataclasses import asdict
+
+    from ser_toolkit.params import parse_assignments
+    from ser_toolkit.registry import get_registry
+    from ser_toolkit.training import runs
+    from ser_toolkit.training.loop import TrainConfig, train as run_training
+
+    names = [n.strip() for n in plugins_arg.split(",") if n.strip()]
+    registry = get_registry()
+    for n in names:
+        registry.get("augmentation", n)
+    model_options = parse_assignments(model_set)
+    if model not in registry.names("model"):
+        model_options = {"checkpoint": model, **model_options}
+        model = "hubert"
+    plugin_cls = registry.get("model", model).obj
+    flags = {"freeze_feature_encoder": freeze_feature_encoder, "probe": probe,
+             "gradient_checkpointing": gradient_checkpointing}
+    known = {p.name for p in plugin_cls.params}
+    for flag, value in flags.items():
+        if value:
+            if flag not in known:
+                raise SertkError(f"--{flag.replace('_', '-')} does not apply to model '{model}'", "drop the flag")
+            model_options[flag] = True
+    plugin_cls(**model_options)  # validate now
+    combo = _parse_weights(weights)
+    weights_info = None
+    if weights_from:
+        if combo:
+            raise SertkError("--weights and --weights-from exclude each other", "give one of them")
+        from ser_toolkit.combination import gains_from_runs, weights_from_runs
+
+        combo = weights_from_runs(weights_from[0], weights_from[1:], top_k)
+        f1, base, _ = gains_from_runs(weights_from[0], weights_from[1:])
+        weights_info = {"baseline": str(weights_from[0]), "runs": [str(r) for r in weights_from[1:]],
+                        "f1": f1, "baseline_f1": base, "top_k": top_k, "weights": combo}
+        names = list(combo)
+    if combo and set(combo) != set(names):
+        raise SertkError(f"--weights names {sorted(combo)} but --plugins names {sorted(names)}",
+                         "name the same augmentations in both")
+    defaults = {"epochs": 7, "batch_size": 8, "lr": 1e-5, "weight_decay": 0.01, **plugin_cls.train_defaults}
+    given = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay}
+    resolved = {k: (v if v is not None else defaults[k]) for k, v in given.items()}
+    cfg = TrainConfig(dataset=dataset, cache_dir=str(cache_dir), split=split_spec, valid=valid, plugins=names,
+                      plugin_options=_grouped_options(assignments, names) if names else {},
+                      weights=combo, weights_from=weights_info, aug_mode=aug_mode, aug_copies=aug_copies,
+                      model=model, model_options=model_options, schedule=schedule, warmup=warmup,
+                      grad_accum=grad_accum, max_seconds=max_seconds, class_weights=class_weights,
+                      early_stopping=early_stopping, select_metric=select_metric, seed=seed, workers=workers,
+                      bucket=not no_bucket, compile=compile_model, device=device, **resolved)
+    cfg.validate()
+    if early_stopping and not valid:
+        raise SertkError("--early-stopping needs a validation split", "add --valid 0.1")
+    run_dir = out or Path("runs") / "-".join([Path(dataset).stem, model, *(names or ["clean"])])
+    if resume:
+        if not (run_dir / "config.json").is_file():
+            raise SertkError(f"{run_dir} holds no run to resume", "drop --resume to start it")
+        stored = runs.read_json(run_dir / "config.json")["train"]
+        cfg = TrainConfig(**{**stored, "workers": workers, "device": device})
+    elif (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
+        raise SertkError(f"{run_dir} already holds a trained run", "pass --resume to continue it, or another --out")
+    if not resume:
+        from ser_toolkit.registry import get
+
+        entries = [get("model", cfg.model)] + [get("augmentation", n) for n in cfg.plugins]
+        runs.write_json(run_dir / "config.json", {
+            "train": asdict(cfg),
+            "plugins": {f"{e.kind}:{e.name}": {"distribution": e.provider.distribution,
+                                               "version": e.provider.version} for e in entries},
+            "seeds": {"seed": cfg.seed, "split": cfg.split, "torch_per_epoch": "seed * 1000003 + epoch * 7919 + 17",
+                      "augmentation": "sha256(seed, utterance id, epoch, copy)"},
+            "command": ["sertk", *_sys.argv[1:]],
+            "commit": runs.git_commit(), "versions": runs.versions(), "hardware": runs.hardware(),
+            "data": {"cache": str(Path(dataset) if Path(dataset).exists() else Path(cache_dir) / f"{dataset}.h5")},
+        })
+    summary = run_training(cfg, run_dir, resume=resume, quiet=quiet)
+    last = summary["history"][-1] if summary["history"] else {}
+    _console().print(f"[bold]{run_dir}[/bold]: {summary['epochs_run']} epochs, train loss "
+                     f"{last.get('train_loss', float('nan')):.4f}, {last.get('utterances_per_s', 0):.1f} utt/s")
+
+
+@app.command()
+def evaluate(
+    run: Path = typer.Argument(..., help="Run folder (from sertk train)."),
+    test: Optional[List[str]] = typer.Option(None, "--test", help="test, augmented, cross or a cache (repeat)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Evaluate a run on its test split, every augmented test set and cross-corpus sets."""
+    from ser_toolkit.evaluation import evaluate_run
+
+    if not (run / "config.json").is_file():
+        raise SertkError(f"{run} is not a sertk run folder", "pass a folder written by 'sertk train'")
+    summary = evaluate_run(run, test)
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    from rich.table import Table
+
+    t = Table("test set", "n", "accuracy", "weighted F1", "macro F1", "UAR", "missing")
+    for name, m in summary.items():
+        t.add_row(name, str(m["n"]), f"{m['accuracy']:.3f}", f"{m['weighted_f1']:.3f}", f"{m['macro_f1']:.3f}",
+                  f"{m['uar']:.3f}", ",".join(m["missing_emotions"]) or "-")
+    _console().print(t)
+
+
+@app.command()
+def predict(
+    run: Path = typer.Argument(..., help="Run folder (from sertk train)."),
+    audio: List[Path] = typer.Argument(..., help="Audio files (any common format, rate, channels)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Emotion and class probabilities for new audio files."""
+    from ser_toolkit.audio import load
+    from ser_toolkit.emotions import EMOTIONS
+    from ser_toolkit.evaluation import load_run_model, predict_waves
+
+    if not (run / "config.json").is_file():
+        raise SertkError(f"{run} is not a sertk run folder", "pass a folder written by 'sertk train'")
+    waves = [load(p) for p in audio]
+    model, featurize, cfg, device = load_run_model(run)
+    probs = predict_waves(model, featurize, waves, 8, device)
+    results = [{"file": str(p), "emotion": EMOTIONS[int(pr.argmax())],
+                "probabilities": {e: float(v) for e, v in zip(EMOTIONS, pr)}} for p, pr in zip(audio, probs)]
+    if as_json:
+        typer.echo(json.dumps(results, indent=2))
+        return
+    for r in results:
+        top = sorted(r["probabilities"].items(), key=lambda kv: -kv[1])[:3]
+        _console().print(f"{r['file']}: [bold]{r['emotion']}[/bold] (" + ", ".join(f"{e} {v:.2f}" for e, v in top) + ")")
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     """Entry point: run the app, turning user errors into one line and exit status 2."""
     cx = _click_exceptions()

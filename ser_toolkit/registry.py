@@ -38,6 +38,8 @@ BUILTIN_PLUGINS = (
     "ser_toolkit.plugins.specaugment",
     "ser_toolkit.plugins.ncp",
     "ser_toolkit.plugins.duplicate",
+    "ser_toolkit.plugins.hubert",
+    "ser_toolkit.plugins.acoustic",
 )
 
 

@@ -1,0 +1,103 @@
+"""``acoustic``: a light CPU model on classic acoustic statistics with a small classifier head.
+
+Per utterance: MFCCs with deltas and delta-deltas (means and spreads), energy
+(dB percentiles), spectral shape (centroid, bandwidth, roll-off, flatness,
+zero-crossing rate), pitch from YIN on voiced frames (level, spread,
+percentiles, range in semitones, voiced share) and duration. A standardiser
+fitted on the training set and a small MLP (or linear) head classify them, so a
+whole study runs on a CPU in minutes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ser_toolkit import hookimpl
+from ser_toolkit.models import ModelPlugin, SerModelMixin
+from ser_toolkit.params import Param
+
+RATE = 16000
+N_FEATURES = 20 * 3 * 2 + 5 + 10 + 7 + 1
+
+
+def acoustic_features(wave: np.ndarray) -> np.ndarray:
+    """A fixed-size vector of acoustic statistics (see the module doc)."""
+    import warnings
+
+    import librosa
+
+    x = np.asarray(wave, dtype=np.float32)
+    if x.size < 2048:
+        x = np.pad(x, (0, 2048 - x.size))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mfcc = librosa.feature.mfcc(y=x, sr=RATE, n_mfcc=20, n_fft=512, hop_length=160)
+        d1 = librosa.feature.delta(mfcc, width=9, mode="nearest")  # >= 13 frames after the padding above
+        d2 = librosa.feature.delta(mfcc, order=2, width=9, mode="nearest")
+        spec = np.abs(librosa.stft(x, n_fft=512, hop_length=160)) ** 2
+        rms_db = 10 * np.log10(np.mean(spec, axis=0) + 1e-10)
+        shape = [librosa.feature.spectral_centroid(S=spec, sr=RATE), librosa.feature.spectral_bandwidth(S=spec, sr=RATE),
+                 librosa.feature.spectral_rolloff(S=spec, sr=RATE), librosa.feature.spectral_flatness(S=spec),
+                 librosa.feature.zero_crossing_rate(x, frame_length=512, hop_length=160)]
+        f0 = librosa.yin(x, fmin=60, fmax=500, sr=RATE, frame_length=1024, hop_length=160)
+    n = min(f0.size, rms_db.size)
+    voiced = (rms_db[:n] > np.percentile(rms_db, 90) - 25) & (f0[:n] < 490)
+    semis = 12 * np.log2(f0[:n][voiced] / 100.0) if voiced.any() else np.zeros(1)
+    pitch = [semis.mean(), semis.std(), *np.percentile(semis, [10, 50, 90]), np.ptp(semis), voiced.mean()]
+    feats = [m for block in (mfcc, d1, d2) for m in (block.mean(1), block.std(1))]
+    feats.append(np.percentile(rms_db, [10, 50, 90]))
+    feats.append([rms_db.std(), rms_db.max() - rms_db.mean()])
+    feats.append([v for s in shape for v in (np.log(s.mean() + 1e-8), s.std() / (s.mean() + 1e-8))])
+    feats.append(pitch)
+    feats.append([np.log(wave.size / RATE + 1e-3)])
+    out = np.concatenate([np.ravel(f) for f in feats]).astype(np.float32)
+    return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+class Acoustic(ModelPlugin):
+    name = "acoustic"
+    description = "acoustic statistics (MFCC, energy, spectral shape, pitch) + a small MLP head: CPU-friendly"
+    params = (
+        Param("hidden", 128, "hidden units of the head (0 = linear, i.e. logistic regression)", type="int",
+              min=0, max=4096),
+        Param("dropout", 0.3, "dropout before the output layer", type="float", min=0.0, max=0.9),
+    )
+    train_defaults = {"lr": 1e-3, "epochs": 60, "batch_size": 32, "weight_decay": 1e-2}
+
+    def build(self, num_labels: int, run_dir: Path | None = None, **train_options):
+        import torch
+
+        hidden, dropout = self.options["hidden"], self.options["dropout"]
+
+        class AcousticModel(torch.nn.Module, SerModelMixin):
+            input_kind = "vector"
+            static_features = True
+
+            def __init__(self) -> None:
+                super().__init__()
+                self.register_buffer("mean", torch.zeros(N_FEATURES))
+                self.register_buffer("std", torch.ones(N_FEATURES))
+                layers = ([torch.nn.Linear(N_FEATURES, hidden), torch.nn.GELU(), torch.nn.Dropout(dropout),
+                           torch.nn.Linear(hidden, num_labels)] if hidden else
+                          [torch.nn.Dropout(dropout), torch.nn.Linear(N_FEATURES, num_labels)])
+                self.head = torch.nn.Sequential(*layers)
+
+            def featurizer(self):
+                return acoustic_features
+
+            def prepare(self, train_features):
+                x = torch.as_tensor(np.stack(train_features))
+                self.mean.copy_(x.mean(0))
+                self.std.copy_(x.std(0).clamp(min=1e-4))
+
+            def forward(self, inputs, attention_mask=None):
+                return self.head((inputs - self.mean) / self.std)
+
+        return AcousticModel()
+
+
+@hookimpl
+def register_models(registry) -> None:
+    registry.register(Acoustic)

@@ -1,0 +1,226 @@
+"""``hubert`` and ``tiny``: Hugging Face self-supervised speech models for sequence classification.
+
+``hubert`` loads any checkpoint usable with ``AutoModelForAudioClassification``
+(HuBERT, wav2vec 2.0, WavLM, data2vec-audio) from a hub id or a local
+directory; the classification head is replaced when its label count differs
+(4 -> 7 for ``superb/hubert-large-superb-er``, as the reference study did), and
+the checkpoint's own feature extractor normalisation is applied. Without
+network access an id that is not in the local Hugging Face cache fails at once
+with one line asking for a local directory.
+
+``probe=true`` freezes the encoder and classifies from a learnable weighted sum
+of all hidden layers (SUPERB style). ``tiny`` is a small randomly initialised
+HuBERT built from a config, for offline demos and tests.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+
+from ser_toolkit import hookimpl
+from ser_toolkit.emotions import EMOTIONS
+from ser_toolkit.errors import SertkError
+from ser_toolkit.models import ModelPlugin, SerModelMixin
+from ser_toolkit.params import Param
+
+REFERENCE_CHECKPOINT = "superb/hubert-large-superb-er"
+
+
+def _quiet_transformers() -> None:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face endpoint answers a TCP connection within ``timeout`` seconds."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1":
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def resolve_checkpoint(source: str):
+    """Load (config, feature extractor kwargs) sources: a local dir, the HF cache, or the hub."""
+    from transformers import AutoConfig
+
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise SertkError(f"model folder {path} has no config.json", "pass a folder saved with save_pretrained()")
+        return str(path), {}
+    if path.suffix or source.startswith((".", "/", "~")):
+        raise SertkError(f"model folder {source} does not exist", "check the --model path")
+    try:
+        AutoConfig.from_pretrained(source, local_files_only=True)
+        return source, {"local_files_only": True}
+    except OSError:
+        pass
+    if not hub_reachable():
+        raise SertkError(f"model '{source}' is not in the local Hugging Face cache and the hub cannot be reached",
+                         "download it where there is network (save_pretrained) and pass --model /path/to/folder")
+    return source, {}
+
+
+class Normalize:
+    """The checkpoint's input normalisation (zero mean, unit variance per utterance); picklable."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+
+    def __call__(self, wave: np.ndarray) -> np.ndarray:
+        if not self.enabled:
+            return wave
+        return ((wave - wave.mean()) / np.sqrt(wave.var() + 1e-7)).astype(np.float32)
+
+
+def _wrap(hf_model, extractor, probe: bool):
+    import torch
+
+    class Wrapped(torch.nn.Module, SerModelMixin):
+        input_kind = "wave"
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.hf = hf_model
+            self.normalize = bool(getattr(extractor, "do_normalize", True))
+            self.probe = probe
+            if probe:
+                n = hf_model.config.num_hidden_layers + 1
+                self.layer_weights = torch.nn.Parameter(torch.zeros(n))
+                for p in hf_model.base_model.parameters() if hasattr(hf_model, "base_model") else []:
+                    p.requires_grad = False
+
+        def featurizer(self) -> Normalize:
+            return Normalize(self.normalize)
+
+        def forward(self, inputs, attention_mask=None):
+            if not self.probe:
+                return self.hf(input_values=inputs, attention_mask=attention_mask).logits
+            base = getattr(self.hf, self.hf.base_model_prefix)
+            out = base(input_values=inputs, attention_mask=attention_mask, output_hidden_states=True)
+            stack = torch.stack(out.hidden_states, dim=0)
+            hidden = (torch.softmax(self.layer_weights, 0)[:, None, None, None] * stack).sum(0)
+            hidden = self.hf.projector(hidden)
+            if attention_mask is not None:
+                mask = self.hf._get_feature_vector_attention_mask(hidden.shape[1], attention_mask)
+                pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+            else:
+                pooled = hidden.mean(1)
+            return self.hf.classifier(pooled)
+
+    return Wrapped()
+
+
+def _labels() -> dict:
+    return {"id2label": dict(enumerate(EMOTIONS)), "label2id": {e: i for i, e in enumerate(EMOTIONS)}}
+
+
+class Hubert(ModelPlugin):
+    name = "hubert"
+    description = "Hugging Face SSL checkpoint (HuBERT, wav2vec2, WavLM, data2vec-audio) from a hub id or folder"
+    params = (
+        Param("checkpoint", REFERENCE_CHECKPOINT, "hub id or local folder"),
+        Param("freeze_feature_encoder", False, "freeze the convolutional feature encoder", type="bool"),
+        Param("probe", False, "freeze the encoder; classify from a learnable weighted sum of all layers",
+              type="bool"),
+        Param("gradient_checkpointing", False, "trade compute for memory", type="bool"),
+    )
+    train_defaults = {"lr": 1e-5, "epochs": 7, "batch_size": 8}
+
+    def _load(self, source: str, num_labels: int, from_config_only: bool = False):
+        _quiet_transformers()
+        from transformers import AutoConfig, AutoFeatureExtractor, AutoModelForAudioClassification
+
+        source, kwargs = resolve_checkpoint(source)
+        try:
+            extractor = AutoFeatureExtractor.from_pretrained(source, **kwargs)
+        except (OSError, ValueError):
+            extractor = None
+        try:
+            if from_config_only:
+                config = AutoConfig.from_pretrained(source, **kwargs)
+                config.num_labels = num_labels
+                config.update(_labels())
+                model = AutoModelForAudioClassification.from_config(config)
+            else:
+                model = AutoModelForAudioClassification.from_pretrained(
+                    source, num_labels=num_labels, ignore_mismatched_sizes=True, **_labels(), **kwargs)
+        except (OSError, ValueError) as exc:
+            raise SertkError(f"cannot load model '{source}': {str(exc).splitlines()[0]}",
+                             "pass a folder or hub id of an audio classification checkpoint") from None
+        return model, extractor
+
+    def build(self, num_labels: int, run_dir: Path | None = None, **train_options):
+        model, extractor = self._load(self.options["checkpoint"], num_labels)
+        return self._finish(model, extractor, run_dir)
+
+    def _finish(self, model, extractor, run_dir: Path | None):
+        if self.options["freeze_feature_encoder"] and hasattr(model, "freeze_feature_encoder"):
+            model.freeze_feature_encoder()
+        if self.options["gradient_checkpointing"] and hasattr(model, "gradient_checkpointing_enable"):
+            model.gradient_checkpointing_enable()
+        if run_dir is not None:  # what rebuild() needs, offline: the config and the feature extractor
+            model.config.save_pretrained(run_dir / "model")
+            if extractor is not None:
+                extractor.save_pretrained(run_dir / "model")
+        return _wrap(model, extractor, self.options["probe"])
+
+    def rebuild(self, num_labels: int, run_dir: Path):
+        model, extractor = self._load(str(run_dir / "model"), num_labels, from_config_only=True)
+        return self._finish(model, extractor, None)
+
+
+class Tiny(Hubert):
+    name = "tiny"
+    description = "a small randomly initialised HuBERT built from a config (offline demos and tests)"
+    params = (
+        Param("hidden_size", 32, "transformer width", type="int", min=8, max=1024),
+        Param("layers", 2, "transformer layers", type="int", min=1, max=24),
+        Param("heads", 2, "attention heads", type="int", min=1, max=16),
+        Param("seed", 0, "initialisation seed", type="int", min=0),
+        Param("freeze_feature_encoder", False, "freeze the convolutional feature encoder", type="bool"),
+        Param("probe", False, "freeze the encoder; weighted sum of layers", type="bool"),
+        Param("gradient_checkpointing", False, "trade compute for memory", type="bool"),
+    )
+    train_defaults = {"lr": 1e-3, "epochs": 6, "batch_size": 16}
+
+    def config(self, num_labels: int):
+        from transformers import HubertConfig
+
+        o = self.options
+        return HubertConfig(hidden_size=o["hidden_size"], num_hidden_layers=o["layers"],
+                            num_attention_heads=o["heads"], intermediate_size=2 * o["hidden_size"],
+                            conv_dim=(32, 32, 32, 32), conv_stride=(5, 4, 4, 2), conv_kernel=(10, 8, 4, 4),
+                            num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
+                            classifier_proj_size=o["hidden_size"], num_labels=num_labels, **_labels())
+
+    def build(self, num_labels: int, run_dir: Path | None = None, **train_options):
+        _quiet_transformers()
+        import torch
+        from transformers import HubertForSequenceClassification, Wav2Vec2FeatureExtractor
+
+        torch.manual_seed(self.options["seed"])
+        model = HubertForSequenceClassification(self.config(num_labels))
+        extractor = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, do_normalize=True,
+                                             return_attention_mask=True)
+        return self._finish(model, extractor, run_dir)
+
+    def rebuild(self, num_labels: int, run_dir: Path):
+        return self.build(num_labels, None)
+
+
+@hookimpl
+def register_models(registry) -> None:
+    registry.register(Hubert)
+    registry.register(Tiny)

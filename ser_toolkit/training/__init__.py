@@ -1,0 +1,1 @@
+"""Training: data pipeline (``data``), the loop (``loop``), run directories (``runs``)."""

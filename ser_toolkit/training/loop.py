@@ -1,0 +1,358 @@
+"""The training loop: one loop for every model plugin, GPU-efficient, reproducible, resumable.
+
+- Batches of similar lengths (bucketing), attention masks, dynamic padding.
+- On CUDA: bf16 autocast where supported, TF32, fused AdamW, pinned memory,
+  non-blocking copies; the loss is accumulated on the device and read back only
+  when logging.
+- Loader workers read the cache and augment in parallel.
+- ``torchrun --nproc_per_node N`` runs DistributedDataParallel (gloo on CPU).
+- A checkpoint per epoch (model, optimizer, scheduler, epoch): ``resume`` repeats
+  nothing that finished and, on CPU, ends with the same weights as an
+  uninterrupted run (every epoch reseeds torch from (seed, epoch)).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ser_toolkit.atomic import write_text
+from ser_toolkit.emotions import EMOTIONS
+from ser_toolkit.errors import SertkError
+
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run (the resolved form is saved as config.json)."""
+
+    dataset: str = "synthetic"
+    cache_dir: str = "cache"
+    split: str = "stratified:test=0.2,seed=42"
+    valid: float = 0.0
+    plugins: list[str] = field(default_factory=list)
+    plugin_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    weights: dict[str, float] | None = None
+    weights_from: dict[str, Any] | None = None
+    aug_mode: str = "online"
+    aug_copies: int = 1
+    model: str = "hubert"
+    model_options: dict[str, Any] = field(default_factory=dict)
+    epochs: int = 7
+    batch_size: int = 8
+    lr: float = 1e-5
+    weight_decay: float = 0.01
+    schedule: str = "constant"
+    warmup: float = 0.0
+    grad_accum: int = 1
+    max_seconds: float | None = None
+    class_weights: str = "none"
+    early_stopping: int = 0
+    select_metric: str = "uar"
+    seed: int = 42
+    workers: int = 2
+    bucket: bool = True
+    bf16: bool = True
+    compile: bool = False
+    device: str = "auto"
+    log_every: int = 20
+
+    def validate(self) -> None:
+        checks = [
+            (self.aug_mode in ("online", "offline"), "--aug-mode must be online or offline"),
+            (self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}"),
+            (self.epochs >= 1, "--epochs must be at least 1"),
+            (self.batch_size >= 1, "--batch-size must be at least 1"),
+            (self.lr > 0, "--lr must be positive"),
+            (0 <= self.warmup < 1, "--warmup is a share of the steps in [0, 1)"),
+            (0 <= self.valid < 1, "--valid is a share of the training data in [0, 1)"),
+            (self.grad_accum >= 1, "--grad-accum must be at least 1"),
+            (self.aug_copies >= 1, "--aug-copies must be at least 1"),
+            (self.class_weights in ("none", "balanced"), "--class-weights must be none or balanced"),
+            (self.select_metric in ("uar", "weighted_f1", "macro_f1", "accuracy"),
+             "--select-metric must be uar, weighted_f1, macro_f1 or accuracy"),
+            (self.max_seconds is None or self.max_seconds > 0, "--max-seconds must be positive"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise SertkError(message, "fix the option")
+
+
+def _dist() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's environment."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+def _device(name: str, local_rank: int):
+    import torch
+
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SertkError("--device cuda asked for, but no GPU is available", "use --device cpu or auto")
+    return torch.device(name)
+
+
+def _lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
+    def f(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        if schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch * 7919 + 17) % (2**31)
+
+
+@dataclass
+class Prepared:
+    """What :func:`prepare_data` returns: readers, the split, and the train/valid item sets."""
+
+    reader: Any
+    assignment: dict[str, str]
+    train: Any
+    valid_rows: list[int]
+    augmentation: Any
+    summary: dict[str, Any]
+
+
+def prepare_data(cfg: TrainConfig, featurize, run_dir: Path | None) -> Prepared:
+    """Cache, split (+ validation carved from train), augmentation and the training items."""
+    from ser_toolkit.augment_sets import build_augmentation, materialize
+    from ser_toolkit.augmentations import PartnerPool
+    from ser_toolkit.cache.reader import CacheReader
+    from ser_toolkit.splits import make_split, speaker_independent, stratified
+    from ser_toolkit.training.data import TrainItems
+
+    path = Path(cfg.dataset)
+    if not path.exists() and not path.suffix:
+        path = Path(cfg.cache_dir) / f"{cfg.dataset}.h5"
+    if not path.exists():
+        raise SertkError(f"no cache {path}", f"build it first: sertk cache {cfg.dataset}")
+    reader = CacheReader(path)
+    assignment = make_split(reader.utterances, cfg.split)
+    if "train" not in assignment.values():
+        raise SertkError(f"split {cfg.split!r} has no training part", "check --split")
+    train_rows = [i for i, uid in enumerate(reader.ids) if assignment[uid] == "train"]
+    valid_rows: list[int] = []
+    if cfg.valid > 0:  # carved from the training data, never from test
+        train_utts = [reader.utterance(i) for i in train_rows]
+        speakers = {u.speaker for u in train_utts}
+        carve = (speaker_independent(train_utts, cfg.valid, cfg.seed) if len(speakers) >= 4
+                 else stratified(train_utts, cfg.valid, cfg.seed))
+        valid_rows = [i for i, u in zip(train_rows, train_utts) if carve[u.id] == "test"]
+        train_rows = [i for i, u in zip(train_rows, train_utts) if carve[u.id] == "train"]
+        for i in valid_rows:
+            assignment[reader.ids[i]] = "valid"
+    readers = [reader]
+    items = [(0, i, -1) for i in train_rows]
+    augmentation = None
+    partners = None
+    if cfg.plugins:
+        augmentation = build_augmentation(cfg.plugins, cfg.plugin_options, cfg.weights)
+        if getattr(augmentation, "needs_partners", False):
+            partners = PartnerPool.from_split(reader, assignment, "train")
+        if cfg.aug_mode == "online":
+            items += [(0, i, k) for k in range(cfg.aug_copies) for i in train_rows]
+        else:
+            name = cfg.plugins[0] if len(cfg.plugins) == 1 and not cfg.weights else "weighted-" + "-".join(cfg.plugins)
+            set_path, _ = materialize(reader, assignment, "train", name, augmentation, copies=cfg.aug_copies,
+                                      seed=cfg.seed, aug_config={"plugins": cfg.plugins, "options": cfg.plugin_options,
+                                                                 "weights": cfg.weights})
+            aug_reader = CacheReader(set_path)
+            keep = {reader.ids[i] for i in train_rows}
+            readers.append(aug_reader)
+            items += [(1, j, -1) for j, u in enumerate(aug_reader.column("extra"))
+                      if json.loads(u)["source"] in keep]
+    max_samples = int(cfg.max_seconds * reader.sample_rate) if cfg.max_seconds else None
+    train = TrainItems(readers, items, augmentation if cfg.aug_mode == "online" else None, partners, featurize,
+                       max_samples, cfg.seed)
+    summary = {"cache": str(path), "train_utterances": len(train_rows), "valid_utterances": len(valid_rows),
+               "test_utterances": sum(1 for s in assignment.values() if s == "test"),
+               "train_items_per_epoch": len(items)}
+    return Prepared(reader, assignment, train, valid_rows, augmentation, summary)
+
+
+def _class_weights(labels: np.ndarray, mode: str):
+    import torch
+
+    if mode == "none":
+        return None
+    counts = np.bincount(labels, minlength=len(EMOTIONS)).astype(np.float64)
+    w = np.where(counts > 0, counts.sum() / (len(EMOTIONS) * np.maximum(counts, 1)), 0.0)
+    return torch.as_tensor(w, dtype=torch.float32)
+
+
+def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = False,
+          provenance: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train (or resume) the run in ``run_dir``; returns the final summary."""
+    import torch
+
+    from ser_toolkit.evaluation import evaluate_rows
+    from ser_toolkit.registry import get
+    from ser_toolkit.training import runs
+    from ser_toolkit.training.data import Collate, bucket_batches, featurize_all
+
+    cfg.validate()
+    rank, world, local_rank = _dist()
+    distributed = world > 1
+    device = _device(cfg.device, local_rank)
+    if distributed and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    main_process = rank == 0
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    plugin = get("model", cfg.model).obj(**cfg.model_options)
+    torch.manual_seed(cfg.seed)
+    model = plugin.build(len(EMOTIONS), run_dir if main_process else None)
+    featurize = model.featurizer()
+    data = prepare_data(cfg, featurize, run_dir)
+    train_items = data.train
+    start_epoch, best, history = 0, -math.inf, []
+    ckpt_path = runs.last_epoch_checkpoint(run_dir) if resume else None
+
+    if model.static_features and train_items.augmentation is None:
+        train_items.memo = featurize_all(train_items, cfg.workers)
+    clean_feats = [train_items[k][0] for k in range(len(train_items)) if train_items.items[k][0] == 0
+                   and train_items.items[k][2] < 0] if model.static_features else []
+    model.prepare(clean_feats)
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  fused=device.type == "cuda")
+    lengths = train_items.lengths()
+    steps_per_epoch = math.ceil(len(bucket_batches(lengths, cfg.batch_size, cfg.seed, 0, cfg.bucket, rank, world))
+                                / cfg.grad_accum)
+    total_steps = steps_per_epoch * cfg.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _lr_lambda(cfg.schedule, int(cfg.warmup * total_steps), total_steps))
+    if ckpt_path is not None:
+        state = runs.load_checkpoint(ckpt_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, best, history = state["epoch"] + 1, state["best"], state["history"]
+    net = model
+    if distributed:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda"
+                                                        else None)
+    if cfg.compile:
+        net = torch.compile(net)
+    loss_fn = torch.nn.CrossEntropyLoss(weight=None if (w := _class_weights(train_items.labels(), cfg.class_weights))
+                                        is None else w.to(device))
+    use_bf16 = cfg.bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    collate = Collate(model.input_kind)
+    patience_left = cfg.early_stopping
+    progress = None
+    if main_process and not quiet:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("loss {task.fields[loss]:.4f}  {task.fields[rate]:.1f} utt/s"),
+                            TimeElapsedColumn())
+        progress.start()
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            torch.manual_seed(epoch_seed(cfg.seed, epoch))
+            train_items.set_epoch(epoch)
+            batches = bucket_batches(lengths, cfg.batch_size, cfg.seed, epoch, cfg.bucket, rank, world)
+            loader = torch.utils.data.DataLoader(
+                train_items, batch_sampler=batches, collate_fn=collate, num_workers=cfg.workers,
+                pin_memory=device.type == "cuda", persistent_workers=False,
+                multiprocessing_context="fork" if cfg.workers > 0 else None)
+            net.train()
+            loss_sum = torch.zeros((), device=device)
+            n_seen, t0, log_lines = 0, time.perf_counter(), io.StringIO()
+            task = progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(batches), loss=0.0, rate=0.0) \
+                if progress else None
+            optimizer.zero_grad(set_to_none=True)
+            for step, (inputs, mask, labels, logs) in enumerate(loader):
+                inputs = inputs.to(device, non_blocking=True)
+                mask = mask.to(device, non_blocking=True) if mask is not None else None
+                labels = labels.to(device, non_blocking=True)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    logits = net(inputs, mask)
+                loss = loss_fn(logits.float(), labels)
+                (loss / cfg.grad_accum).backward()
+                if (step + 1) % cfg.grad_accum == 0 or step + 1 == len(batches):
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                loss_sum += loss.detach() * labels.numel()
+                n_seen += labels.numel()
+                for entry in logs:
+                    log_lines.write(json.dumps(entry, default=float) + "\n")
+                if task is not None and (step % cfg.log_every == 0 or step + 1 == len(batches)):
+                    elapsed = time.perf_counter() - t0
+                    progress.update(task, completed=step + 1, loss=float(loss_sum) / max(n_seen, 1),
+                                    rate=n_seen * world / max(elapsed, 1e-9))
+            if distributed:
+                torch.distributed.all_reduce(loss_sum)
+            seconds = time.perf_counter() - t0
+            row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": float(loss_sum) / max(n_seen * world, 1),
+                                   "lr": scheduler.get_last_lr()[0], "utterances_per_s": n_seen * world / seconds,
+                                   "seconds": seconds}
+            if data.valid_rows and main_process:
+                metrics = evaluate_rows(model, featurize, data.reader, data.valid_rows, cfg.batch_size, device)
+                row.update({f"valid_{k}": metrics[k] for k in ("accuracy", "weighted_f1", "macro_f1", "uar")})
+            history.append(row)
+            score = row.get(f"valid_{cfg.select_metric}", epoch)  # no validation: the last epoch is the best
+            improved = score > best
+            if improved:
+                best = score
+            if main_process:
+                if log_lines.getvalue():
+                    write_text(run_dir / "aug_log" / f"epoch-{epoch + 1:03d}.jsonl", log_lines.getvalue())
+                state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "epoch": epoch, "best": best, "history": history,
+                         "config": asdict(cfg)}
+                runs.save_checkpoint(run_dir / "checkpoints" / f"epoch-{epoch + 1:03d}.pt", state)
+                if improved:
+                    runs.save_checkpoint(run_dir / "checkpoints" / "best.pt",
+                                         {"model": model.state_dict(), "epoch": epoch, "score": score,
+                                          "metric": cfg.select_metric if data.valid_rows else "last epoch"})
+                _write_curves(run_dir / "curves.csv", history)
+            if task is not None:
+                progress.remove_task(task)
+            patience_left = cfg.early_stopping if improved else patience_left - 1
+            if cfg.early_stopping and patience_left <= 0 and data.valid_rows:
+                break
+    finally:
+        if progress is not None:
+            progress.stop()
+    summary = {"epochs_run": len(history), "best": best, "history": history, **data.summary}
+    if main_process:
+        runs.write_json(run_dir / "train_summary.json", summary)
+    if distributed:
+        torch.distributed.barrier()
+    return summary
+
+
+def _write_curves(path: Path, history: list[dict[str, Any]]) -> None:
+    keys = list(dict.fromkeys(k for row in history for k in row))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(history)
+    write_text(path, buf.getvalue())

@@ -185,7 +185,7 @@ class Tiny(Hubert):
     name = "tiny"
     description = "a small randomly initialised HuBERT built from a config (offline demos and tests)"
     params = (
-        Param("hidden_size", 32, "transformer width", type="int", min=8, max=1024),
+        Param("hidden_size", 64, "transformer width", type="int", min=8, max=1024),
         Param("layers", 2, "transformer layers", type="int", min=1, max=24),
         Param("heads", 2, "attention heads", type="int", min=1, max=16),
         Param("seed", 0, "initialisation seed", type="int", min=0),
@@ -193,7 +193,7 @@ class Tiny(Hubert):
         Param("probe", False, "freeze the encoder; weighted sum of layers", type="bool"),
         Param("gradient_checkpointing", False, "trade compute for memory", type="bool"),
     )
-    train_defaults = {"lr": 1e-3, "epochs": 6, "batch_size": 16}
+    train_defaults = {"lr": 1e-3, "epochs": 15, "batch_size": 16}
 
     def config(self, num_labels: int):
         from transformers import HubertConfig

@@ -117,6 +117,18 @@ def _lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
     return f
 
 
+def _seed_everything(seed: int) -> None:
+    """torch, numpy's and Python's global generators: transformers draws HuBERT's own
+    training-time masks (``mask_time_prob``) from numpy's global generator."""
+    import random
+
+    import torch
+
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
 def epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch * 7919 + 17) % (2**31)
 
@@ -255,8 +267,9 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = F
         start_epoch, best, history = state["epoch"] + 1, state["best"], state["history"]
     net = model
     if distributed:
+        # HuBERT's layerdrop and masking leave some parameters without gradient on some steps
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda"
-                                                        else None)
+                                                        else None, find_unused_parameters=True)
     if cfg.compile:
         net = torch.compile(net)
     loss_fn = torch.nn.CrossEntropyLoss(weight=None if (w := _class_weights(train_items.labels(), cfg.class_weights))
@@ -274,7 +287,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = F
         progress.start()
     try:
         for epoch in range(start_epoch, cfg.epochs):
-            torch.manual_seed(epoch_seed(cfg.seed, epoch))
+            _seed_everything(epoch_seed(cfg.seed, epoch))
             train_items.set_epoch(epoch)
             batches = bucket_batches(lengths, cfg.batch_size, cfg.seed, epoch, cfg.bucket, rank, world)
             loader = torch.utils.data.DataLoader(

@@ -1,0 +1,204 @@
+"""Training end to end on CPU: runs, logs, resume equivalence, DDP, validation, predict."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers import run_sertk, write_audio
+
+torch = pytest.importorskip("torch")
+
+FAST = ["--model", "tiny", "--model-set", "hidden_size=16", "--epochs", "2", "--batch-size", "8",
+        "--workers", "0", "--split", "speaker:test=0.25", "-q"]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cache")
+    assert run_sertk("cache", "synthetic", "--set", "per_emotion=2", "--cache-dir", out, "-q").code == 0
+    assert run_sertk("cache", "synthetic-shifted", "--set", "per_emotion=1", "--cache-dir", out, "-q").code == 0
+    return out
+
+
+def train(cache_dir, out, *extra, env=None):
+    return run_sertk("train", "--cache-dir", cache_dir, "--out", out, *FAST, *extra, env=env)
+
+
+def state(path: Path):
+    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+
+
+def test_run_folder_contents_and_evaluate(cache_dir, tmp_path, cli):
+    run = tmp_path / "run"
+    r = train(cache_dir, run, "--plugins", "specaugment,noise")
+    assert r.code == 0, r.err
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["train"]["plugins"] == ["specaugment", "noise"] and cfg["train"]["lr"] == 1e-3
+    assert cfg["plugins"]["augmentation:noise"]["distribution"] == "sertk"
+    assert {"torch", "transformers", "numpy"} <= set(cfg["versions"]) and cfg["seeds"]["seed"] == 42
+    assert "commit" in cfg and cfg["command"][:2] == ["sertk", "train"]
+    assert (run / "checkpoints" / "epoch-002.pt").is_file() and (run / "checkpoints" / "best.pt").is_file()
+    curves = (run / "curves.csv").read_text().splitlines()
+    assert curves[0].startswith("epoch,train_loss") and len(curves) == 3
+    log = [json.loads(line) for line in (run / "aug_log" / "epoch-001.jsonl").read_text().splitlines()]
+    train_n = json.loads((run / "train_summary.json").read_text())["train_utterances"]
+    assert len(log) == train_n and {e["params"]["method"] for e in log} == {"specaugment", "noise"}
+    r = cli("evaluate", run, "--json")
+    assert r.code == 0, r.err
+    summary = json.loads(r.out)
+    assert set(summary) == {"test", "cross-synthetic-shifted"}
+    detail = json.loads((run / "eval" / "test.json").read_text())
+    assert len(detail["confusion"]) == 7 and detail["n"] == summary["test"]["n"]
+    preds = (run / "eval" / "test.predictions.csv").read_text().splitlines()
+    assert preds[0].startswith("utterance,true,predicted,p_neutral") and len(preds) == detail["n"] + 1
+
+
+def test_predict_on_any_input(cache_dir, tmp_path, cli):
+    run = tmp_path / "run"
+    assert train(cache_dir, run, "--epochs", "1").code == 0
+    write_audio(tmp_path / "a.wav", 1.0)
+    write_audio(tmp_path / "b.flac", 1.0)
+    write_audio(tmp_path / "st.wav", 1.0, rate=44100, channels=2)
+    write_audio(tmp_path / "lo.wav", 1.0, rate=8000)
+    r = cli("predict", run, tmp_path / "a.wav", tmp_path / "b.flac", tmp_path / "st.wav", tmp_path / "lo.wav",
+            "--json")
+    assert r.code == 0, r.err
+    out = json.loads(r.out)
+    assert len(out) == 4 and all(abs(sum(o["probabilities"].values()) - 1) < 1e-4 for o in out)
+    r = cli("predict", run, tmp_path / "missing.wav")
+    assert r.code == 2 and "no such file" in r.err
+
+
+@pytest.mark.slow
+def test_resume_after_kill_gives_the_same_weights(cache_dir, tmp_path):
+    args = ["--epochs", "3", "--plugins", "timestretch", "--workers", "2"]
+    ref = tmp_path / "ref"
+    assert train(cache_dir, ref, *args).code == 0
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "ser_toolkit", "train", "--cache-dir", str(cache_dir),
+                             "--out", str(run), *FAST, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while not (run / "checkpoints" / "epoch-001.pt").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "checkpoints" / "epoch-003.pt").exists()
+    r = run_sertk("train", "--out", run, "--resume", "-q", "--workers", "2")
+    assert r.code == 0, r.err
+    a, b = state(ref / "checkpoints" / "epoch-003.pt"), state(run / "checkpoints" / "epoch-003.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (run / "curves.csv").read_text().count("\n") == 4
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes(cache_dir, tmp_path):
+    run = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "ser_toolkit", "train", "--cache-dir", str(cache_dir), "--out", str(run), *FAST]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["epochs_run"] == 2 and np.isfinite(summary["history"][-1]["train_loss"])
+    assert (run / "checkpoints" / "epoch-002.pt").is_file()
+
+
+def test_validation_early_stopping_and_offline_mode(cache_dir, tmp_path):
+    run = tmp_path / "val"
+    r = train(cache_dir, run, "--valid", "0.2", "--early-stopping", "1", "--epochs", "4", "--plugins", "noise",
+              "--aug-mode", "offline", "--aug-copies", "2")
+    assert r.code == 0, r.err
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["valid_utterances"] > 0
+    assert summary["train_items_per_epoch"] == 3 * summary["train_utterances"]  # clean + 2 copies
+    assert "valid_uar" in summary["history"][0]
+    best = torch.load(run / "checkpoints" / "best.pt", weights_only=False)
+    assert best["metric"] == "uar" and best["score"] == max(h["valid_uar"] for h in summary["history"])
+    assert list((cache_dir / "synthetic.aug").glob("*/train-noise-x2.h5"))
+
+
+def test_third_party_augmentation_and_weights(cache_dir, tmp_path):
+    run = tmp_path / "rev"
+    r = train(cache_dir, run, "--plugins", "reverb,noise", "--weights", "reverb=3,noise=1", "--epochs", "1")
+    assert r.code == 0, r.err
+    log = [json.loads(x) for x in (run / "aug_log" / "epoch-001.jsonl").read_text().splitlines()]
+    assert {e["params"]["method"] for e in log} == {"reverb", "noise"}
+
+
+def test_weights_from_runs(cache_dir, tmp_path, cli):
+    runs = {}
+    for name, plugins in (("base", []), ("noise", ["noise"]), ("spec", ["specaugment"])):
+        runs[name] = tmp_path / name
+        extra = ["--plugins", ",".join(plugins)] if plugins else []
+        assert train(cache_dir, runs[name], "--epochs", "1", *extra).code == 0
+        assert cli("materialize", cache_dir / "synthetic.h5", "--plugins", "noise,specaugment", "--split",
+                   "speaker:test=0.25", "-q").code == 0
+        assert cli("evaluate", runs[name], "--test", "test", "--test", "augmented").code == 0
+    from ser_toolkit.combination import gains_from_runs
+
+    f1, base, _ = gains_from_runs(runs["base"], [runs["noise"], runs["spec"]])
+    gains = {m: f1[m] - base[m] for m in f1}
+    r = train(cache_dir, tmp_path / "combo", "--epochs", "1", "--weights-from", runs["base"],
+              "--weights-from", runs["noise"], "--weights-from", runs["spec"])
+    if all(g <= 0 for g in gains.values()):
+        assert r.code == 2 and "no augmentation improves" in r.err
+    else:
+        assert r.code == 0, r.err
+        cfg = json.loads((tmp_path / "combo" / "config.json").read_text())["train"]
+        positive = {m: g for m, g in gains.items() if g > 0}
+        assert cfg["weights"] == pytest.approx({m: g / sum(positive.values()) for m, g in positive.items()})
+
+
+def test_train_errors(cache_dir, tmp_path, cli):
+    run = tmp_path / "r"
+    assert train(cache_dir, run, "--epochs", "1").code == 0
+    for args, needle in (
+        (("--out", run), "already holds a trained run"),
+        (("--out", tmp_path / "new", "--resume"), "holds no run to resume"),
+        (("--plugins", "nope"), "unknown augmentation 'nope'"),
+        (("--model", "acoustic", "--probe"), "does not apply to model 'acoustic'"),
+        (("--lr", "-1"), "--lr must be positive"),
+        (("--aug-mode", "sometimes"), "--aug-mode"),
+        (("--early-stopping", "2"), "needs a validation split"),
+        (("--dataset", "nothing"), "no cache"),
+        (("--weights", "noise=1"), "--weights names"),
+    ):
+        r = cli("train", "--cache-dir", cache_dir, *FAST, *args)
+        assert r.code == 2 and needle in r.err and len(r.err.strip().splitlines()) == 1, (args, r.err)
+    r = cli("evaluate", tmp_path)
+    assert r.code == 2 and "not a sertk run folder" in r.err
+
+
+@pytest.mark.slow
+def test_tiny_model_learns_the_synthetic_corpus(tmp_path):
+    """A tiny HuBERT trained end to end on CPU lands well above chance (1/7)."""
+    assert run_sertk("cache", "synthetic", "--set", "per_emotion=16", "--cache-dir", tmp_path, "-q").code == 0
+    run = tmp_path / "tiny"
+    r = run_sertk("train", "--cache-dir", tmp_path, "--model", "tiny", "--split", "stratified", "--workers", "2",
+                  "--out", run, "-q", timeout=900)
+    assert r.code == 0, r.err
+    r = run_sertk("evaluate", run, "--test", "test", "--json")
+    acc = json.loads(r.out)["test"]["accuracy"]
+    assert acc > 0.25, acc
+
+
+@pytest.mark.slow
+@pytest.mark.shared_data
+def test_acoustic_model_on_shared_ravdess(shared_data, tmp_path):
+    assert run_sertk("cache", "ravdess", "--root", shared_data / "ravdess", "--cache-dir", tmp_path, "-q").code == 0
+    run = tmp_path / "acoustic"
+    r = run_sertk("train", "--cache-dir", tmp_path, "--dataset", "ravdess", "--model", "acoustic", "--split",
+                  f"file:{shared_data / 'ravdess' / 'seed_split.csv'}", "--workers", "2", "--out", run, "-q")
+    assert r.code == 0, r.err
+    wf1 = json.loads(run_sertk("evaluate", run, "--test", "test", "--json").out)["test"]["weighted_f1"]
+    assert wf1 >= 0.55, wf1

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -202,3 +201,12 @@ def test_acoustic_model_on_shared_ravdess(shared_data, tmp_path):
     assert r.code == 0, r.err
     wf1 = json.loads(run_sertk("evaluate", run, "--test", "test", "--json").out)["test"]["weighted_f1"]
     assert wf1 >= 0.55, wf1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none; run where one is lent)")
+def test_cuda_bf16_training(cache_dir, tmp_path):
+    run = tmp_path / "gpu"
+    r = run_sertk("train", "--cache-dir", cache_dir, "--out", run, "--model", "tiny", "--epochs", "1",
+                  "--device", "cuda", "--workers", "2", "-q")
+    assert r.code == 0, r.err
+    assert json.loads((run / "train_summary.json").read_text())["history"][0]["utterances_per_s"] > 0

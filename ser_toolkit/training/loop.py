@@ -242,6 +242,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = F
     data = prepare_data(cfg, featurize, run_dir)
     train_items = data.train
     start_epoch, best, history = 0, -math.inf, []
+    step_log: list[list[float]] = []  # [epoch, step, loss]: read back once per epoch, not per step
     ckpt_path = runs.last_epoch_checkpoint(run_dir) if resume else None
 
     if model.static_features and train_items.augmentation is None:
@@ -265,6 +266,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = F
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, best, history = state["epoch"] + 1, state["best"], state["history"]
+        step_log = state.get("steps", [])
     net = model
     if distributed:
         # HuBERT's layerdrop and masking leave some parameters without gradient on some steps
@@ -296,6 +298,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = F
                 multiprocessing_context="fork" if cfg.workers > 0 else None)
             net.train()
             loss_sum = torch.zeros((), device=device)
+            step_losses = []
             n_seen, t0, log_lines = 0, time.perf_counter(), io.StringIO()
             task = progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(batches), loss=0.0, rate=0.0) \
                 if progress else None
@@ -313,6 +316,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = F
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                 loss_sum += loss.detach() * labels.numel()
+                step_losses.append(loss.detach())
                 n_seen += labels.numel()
                 for entry in logs:
                     log_lines.write(json.dumps(entry, default=float) + "\n")
@@ -320,6 +324,8 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = F
                     elapsed = time.perf_counter() - t0
                     progress.update(task, completed=step + 1, loss=float(loss_sum) / max(n_seen, 1),
                                     rate=n_seen * world / max(elapsed, 1e-9))
+            if step_losses:
+                step_log += [[epoch + 1, j + 1, v] for j, v in enumerate(torch.stack(step_losses).float().cpu().tolist())]
             if distributed:
                 torch.distributed.all_reduce(loss_sum)
             seconds = time.perf_counter() - t0
@@ -339,13 +345,15 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = F
                     write_text(run_dir / "aug_log" / f"epoch-{epoch + 1:03d}.jsonl", log_lines.getvalue())
                 state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(), "epoch": epoch, "best": best, "history": history,
-                         "config": asdict(cfg)}
+                         "steps": step_log, "config": asdict(cfg)}
                 runs.save_checkpoint(run_dir / "checkpoints" / f"epoch-{epoch + 1:03d}.pt", state)
                 if improved:
                     runs.save_checkpoint(run_dir / "checkpoints" / "best.pt",
                                          {"model": model.state_dict(), "epoch": epoch, "score": score,
                                           "metric": cfg.select_metric if data.valid_rows else "last epoch"})
                 _write_curves(run_dir / "curves.csv", history)
+                write_text(run_dir / "steps.csv", "epoch,step,loss\n" + "".join(f"{e},{j},{v:.6f}\n"
+                                                                               for e, j, v in step_log))
             if task is not None:
                 progress.remove_task(task)
             patience_left = cfg.early_stopping if improved else patience_left - 1

@@ -6,6 +6,7 @@
     model/                 what is needed to rebuild the architecture offline
     checkpoints/epoch-NNN.pt, best.pt   (written atomically)
     curves.csv             per epoch: train loss, validation metrics, lr, utterances/s, seconds
+    steps.csv              per optimizer step: epoch, step, training loss
     aug_log/epoch-NNN.jsonl   what was sampled for which utterance
     eval/<test>.json, eval/<test>.predictions.csv
 """

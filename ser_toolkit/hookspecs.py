@@ -83,7 +83,22 @@ def register_augmentations(registry: "ProviderRegistry") -> None:
 def register_models(registry: "ProviderRegistry") -> None:
     """Register model plugins: ``registry.register(MyModel)``.
 
-    A model plugin has a ``name``, a ``description`` and declared ``params``, and
-    builds a classifier for the canonical emotions from a checkpoint id, a local
-    directory or a preset.
+    ``MyModel`` subclasses :class:`ser_toolkit.models.ModelPlugin` and sets
+    ``name``, ``description``, ``params`` and ``train_defaults`` (training
+    settings it prefers, e.g. ``{"lr": 1e-3, "epochs": 30}``; user options win).
+    It implements:
+
+    - ``build(num_labels, run_dir=None)``: a new torch module for training. It
+      may save into ``run_dir`` what ``rebuild`` needs (e.g. a config).
+    - ``rebuild(num_labels, run_dir)``: the same architecture without network
+      access; the weights then come from the run's checkpoint.
+
+    The module maps ``(inputs, attention_mask)`` to logits over the canonical
+    emotions and mixes in :class:`ser_toolkit.models.SerModelMixin`:
+    ``input_kind`` (``"wave"``: padded audio batches with an attention mask;
+    ``"vector"``: fixed-size feature vectors), ``featurizer()`` (a picklable
+    per-utterance preprocessing function run in DataLoader workers),
+    ``static_features`` (its output may be computed once) and ``prepare(features)``
+    (called with the training inputs before training, e.g. to fit a
+    standardiser). Training, evaluation and prediction are the same for every model.
     """

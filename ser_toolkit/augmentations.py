@@ -86,6 +86,8 @@ class Augmentation:
     stochastic: ClassVar[bool] = True
     """False for augmentations whose output does not depend on the seed (e.g. ``duplicate``)."""
     needs_partners: ClassVar[bool] = False
+    identity: ClassVar[bool] = False
+    """True if the output always equals the input (training then reuses the clean rows)."""
 
     def __init__(self, **options: Any) -> None:
         self.options = validate(self.params, options, f"augmentation '{self.name}'")

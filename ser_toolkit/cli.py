@@ -512,6 +512,90 @@ def predict(
         _console().print(f"{r['file']}: [bold]{r['emotion']}[/bold] (" + ", ".join(f"{e} {v:.2f}" for e, v in top) + ")")
 
 
+@app.command()
+def study(
+    preset: Optional[str] = typer.Option(None, "--preset", help="demo (offline, CPU, minutes) or reference."),
+    config_file: Optional[Path] = typer.Option(None, "--config", help="Study config (TOML); overrides the preset."),
+    seeds: Optional[int] = typer.Option(None, "--seeds", help="Repeat every model with N seeds."),
+    split_spec: Optional[str] = typer.Option(None, "--split", help="Override the split (e.g. speaker:test=0.2)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Override the model (plugin name, hub id, folder)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Override the epochs."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Loader/featurisation workers."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Report path (default from the config)."),
+    runs_dir: Optional[Path] = typer.Option(None, "--runs-dir", help="Where the study's runs go."),
+    save_config: Optional[Path] = typer.Option(None, "--save-config", help="Write the resolved config and stop."),
+) -> None:
+    """Run the whole augmentation study, resumably, and write its report."""
+    from ser_toolkit.registry import get_registry
+    from ser_toolkit.study import check, load_config, run_study
+
+    if preset is None and config_file is None:
+        preset = "demo"
+    cfg = load_config(preset, config_file)
+    if seeds is not None:
+        cfg["study"]["seeds"] = seeds
+    if split_spec is not None:
+        cfg["data"]["split"] = split_spec
+    if model is not None:
+        if model in get_registry().names("model"):
+            cfg["model"] = {"name": model, "options": {}}
+        else:
+            cfg["model"] = {"name": "hubert", "options": {"checkpoint": model}}
+    training = cfg.setdefault("training", {})
+    if epochs is not None:
+        training["epochs"] = epochs
+    if workers is not None:
+        training["workers"] = workers
+    if output is not None:
+        cfg["study"]["report"] = str(output)
+    if runs_dir is not None:
+        cfg["study"]["runs_dir"] = str(runs_dir)
+    check(cfg)
+    if save_config is not None:
+        from ser_toolkit import atomic
+
+        atomic.write_text(save_config, _toml(cfg))
+        _console().print(f"wrote {save_config}")
+        return
+    con = _console()
+    report_path = run_study(cfg, log=lambda msg: con.print(msg))
+    con.print(f"[bold]{report_path}[/bold] written")
+
+
+def _toml(data: dict) -> str:
+    """Write a study config as TOML: top-level values, then one table per section."""
+
+    def value(v) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{ " + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + " }" if v else "{}"
+        raise SertkError(f"cannot write {type(v).__name__} values as TOML", "use numbers, strings, lists, tables")
+
+    top = [f"{k} = {value(v)}\n" for k, v in data.items() if not isinstance(v, dict)]
+    tables = [f"\n[{k}]\n" + "".join(f"{kk} = {value(vv)}\n" for kk, vv in v.items())
+              for k, v in data.items() if isinstance(v, dict)]
+    return "".join(top) + "".join(tables)
+
+
+@app.command()
+def report(
+    inputs: List[Path] = typer.Argument(..., metavar="STUDY_OR_RUNS...", help="Study folders or run folders."),
+    output: Path = typer.Option(Path("reports/report.md"), "--output", "-o", help="Markdown report path."),
+) -> None:
+    """Write a markdown report (with figures, CSV and JSON) comparing models across test sets."""
+    from ser_toolkit.report import write_report
+
+    path = write_report(inputs, output)
+    _console().print(f"[bold]{path}[/bold] written (figures and numbers in {path.with_suffix('')}/)")
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     """Entry point: run the app, turning user errors into one line and exit status 2."""
     cx = _click_exceptions()

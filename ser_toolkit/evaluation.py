@@ -44,12 +44,15 @@ def compute_metrics(y_true: Sequence[int], y_pred: Sequence[int]) -> dict[str, A
 
 def predict_waves(model, featurize, waves, batch_size: int, device) -> np.ndarray:
     """Class probabilities (N, 7) for an iterable of waveforms, batched by similar length."""
+    return predict_features(model, [featurize(w) for w in waves], batch_size, device)
+
+
+def predict_features(model, feats: Sequence[np.ndarray], batch_size: int, device) -> np.ndarray:
+    """Class probabilities (N, 7) for featurised inputs, batched by similar length."""
     import torch
 
     from ser_toolkit.training.data import Collate
 
-    waves = list(waves)
-    feats = [featurize(w) for w in waves]
     order = np.argsort([f.shape[0] for f in feats], kind="stable")
     probs = np.zeros((len(feats), len(EMOTIONS)), dtype=np.float32)
     collate = Collate(model.input_kind)
@@ -69,9 +72,18 @@ def predict_waves(model, featurize, waves, batch_size: int, device) -> np.ndarra
     return probs
 
 
+def predict_rows(model, featurize, reader, rows: Sequence[int], batch_size: int, device,
+                 workers: int = 1) -> np.ndarray:
+    """Class probabilities for rows of a cache (features memoised for static featurisers)."""
+    from ser_toolkit.training.data import featurize_rows
+
+    feats = featurize_rows(featurize, reader, list(rows), getattr(model, "static_features", False), workers)
+    return predict_features(model, feats, batch_size, device)
+
+
 def evaluate_rows(model, featurize, reader, rows: Sequence[int], batch_size: int, device) -> dict[str, Any]:
     """Metrics of ``model`` on rows of a cache reader."""
-    probs = predict_waves(model, featurize, (reader.wave(i) for i in rows), batch_size, device)
+    probs = predict_rows(model, featurize, reader, rows, batch_size, device)
     return compute_metrics(reader.labels[list(rows)], probs.argmax(1))
 
 
@@ -145,7 +157,8 @@ def test_sets(run_dir: Path, specs: Sequence[str] | None) -> list[tuple[str, Pat
     return out
 
 
-def evaluate_run(run_dir: Path, specs: Sequence[str] | None = None, batch_size: int | None = None) -> dict[str, Any]:
+def evaluate_run(run_dir: Path, specs: Sequence[str] | None = None, batch_size: int | None = None,
+                 workers: int = 2) -> dict[str, Any]:
     """Evaluate a run on its test sets; writes eval/<name>.json, .predictions.csv and eval/summary.json."""
     from ser_toolkit.atomic import write_text
     from ser_toolkit.cache.reader import CacheReader
@@ -157,7 +170,7 @@ def evaluate_run(run_dir: Path, specs: Sequence[str] | None = None, batch_size: 
     for name, path, rows in test_sets(run_dir, specs):
         reader = CacheReader(path)
         rows = list(range(len(reader))) if rows is None else rows
-        probs = predict_waves(model, featurize, (reader.wave(i) for i in rows), batch, device)
+        probs = predict_rows(model, featurize, reader, rows, batch, device, workers)
         y_true = reader.labels[rows]
         metrics = compute_metrics(y_true, probs.argmax(1))
         metrics.update(name=name, cache=str(path), dataset=reader.config["dataset"]["name"])

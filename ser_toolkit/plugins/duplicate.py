@@ -16,6 +16,7 @@ class Duplicate(Augmentation):
     name = "duplicate"
     description = "identity (the clean x2 control with as many steps as an augmented model)"
     stochastic = False
+    identity = True  # training may reuse the clean rows instead of copying the audio
 
     def apply(self, wave, rng, context=None):
         return wave.copy(), {}

@@ -124,25 +124,64 @@ class Collate:
         return inputs, mask, labels, [e for e in entries if e]
 
 
-def featurize_all(data: TrainItems, workers: int) -> dict[int, np.ndarray]:
-    """Featurise every item once (for models with static features and no online augmentation)."""
-    if workers <= 1 or len(data) < 64:
-        return {k: data[k][0] for k in range(len(data))}
+_MEMO: dict[tuple[str, str, int], np.ndarray] = {}
+"""Features of static featurisers (e.g. acoustic statistics), by (featuriser, cache file, row): a study
+featurises each clean or materialised utterance once, however many models it trains and evaluates."""
+
+
+def _featurizer_key(featurize: Callable) -> str:
+    return f"{getattr(featurize, '__module__', '')}.{getattr(featurize, '__qualname__', repr(featurize))}"
+
+
+def featurize_rows(featurize: Callable, reader: CacheReader, rows: Sequence[int], static: bool,
+                   workers: int = 1) -> list[np.ndarray]:
+    """Featurise rows of a cache (in parallel, memoised for static featurisers)."""
+    key = _featurizer_key(featurize)
+    path = str(reader.path.resolve())
+    todo = [r for r in rows if not static or (key, path, r) not in _MEMO]
+    if todo:
+        feats = _parallel(lambda r: featurize(reader.wave(r)), todo, workers)
+        if not static:
+            done = dict(zip(todo, feats))
+            return [done[r] for r in rows]
+        for r, f in zip(todo, feats):
+            _MEMO[(key, path, r)] = f
+    return [_MEMO[(key, path, r)] for r in rows]
+
+
+def featurize_all(data: TrainItems, workers: int, static: bool = True) -> dict[int, np.ndarray]:
+    """Featurise every item once (models with static features and no online augmentation)."""
+    out: dict[int, np.ndarray] = {}
+    by_reader: dict[int, list[int]] = {}
+    for k, (r, _, copy) in enumerate(data.items):
+        by_reader.setdefault(r, []).append(k)
+    for r, ks in by_reader.items():
+        if data.max_samples is None:
+            feats = featurize_rows(data.featurize, data.readers[r], [data.items[k][1] for k in ks], static, workers)
+        else:  # crops depend on the epoch's seed: no memo
+            feats = _parallel(lambda k: data[k][0], ks, workers)
+        out.update(zip(ks, feats))
+    return out
+
+
+_TASK: Callable | None = None
+
+
+def _run_task(x):
+    assert _TASK is not None
+    return _TASK(x)
+
+
+def _parallel(fn: Callable, xs: Sequence, workers: int) -> list:
+    """``[fn(x) for x in xs]`` in forked worker processes (``fn`` is inherited, not pickled)."""
+    if workers <= 1 or len(xs) < 64:
+        return [fn(x) for x in xs]
     import multiprocessing as mp
 
-    global _SHARED
-    _SHARED = data  # inherited by the forked workers, not pickled
+    global _TASK
+    _TASK = fn
     try:
         with mp.get_context("fork").Pool(workers) as pool:
-            feats = pool.map(_featurize_one, range(len(data)), chunksize=32)
+            return pool.map(_run_task, xs, chunksize=16)
     finally:
-        _SHARED = None
-    return dict(enumerate(feats))
-
-
-_SHARED: TrainItems | None = None
-
-
-def _featurize_one(k: int) -> np.ndarray:
-    assert _SHARED is not None
-    return _SHARED[k][0]
+        _TASK = None

@@ -181,7 +181,11 @@ def prepare_data(cfg: TrainConfig, featurize, run_dir: Path | None) -> Prepared:
         augmentation = build_augmentation(cfg.plugins, cfg.plugin_options, cfg.weights)
         if getattr(augmentation, "needs_partners", False):
             partners = PartnerPool.from_split(reader, assignment, "train")
-        if cfg.aug_mode == "online":
+        if all(getattr(augmentation_cls(n), "identity", False) for n in cfg.plugins):
+            # e.g. the clean x2 control: the same rows again, no copy of the audio needed
+            items += [(0, i, -1) for _ in range(cfg.aug_copies) for i in train_rows]
+            augmentation = None
+        elif cfg.aug_mode == "online":
             items += [(0, i, k) for k in range(cfg.aug_copies) for i in train_rows]
         else:
             name = cfg.plugins[0] if len(cfg.plugins) == 1 and not cfg.weights else "weighted-" + "-".join(cfg.plugins)
@@ -200,6 +204,12 @@ def prepare_data(cfg: TrainConfig, featurize, run_dir: Path | None) -> Prepared:
                "test_utterances": sum(1 for s in assignment.values() if s == "test"),
                "train_items_per_epoch": len(items)}
     return Prepared(reader, assignment, train, valid_rows, augmentation, summary)
+
+
+def augmentation_cls(name: str):
+    from ser_toolkit.registry import get
+
+    return get("augmentation", name).obj
 
 
 def _class_weights(labels: np.ndarray, mode: str):
@@ -246,10 +256,12 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = F
     ckpt_path = runs.last_epoch_checkpoint(run_dir) if resume else None
 
     if model.static_features and train_items.augmentation is None:
-        train_items.memo = featurize_all(train_items, cfg.workers)
+        train_items.memo = featurize_all(train_items, max(cfg.workers, 1))
     clean_feats = [train_items[k][0] for k in range(len(train_items)) if train_items.items[k][0] == 0
                    and train_items.items[k][2] < 0] if model.static_features else []
     model.prepare(clean_feats)
+    # all inputs already in memory: worker processes would only add start-up cost every epoch
+    loader_workers = 0 if train_items.memo is not None and len(train_items.memo) == len(train_items) else cfg.workers
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -293,9 +305,9 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = F
             train_items.set_epoch(epoch)
             batches = bucket_batches(lengths, cfg.batch_size, cfg.seed, epoch, cfg.bucket, rank, world)
             loader = torch.utils.data.DataLoader(
-                train_items, batch_sampler=batches, collate_fn=collate, num_workers=cfg.workers,
+                train_items, batch_sampler=batches, collate_fn=collate, num_workers=loader_workers,
                 pin_memory=device.type == "cuda", persistent_workers=False,
-                multiprocessing_context="fork" if cfg.workers > 0 else None)
+                multiprocessing_context="fork" if loader_workers > 0 else None)
             net.train()
             loss_sum = torch.zeros((), device=device)
             step_losses = []

@@ -1,0 +1,449 @@
+"""``sertk report``: a markdown report of a study (or of runs), with figures and every number as CSV/JSON.
+
+Sections: headline matrix (test set x model; weighted F1, macro F1, UAR; best per
+row in bold; delta to the baseline; mean +- std over seeds and 95 % bootstrap
+intervals), per-emotion F1 per test set, the best model per emotion (Pareto set),
+augmentation gains and weights, confusion matrices, paired tests against the
+baseline, the clean x2 control, and reproducibility.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ser_toolkit.emotions import EMOTIONS
+from ser_toolkit.errors import SertkError
+
+METRIC_NAMES = {"weighted_f1": "weighted F1", "macro_f1": "macro F1", "uar": "UAR"}
+BOOTSTRAP_ROUNDS = 1000
+
+
+@dataclass
+class Model:
+    """One model of the study: its runs (one per seed) and their evaluations."""
+
+    name: str
+    role: str
+    plugins: list[str]
+    weights: dict[str, float] | None = None
+    runs: list[Path] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+    evals: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # test set -> per seed metrics
+    preds: dict[str, list[tuple[list[str], np.ndarray, np.ndarray]]] = field(default_factory=dict)
+
+
+def _read_predictions(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    return ([r["utterance"] for r in rows], np.array([EMOTIONS.index(r["true"]) for r in rows]),
+            np.array([EMOTIONS.index(r["predicted"]) for r in rows]))
+
+
+def _role(plugins: list[str], weights: Any) -> str:
+    if not plugins:
+        return "baseline"
+    if plugins == ["duplicate"]:
+        return "control"
+    return "combination" if weights or len(plugins) > 1 else "single"
+
+
+def collect(paths: Sequence[Path]) -> tuple[list[Model], dict[str, Any]]:
+    """Models (runs grouped by name over seeds) from study folders or run folders."""
+    from ser_toolkit.training.runs import read_json
+
+    entries: list[dict[str, Any]] = []
+    study: dict[str, Any] = {}
+    for p in map(Path, paths):
+        if (p / "study.json").is_file():
+            study = read_json(p / "study.json")
+            entries += study["runs"]
+        elif (p / "config.json").is_file():
+            cfg = read_json(p / "config.json")["train"]
+            name = p.name.rsplit("-s", 1)[0] if p.name.rsplit("-s", 1)[-1].isdigit() else p.name
+            entries.append({"name": name, "role": _role(cfg["plugins"], cfg.get("weights")), "seed": cfg["seed"],
+                            "run": str(p), "plugins": cfg["plugins"], "weights": cfg.get("weights")})
+        else:
+            raise SertkError(f"{p} is neither a study folder (study.json) nor a run folder (config.json)",
+                             "pass folders written by 'sertk study' or 'sertk train'")
+    models: dict[str, Model] = {}
+    for e in entries:
+        m = models.setdefault(e["name"], Model(e["name"], e["role"], e["plugins"], e.get("weights")))
+        run = Path(e["run"])
+        summary = run / "eval" / "summary.json"
+        if not summary.is_file():
+            raise SertkError(f"run {run} has not been evaluated", f"run: sertk evaluate {run}")
+        m.runs.append(run)
+        m.seeds.append(e["seed"])
+        for test in read_json(summary):
+            m.evals.setdefault(test, []).append(read_json(run / "eval" / f"{test}.json"))
+            m.preds.setdefault(test, []).append(_read_predictions(run / "eval" / f"{test}.predictions.csv"))
+    order = {"baseline": 0, "control": 1, "single": 2, "combination": 3}
+    ordered = sorted(models.values(), key=lambda m: (order[m.role], m.name))
+    if not any(m.role == "baseline" for m in ordered):
+        raise SertkError("no baseline run (trained without augmentation) among the inputs",
+                         "include the baseline run or the study folder")
+    return ordered, study
+
+
+def _test_order(models: list[Model]) -> list[str]:
+    tests = list(dict.fromkeys(t for m in models for t in m.evals))
+
+    def key(t: str) -> tuple[int, str]:
+        return (0 if t == "test" else 2 if t == "test-mixed" else 3 if t.startswith("cross") else 1, t)
+
+    return sorted(tests, key=key)
+
+
+def label(test: str) -> str:
+    if test == "test":
+        return "clean"
+    if test.startswith("test-"):
+        return test[5:]
+    if test.startswith("cross-"):
+        return f"cross-corpus: {test[6:]}"
+    return test
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def _delta(x: float) -> str:
+    return f"{x:+.3f}"
+
+
+class Numbers:
+    """Every number of the report, for CSV/JSON export."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+
+    def add(self, **row: Any) -> None:
+        self.rows.append(row)
+
+    def csv(self) -> str:
+        keys = list(dict.fromkeys(k for r in self.rows for k in r))
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=keys)
+        w.writeheader()
+        w.writerows(self.rows)
+        return buf.getvalue()
+
+
+def headline(models: list[Model], tests: list[str], numbers: Numbers) -> str:
+    from ser_toolkit.stats import METRICS, bootstrap_ci
+
+    base = next(m for m in models if m.role == "baseline")
+    multi = max(len(m.seeds) for m in models) > 1
+    out = []
+    for metric, title in METRIC_NAMES.items():
+        lines = [f"### {title}", "",
+                 "| test set | " + " | ".join(m.name for m in models) + " |",
+                 "|---|" + "---|" * len(models)]
+        details = ["| test set | " + " | ".join(m.name for m in models) + " |", "|---|" + "---|" * len(models)]
+        for t in tests:
+            means: dict[str, float] = {}
+            cells, ci_cells = [], []
+            for m in models:
+                vals = [e[metric] for e in m.evals.get(t, [])]
+                if not vals:
+                    cells.append("–")
+                    ci_cells.append("–")
+                    continue
+                mean, std = float(np.mean(vals)), float(np.std(vals))
+                means[m.name] = mean
+                y = m.preds[t][0][1]
+                lo, hi = bootstrap_ci(y, [p[2] for p in m.preds[t]], METRICS[metric], BOOTSTRAP_ROUNDS, seed=0)
+                base_vals = [e[metric] for e in base.evals.get(t, [])]
+                delta = mean - float(np.mean(base_vals)) if base_vals else None
+                numbers.add(section="headline", metric=metric, test=t, model=m.name, mean=mean, std=std,
+                            ci_low=lo, ci_high=hi, delta_to_baseline=delta, seeds=len(vals))
+                cell = _fmt(mean) + (f" ± {std:.3f}" if multi else "")
+                if delta is not None and m is not base:
+                    cell += f" ({_delta(delta)})"
+                cells.append(cell)
+                ci_cells.append(f"[{lo:.3f}, {hi:.3f}]")
+            if means:
+                best = max(means.values())
+                cells = [f"**{c}**" if means.get(m.name) == best else c for c, m in zip(cells, models)]
+            lines.append(f"| {label(t)} | " + " | ".join(cells) + " |")
+            details.append(f"| {label(t)} | " + " | ".join(ci_cells) + " |")
+        out += lines + ["", "<details><summary>95 % bootstrap intervals (resampling test utterances"
+                        + (", seeds averaged" if multi else "") + ")</summary>", "", *details, "", "</details>", ""]
+    return "\n".join(out)
+
+
+def per_emotion(models: list[Model], tests: list[str], numbers: Numbers) -> str:
+    base = next(m for m in models if m.role == "baseline")
+    out = []
+    for i, t in enumerate(tests):
+        lines = ["| emotion | " + " | ".join(m.name for m in models) + " |", "|---|" + "---|" * len(models)]
+        for e in EMOTIONS:
+            cells = []
+            b = [ev["per_emotion"][e]["f1"] for ev in base.evals.get(t, [])]
+            support = base.evals[t][0]["per_emotion"][e]["support"] if base.evals.get(t) else 0
+            if support == 0:
+                lines.append(f"| {e} | " + " | ".join("n/a (absent)" for _ in models) + " |")
+                continue
+            for m in models:
+                vals = [ev["per_emotion"][e]["f1"] for ev in m.evals.get(t, [])]
+                if not vals:
+                    cells.append("–")
+                    continue
+                f = float(np.mean(vals))
+                d = f - float(np.mean(b)) if b else None
+                numbers.add(section="per_emotion", test=t, emotion=e, model=m.name, f1=f, delta_to_baseline=d)
+                cells.append(_fmt(f) + (f" ({_delta(d)})" if d is not None and m is not base else ""))
+            lines.append(f"| {e} | " + " | ".join(cells) + " |")
+        body = "\n".join(lines)
+        if i == 0:
+            out.append(f"#### {label(t)}\n\n{body}\n")
+        else:
+            out.append(f"<details><summary>{label(t)}</summary>\n\n{body}\n\n</details>\n")
+    return "\n".join(out)
+
+
+def pareto(models: list[Model], test: str, numbers: Numbers) -> str:
+    present = [e for e in EMOTIONS if models[0].evals.get(test) and
+               models[0].evals[test][0]["per_emotion"][e]["support"] > 0]
+    f1 = {m.name: np.array([np.mean([ev["per_emotion"][e]["f1"] for ev in m.evals[test]]) for e in present])
+          for m in models if m.evals.get(test)}
+    lines = ["| emotion | best model | F1 |", "|---|---|---|"]
+    for j, e in enumerate(present):
+        best = max(f1, key=lambda n: f1[n][j])
+        numbers.add(section="best_per_emotion", test=test, emotion=e, model=best, f1=float(f1[best][j]))
+        lines.append(f"| {e} | {best} | {f1[best][j]:.3f} |")
+    front = [n for n in f1 if not any(np.all(f1[o] >= f1[n]) and np.any(f1[o] > f1[n]) for o in f1 if o != n)]
+    return "\n".join(lines) + "\n\nPareto set (no other model is at least as good on every emotion and better on one): " \
+        + ", ".join(f"**{n}**" for n in front) + "\n"
+
+
+def gains_section(study: dict[str, Any], numbers: Numbers) -> str:
+    if not study.get("gains"):
+        return "_No study file: gains and weights are only reported for `sertk study` folders._\n"
+    combos = study.get("weights", {})
+    head = "| method | F1 (clean + its augmented set) | baseline F1 (same set) | gain | " + \
+        " | ".join(f"weight in {c}" for c in combos) + " |"
+    lines = [head, "|---|---|---|---|" + "---|" * len(combos)]
+    for m, g in sorted(study["gains"].items(), key=lambda kv: -kv[1]):
+        f1, b = study["combined_f1"][m], study["baseline_combined_f1"][m]
+        ws = [combos[c].get(m) for c in combos]
+        numbers.add(section="gains", method=m, f1=f1, baseline_f1=b, gain=g, **{f"weight_{c}": w for c, w in zip(combos, ws)})
+        lines.append(f"| {m} | {f1:.3f} | {b:.3f} | {_delta(g)} | " + " | ".join(_fmt(w) for w in ws) + " |")
+    note = ("\nGain = weighted F1 on the clean test set plus the test set augmented by that method, minus the "
+            "baseline's on the same utterances (seed-averaged); weights = gains normalised over the k largest "
+            "positive gains (the reference study's rule). Methods with no gain get no weight.\n")
+    return "\n".join(lines) + "\n" + note
+
+
+def paired(models: list[Model], tests: list[str], numbers: Numbers) -> str:
+    from ser_toolkit.stats import mcnemar, paired_bootstrap, weighted_f1
+
+    base = next(m for m in models if m.role == "baseline")
+    lines = ["| model | " + " | ".join(label(t) for t in tests) + " |", "|---|" + "---|" * len(tests)]
+    for m in models:
+        if m is base:
+            continue
+        cells = []
+        for t in tests:
+            if not m.preds.get(t) or not base.preds.get(t):
+                cells.append("–")
+                continue
+            ids_b, y, _ = base.preds[t][0]
+            ids_m = m.preds[t][0][0]
+            if ids_b != ids_m:
+                cells.append("different utterances")
+                continue
+            pb = paired_bootstrap(y, [p[2] for p in base.preds[t]], [p[2] for p in m.preds[t]], weighted_f1,
+                                  BOOTSTRAP_ROUNDS, seed=1)
+            mc = mcnemar(base.preds[t][0][2] == y, m.preds[t][0][2] == y)
+            numbers.add(section="paired", model=m.name, test=t, delta_weighted_f1=pb["delta"], ci_low=pb["ci_low"],
+                        ci_high=pb["ci_high"], bootstrap_p=pb["p"], mcnemar_p=mc["p"], only_baseline_right=mc["only_a"],
+                        only_model_right=mc["only_b"])
+            mark = " ✱" if pb["p"] < 0.05 else ""
+            cells.append(f"{_delta(pb['delta'])} [{pb['ci_low']:+.3f}, {pb['ci_high']:+.3f}] p={pb['p']:.3f}{mark}")
+        lines.append(f"| {m.name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + ("\n\nΔ weighted F1 against the baseline on the same test utterances, 95 % paired "
+                               "bootstrap interval and two-sided p (✱: p < 0.05). McNemar's exact test on the same "
+                               "pairs is in the CSV/JSON (`paired` rows).\n")
+
+
+def control(models: list[Model], numbers: Numbers) -> str:
+    base = next(m for m in models if m.role == "baseline")
+    ctrl = next((m for m in models if m.role == "control"), None)
+    if ctrl is None:
+        return "_No clean ×2 control run (`duplicate`) among the inputs._\n"
+
+    def f(m: Model, t: str) -> float | None:
+        v = [e["weighted_f1"] for e in m.evals.get(t, [])]
+        return float(np.mean(v)) if v else None
+
+    lines = ["| model | test set | model F1 | baseline F1 | control F1 | gain vs baseline | gain vs control | "
+             "share of the gain that more steps explain |", "|---|---|---|---|---|---|---|---|"]
+    for m in models:
+        if m.role not in ("single", "combination"):
+            continue
+        tests = ["test"] + [t for t in (f"test-{m.name}",) if t in m.evals]
+        for t in tests:
+            fm, fb, fc = f(m, t), f(base, t), f(ctrl, t)
+            if None in (fm, fb, fc):
+                continue
+            gain, over = fm - fb, fm - fc
+            share = (fc - fb) / gain if gain > 0 else None
+            numbers.add(section="control", model=m.name, test=t, model_f1=fm, baseline_f1=fb, control_f1=fc,
+                        gain_vs_baseline=gain, gain_vs_control=over, share_explained_by_steps=share)
+            lines.append(f"| {m.name} | {label(t)} | {fm:.3f} | {fb:.3f} | {fc:.3f} | {_delta(gain)} | {_delta(over)} | "
+                         + ("–" if share is None else f"{100 * share:.0f} %") + " |")
+    return "\n".join(lines) + ("\n\nThe control trains on clean + an identical copy of every file: as many utterances "
+                               "and optimizer steps as an augmented model (the reference study's flaw 2). The part of "
+                               "an augmentation's gain that the control also gets is the gain of training longer.\n")
+
+
+def figures(models: list[Model], tests: list[str], folder: Path) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ser_toolkit.atomic import atomic_path
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out: dict[str, str] = {}
+
+    def save(fig, name: str) -> None:
+        with atomic_path(folder / name) as tmp:
+            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        out[name] = f"{folder.name}/{name}"
+
+    grid = np.array([[np.mean([e["weighted_f1"] for e in m.evals[t]]) if m.evals.get(t) else np.nan
+                      for m in models] for t in tests])
+    fig, ax = plt.subplots(figsize=(1.1 * len(models) + 2.5, 0.5 * len(tests) + 1.5))
+    im = ax.imshow(grid, cmap="viridis", vmin=np.nanmin(grid), vmax=np.nanmax(grid), aspect="auto")
+    ax.set_xticks(range(len(models)), [m.name for m in models], rotation=35, ha="right")
+    ax.set_yticks(range(len(tests)), [label(t) for t in tests])
+    for i in range(len(tests)):
+        for j in range(len(models)):
+            if not np.isnan(grid[i, j]):
+                ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center",
+                        color="white" if grid[i, j] < np.nanmean(grid) else "black", fontsize=8)
+    fig.colorbar(im, ax=ax, label="weighted F1")
+    ax.set_title("Weighted F1: test set × model")
+    save(fig, "headline.png")
+
+    present = [e for e in EMOTIONS if models[0].evals.get("test") and
+               models[0].evals["test"][0]["per_emotion"][e]["support"] > 0]
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(present)), 3.5))
+    width = 0.8 / len(models)
+    for j, m in enumerate(models):
+        vals = [np.mean([ev["per_emotion"][e]["f1"] for ev in m.evals["test"]]) for e in present]
+        ax.bar(np.arange(len(present)) + j * width, vals, width, label=m.name)
+    ax.set_xticks(np.arange(len(present)) + 0.4 - width / 2, present)
+    ax.set_ylabel("F1 (clean test)")
+    ax.legend(fontsize=7, ncol=3)
+    save(fig, "per_emotion_clean.png")
+
+    for m in models:
+        shown = [t for t in ("test", *[t for t in tests if t.startswith("cross")]) if m.evals.get(t)]
+        fig, axes = plt.subplots(1, len(shown), figsize=(4.2 * len(shown), 3.8), squeeze=False)
+        for ax, t in zip(axes[0], shown):
+            cm = np.sum([np.array(e["confusion"], float) for e in m.evals[t]], axis=0)
+            rows = cm.sum(1, keepdims=True)
+            norm = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
+            ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+            ax.set_xticks(range(len(EMOTIONS)), [e[:3] for e in EMOTIONS], rotation=45)
+            ax.set_yticks(range(len(EMOTIONS)), EMOTIONS)
+            for i in range(len(EMOTIONS)):
+                for k in range(len(EMOTIONS)):
+                    if rows[i, 0] > 0:
+                        ax.text(k, i, f"{norm[i, k]:.2f}", ha="center", va="center", fontsize=6,
+                                color="white" if norm[i, k] > 0.5 else "black")
+            ax.set_title(f"{m.name}: {label(t)}")
+            ax.set_xlabel("predicted")
+        save(fig, f"confusion_{m.name}.png")
+    return out
+
+
+def reproducibility(models: list[Model], study: dict[str, Any]) -> str:
+    from ser_toolkit.cache.reader import CacheReader
+    from ser_toolkit.training.runs import read_json
+
+    first = read_json(models[0].runs[0] / "config.json")
+    lines = [f"- sertk commit: `{study.get('commit') or first.get('commit')}`",
+             "- versions: " + ", ".join(f"{k} {v}" for k, v in (study.get("versions") or first.get("versions", {})).items()),
+             "- hardware: " + ", ".join(f"{k}: {v}" for k, v in (study.get("hardware") or first.get("hardware", {})).items()),
+             "- seeds: " + ", ".join(f"{m.name} {m.seeds}" for m in models)]
+    caches = sorted({str(read_json(r / "config.json")["data"]["cache"]) for m in models for r in m.runs})
+    for c in caches:
+        try:
+            reader = CacheReader(c)
+            s = reader.build_summary
+            lines.append(f"- data `{c}`: {len(reader)} utterances, table digest `{s.get('table_digest', '?')[:16]}`, "
+                         f"preprocessing {reader.config['preprocess']}")
+        except SertkError:
+            lines.append(f"- data `{c}`: not readable now")
+    walls = []
+    for m in models:
+        secs = [read_json(r / "wall_time.json")["train_seconds"] for r in m.runs if (r / "wall_time.json").is_file()]
+        if secs:
+            walls.append(f"{m.name} {sum(secs):.0f} s")
+    if walls:
+        lines.append("- training wall time: " + ", ".join(walls))
+    if study.get("wall_seconds"):
+        lines.append(f"- last `sertk study` invocation: {study['wall_seconds']:.0f} s")
+    cfg = study.get("config") or first.get("train")
+    lines += ["", "<details><summary>resolved configuration</summary>", "", "```json",
+              json.dumps(cfg, indent=2, default=str), "```", "", "</details>"]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(paths: Sequence[Path], output: Path) -> Path:
+    """Write ``output`` (markdown), ``<output stem>/`` (figures, numbers.csv, numbers.json)."""
+    from ser_toolkit.atomic import write_text
+
+    models, study = collect(paths)
+    tests = _test_order(models)
+    numbers = Numbers()
+    folder = output.with_suffix("")
+    figs = figures(models, tests, folder)
+    clean = "test" if any("test" in m.evals for m in models) else tests[0]
+    cross = [t for t in tests if t.startswith("cross")]
+    base = next(m for m in models if m.role == "baseline")
+    n_test = base.evals[clean][0]["n"]
+    title = study.get("config", {}).get("name", output.stem)
+    parts = [
+        f"# sertk study report: {title}", "",
+        f"{len(models)} models × {len(tests)} test sets; seeds per model: "
+        f"{', '.join(sorted({str(len(m.seeds)) for m in models}))}; clean test set: {n_test} utterances"
+        + (f"; split `{study['split']}`" if study.get("split") else "") + ".", "",
+        "Models: " + "; ".join(f"**{m.name}** ({m.role}" + (f": {', '.join(f'{k} {v:.2f}' for k, v in m.weights.items())}"
+                                                            if m.weights else "") + ")" for m in models) + ".", "",
+        "## Headline: test set × model", "",
+        f"![weighted F1 heatmap]({figs['headline.png']})", "",
+        "Cells: mean over seeds" + (" ± std" if max(len(m.seeds) for m in models) > 1 else "")
+        + ", and (in parentheses) the difference to the baseline. Best per row in bold.", "",
+        headline(models, tests, numbers),
+        "## Per-emotion F1", "", f"![per-emotion F1]({figs['per_emotion_clean.png']})", "",
+        per_emotion(models, tests, numbers),
+        "## Best model per emotion", "",
+        f"#### {label(clean)}", "", pareto(models, clean, numbers),
+        *([f"#### {label(cross[0])}", "", pareto(models, cross[0], numbers)] if cross else []),
+        "## Augmentation gains and weights", "", gains_section(study, numbers),
+        "## Confusion matrices", "", "Rows: true emotion, normalised per row (summed over seeds).", "",
+        *[f"![confusion {m.name}]({figs[f'confusion_{m.name}.png']})" for m in models], "",
+        "## Each model against the baseline (paired)", "", paired(models, tests, numbers),
+        "## The control: more steps or better data?", "", control(models, numbers),
+        "## Reproducibility", "", reproducibility(models, study),
+        f"Every number above is in `{folder.name}/numbers.csv` and `{folder.name}/numbers.json`.", "",
+    ]
+    write_text(folder / "numbers.csv", numbers.csv())
+    write_text(folder / "numbers.json", json.dumps(numbers.rows, indent=2, default=float) + "\n")
+    write_text(output, "\n".join(parts))
+    return output

@@ -1,0 +1,91 @@
+"""``sertk study``: the demo preset end to end, resume after kill, changed configs rerun."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from helpers import run_sertk
+
+SMALL = """
+name = "small"
+[data]
+options = { per_emotion = 2 }
+cross = [{ dataset = "synthetic-shifted", options = { per_emotion = 1 } }]
+[training]
+epochs = 15
+workers = 1
+[augmentations]
+methods = ["noise", "timestretch"]
+top_k = [2]
+[study]
+runs_dir = "runs/small"
+report = "reports/small.md"
+"""
+
+
+@pytest.mark.slow
+def test_demo_preset_end_to_end(tmp_path):
+    r = run_sertk("study", "--preset", "demo", cwd=tmp_path, timeout=900)
+    assert r.code == 0, r.err
+    md = (tmp_path / "reports" / "demo.md").read_text()
+    for model in ("baseline", "duplicate", "specaugment", "timestretch", "ncp", "noise"):
+        assert f"| {model} |" in md or f" {model} |" in md
+    for heading in ("## Headline", "## Per-emotion F1", "## Best model per emotion", "## Augmentation gains",
+                    "## Confusion matrices", "## Each model against the baseline", "## The control",
+                    "## Reproducibility"):
+        assert heading in md
+    assert "cross-corpus: synthetic-shifted" in md
+    assert (tmp_path / "reports" / "demo" / "numbers.json").is_file()
+
+
+@pytest.mark.slow
+def test_study_resumes_after_kill_and_reruns_changed_configs(tmp_path):
+    cfg = tmp_path / "small.toml"
+    cfg.write_text(SMALL)
+    base = tmp_path / "runs" / "small" / "baseline-s42"
+    proc = subprocess.Popen([sys.executable, "-m", "ser_toolkit", "study", "--preset", "demo", "--config", str(cfg)],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (base / "eval" / "summary.json").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = base / "checkpoints" / "best.pt"
+    stamp = finished.stat().st_mtime_ns
+    r = run_sertk("study", "--preset", "demo", "--config", cfg, cwd=tmp_path, timeout=600)
+    assert r.code == 0, r.err
+    assert "baseline-s42: reused" in r.out and finished.stat().st_mtime_ns == stamp
+    assert (tmp_path / "reports" / "small.md").is_file()
+    again = run_sertk("study", "--preset", "demo", "--config", cfg, cwd=tmp_path, timeout=600)
+    assert again.out.count(": reused") == again.out.count("-s42:")  # nothing retrained
+    cfg.write_text(SMALL.replace("epochs = 15", "epochs = 16"))
+    changed = run_sertk("study", "--preset", "demo", "--config", cfg, cwd=tmp_path, timeout=600)
+    assert changed.code == 0 and "baseline-s42: retrained (config changed)" in changed.out
+
+
+def test_study_config_errors(tmp_path, cli):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[training]\nepochz = 3\n")
+    r = cli("study", "--preset", "demo", "--config", bad)
+    assert r.code == 2 and "unknown [training] setting 'epochz'" in r.err
+    bad.write_text("this is = not toml [")
+    r = cli("study", "--config", bad)
+    assert r.code == 2 and "is not valid TOML" in r.err
+    r = cli("study", "--preset", "fancy")
+    assert r.code == 2 and "unknown preset 'fancy'" in r.err
+    r = cli("study", "--preset", "demo", "--seeds", "0")
+    assert r.code == 2 and "seeds must be a positive integer" in r.err
+    out = tmp_path / "resolved.toml"
+    assert cli("study", "--preset", "reference", "--split", "speaker:test=0.2", "--save-config", out).code == 0
+    import tomllib
+
+    resolved = tomllib.loads(out.read_text())
+    assert resolved["data"]["split"] == "speaker:test=0.2" and resolved["model"]["options"]["checkpoint"] == \
+        "superb/hubert-large-superb-er"

@@ -46,6 +46,9 @@ def load_config(preset: str | None, config_file: Path | None) -> dict[str, Any]:
             override = tomllib.loads(text)
         except tomllib.TOMLDecodeError as exc:
             raise SertkError(f"{config_file} is not valid TOML ({exc})", "fix the file") from None
+        model = override.get("model", {})
+        if "name" in model and model["name"] != base.get("model", {}).get("name"):
+            base.pop("model", None)  # another model: its options replace the preset's, never mix with them
         base = merge(base, override)
     if not base:
         raise SertkError("no study described", "pass --preset demo|reference or --config FILE")
@@ -70,7 +73,7 @@ def check(cfg: Mapping[str, Any]) -> None:
     get("dataset", cfg["data"]["dataset"])
     for cross in cfg["data"].get("cross", []):
         get("dataset", cross["dataset"])
-    get("model", cfg["model"]["name"])
+    get("model", cfg["model"]["name"]).obj(**cfg["model"].get("options", {}))  # validates the options
     for m in [*cfg["augmentations"]["methods"], cfg["augmentations"].get("control", "duplicate")]:
         get("augmentation", m)
     known = {f.name for f in fields(TrainConfig)}

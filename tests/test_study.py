@@ -70,6 +70,8 @@ def test_study_resumes_after_kill_and_reruns_changed_configs(tmp_path):
 
 
 def test_study_config_errors(tmp_path, cli):
+    import tomllib
+
     bad = tmp_path / "bad.toml"
     bad.write_text("[training]\nepochz = 3\n")
     r = cli("study", "--preset", "demo", "--config", bad)
@@ -81,10 +83,47 @@ def test_study_config_errors(tmp_path, cli):
     assert r.code == 2 and "unknown preset 'fancy'" in r.err
     r = cli("study", "--preset", "demo", "--seeds", "0")
     assert r.code == 2 and "seeds must be a positive integer" in r.err
+    other = tmp_path / "other.toml"
+    other.write_text('[model]\nname = "acoustic"\n')
+    out = tmp_path / "acoustic.toml"
+    assert cli("study", "--preset", "reference", "--config", other, "--save-config", out).code == 0
+    assert tomllib.loads(out.read_text())["model"] == {"name": "acoustic"}
+    other.write_text('[model]\nname = "acoustic"\noptions = { checkpoint = "x" }\n')
+    r = cli("study", "--preset", "reference", "--config", other)
+    assert r.code == 2 and "model 'acoustic': unknown parameter 'checkpoint'" in r.err
     out = tmp_path / "resolved.toml"
     assert cli("study", "--preset", "reference", "--split", "speaker:test=0.2", "--save-config", out).code == 0
-    import tomllib
-
-    resolved = tomllib.loads(out.read_text())
+    resolved = tomllib.loads(out.read_text())  # noqa: F811
     assert resolved["data"]["split"] == "speaker:test=0.2" and resolved["model"]["options"]["checkpoint"] == \
         "superb/hubert-large-superb-er"
+
+
+@pytest.mark.slow
+@pytest.mark.shared_data
+def test_reference_protocol_with_the_acoustic_model_on_real_corpora(shared_data, tmp_path):
+    """The reference study on the shared RAVDESS + SAVEE, with the CPU model: a full report."""
+    cfg = tmp_path / "ref.toml"
+    cfg.write_text(f"""
+[data]
+root = "{shared_data / 'ravdess'}"
+split = "file:{shared_data / 'ravdess' / 'seed_split.csv'}"
+cross = [{{ dataset = "savee", root = "{shared_data / 'savee'}", options = {{ subset = "reference" }} }}]
+[model]
+name = "acoustic"
+[training]
+epochs = 60
+batch_size = 32
+lr = 1e-3
+workers = 2
+""")
+    r = run_sertk("study", "--preset", "reference", "--config", cfg, cwd=tmp_path, timeout=1200)
+    assert r.code == 0, r.err
+    md = (tmp_path / "reports" / "reference.md").read_text()
+    assert "clean test set: 250 utterances" in md and "cross-corpus: savee-reference" in md
+    import json
+
+    numbers = json.loads((tmp_path / "reports" / "reference" / "numbers.json").read_text())
+    base = next(n for n in numbers if n["section"] == "headline" and n["metric"] == "weighted_f1"
+                and n["test"] == "test" and n["model"] == "baseline")
+    assert base["mean"] >= 0.55  # the acoustic model's target on the reference split
+    assert {n["method"] for n in numbers if n["section"] == "gains"} == {"specaugment", "timestretch", "ncp", "noise"}

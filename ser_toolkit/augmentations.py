@@ -17,7 +17,6 @@ from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
 
-from ser_toolkit.emotions import EMOTIONS
 from ser_toolkit.errors import ParameterError, SertkError
 from ser_toolkit.params import Param, validate
 
@@ -193,8 +192,3 @@ def weights_from_gains(baseline: float, results: Mapping[str, float], top_k: int
     total = sum(g for g, _ in positive)
     return {m: g / total for g, m in positive}
 
-
-def canonical_emotion(name: str) -> str:
-    if name not in EMOTIONS:
-        raise SertkError(f"unknown emotion {name!r}", f"use one of {', '.join(EMOTIONS)}")
-    return name

@@ -454,7 +454,8 @@ def train(
                       "augmentation": "sha256(seed, utterance id, epoch, copy)"},
             "command": ["sertk", *_sys.argv[1:]],
             "commit": runs.git_commit(), "versions": runs.versions(), "hardware": runs.hardware(),
-            "data": {"cache": str(Path(dataset) if Path(dataset).exists() else Path(cache_dir) / f"{dataset}.h5")},
+            "data": {"cache": str((Path(dataset) if Path(dataset).exists()
+                                   else Path(cache_dir) / f"{dataset}.h5").resolve())},
         })
     summary = run_training(cfg, run_dir, resume=resume, quiet=quiet)
     last = summary["history"][-1] if summary["history"] else {}

@@ -96,7 +96,7 @@ def _cache(dataset: str, options: Mapping[str, Any], root: str | None, cache_dir
     if ds.needs_root and not root:
         raise SertkError(f"dataset '{dataset}' needs a root folder in the study config", "set data.root")
     build_cache(ds, root_path, path, workers=workers, quiet=True)
-    return path
+    return path.resolve()
 
 
 def _seeds(cfg: Mapping[str, Any]) -> list[int]:

@@ -30,7 +30,10 @@ IGNORED_FOR_REUSE = {"workers", "device", "log_every", "compile"}
 
 def load_config(preset: str | None, config_file: Path | None) -> dict[str, Any]:
     """A preset and/or a TOML file (the file's values override the preset's)."""
-    import tomllib
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
 
     base: dict[str, Any] = {}
     if preset is not None:

@@ -4,14 +4,20 @@ Every random choice is seeded by (seed, utterance id, epoch or copy, method),
 so the audio an utterance gets does not depend on worker count or order.
 
 Materialised sets are cache files of the same schema (read them with
-:class:`~ser_toolkit.cache.reader.CacheReader`) in ``<cache>.aug/<split key>/``:
+:class:`~ser_toolkit.cache.reader.CacheReader`) in ``<cache>.aug/<source digest>-<split key>/``,
+so a set is never paired with a source other than the one it was computed from
+(a re-cached corpus gets a new folder):
 
 - ``test-<method>.h5`` and ``test-mixed.h5``: the augmented test sets; every
   model is evaluated on the very same audio. N-CP partners for test utterances
   come from the *training* split.
-- ``train-<method>-x<k>.h5``: ``k`` augmented copies of every training
+- ``train-<method>-x<k>-s<seed>.h5``: ``k`` augmented copies of every training
   utterance (the reference 1:1 protocol is ``k = 1``); N-CP uses the reference
-  pairing (distinct neutral partners, each pair at most once).
+  pairing (distinct neutral partners, each pair at most once). Runs with
+  different seeds never share a file.
+
+A set's recorded key is (source digest, split, part, method config, seed,
+copies); an existing set is reused only when its key is the one asked for.
 
 Each row's ``extra`` holds ``source`` (the clean utterance id), ``copy``,
 ``method`` and the sampled ``params``: the augmentation log.
@@ -40,8 +46,11 @@ def split_key(assignment: Mapping[str, str]) -> str:
     return "split-" + hashlib.sha1(blob).hexdigest()[:10]
 
 
-def sets_dir(cache: Path, assignment: Mapping[str, str]) -> Path:
-    return cache.with_name(cache.stem + ".aug") / split_key(assignment)
+def sets_dir(reader: CacheReader, assignment: Mapping[str, str]) -> Path:
+    """The folder of the augmented sets of ``reader``'s data under one split."""
+    from ser_toolkit.cache.identity import short
+
+    return reader.path.with_name(reader.path.stem + ".aug") / f"{short(reader.digest)}-{split_key(assignment)}"
 
 
 @dataclass
@@ -98,7 +107,8 @@ def materialize(reader: CacheReader, assignment: Mapping[str, str], subset: str,
     import h5py
 
     from ser_toolkit.cache.build import table_digest
-    from ser_toolkit.cache.writer import finish, write_table
+    from ser_toolkit.cache.identity import audio_digest
+    from ser_toolkit.cache.writer import create_audio, finish, write_table
     from ser_toolkit.plugins.ncp import plan_pairs
 
     if subset not in set(assignment.values()):
@@ -106,18 +116,21 @@ def materialize(reader: CacheReader, assignment: Mapping[str, str], subset: str,
     indices = [i for i, uid in enumerate(reader.ids) if assignment.get(uid) == subset]
     source = [reader.utterance(i) for i in indices]
     config = {
-        "preprocess": reader.config["preprocess"],
+        "preprocess": {**reader.config["preprocess"], "dtype": "float32"},
         "dataset": {**reader.config["dataset"], "augmented_set": f"{subset}-{name}"},
         "augmentation": {"name": name, "config": dict(aug_config or {}), "copies": copies, "seed": seed,
                          "subset": subset, "split": split_key(assignment),
-                         "source_cache": str(reader.path), "source_digest": table_digest(source)},
+                         "source_cache": str(reader.path), "source_digest": reader.digest},
     }
-    suffix = f"-x{copies}" if subset != "test" else ""
-    path = sets_dir(reader.path, assignment) / f"{subset}-{name}{suffix}.h5"
+    suffix = f"-x{copies}-s{seed}" if subset != "test" else ""
+    path = sets_dir(reader, assignment) / f"{subset}-{name}{suffix}.h5"
     with exclusive_lock(path.parent / ".lock"):
         if path.exists():
             try:
-                if CacheReader(path).config.get("augmentation") == config["augmentation"]:
+                existing = CacheReader(path)
+                same = existing.config.get("augmentation") == config["augmentation"]
+                existing.close()
+                if same:
                     return path, False
             except CacheError:
                 pass
@@ -129,7 +142,7 @@ def materialize(reader: CacheReader, assignment: Mapping[str, str], subset: str,
             plan = plan_pairs([u.id for u in source], [u.emotion for u in source], copies,
                               np.random.default_rng(seed))
         rows: list[Utterance] = []
-        lengths, clipped = [], []
+        lengths, clipped, digests = [], [], []
         progress = None
         if not quiet:
             from ser_toolkit.cache.build import _Progress
@@ -137,7 +150,7 @@ def materialize(reader: CacheReader, assignment: Mapping[str, str], subset: str,
             progress = _Progress(len(indices) * copies, False, f"{subset}-{name}")
         with atomic_path(path) as tmp:
             with h5py.File(tmp, "w") as fh:
-                audio = fh.create_dataset("audio", shape=(0,), maxshape=(None,), dtype="float32", chunks=(1 << 18,))
+                audio = create_audio(fh, "float32")
                 for i, u in zip(indices, source):
                     wave_in = reader.wave(i)
                     for k in range(copies):
@@ -148,6 +161,7 @@ def materialize(reader: CacheReader, assignment: Mapping[str, str], subset: str,
                         audio.resize((end + wave.size,))
                         audio[end:] = wave
                         lengths.append(wave.size)
+                        digests.append(audio_digest(wave))
                         clipped.append(int(np.count_nonzero(np.abs(wave) >= 0.999)))
                         method = params.get("method", name) if isinstance(augmentation, Weighted) else name
                         rows.append(Utterance(id=f"{u.id}#{name}{k}", path=None, emotion=u.emotion,
@@ -159,6 +173,6 @@ def materialize(reader: CacheReader, assignment: Mapping[str, str], subset: str,
                     progress.close()
                 lengths_a = np.asarray(lengths, dtype=np.int64)
                 offsets = np.concatenate([[0], np.cumsum(lengths_a)[:-1]]).astype(np.int64)
-                write_table(fh, rows, offsets, lengths_a, [""] * len(rows), clipped)
+                write_table(fh, rows, offsets, lengths_a, [""] * len(rows), clipped, digests)
                 finish(fh, config, {"skipped": [], "ignored": {}, "table_digest": table_digest(rows)})
     return path, True

@@ -50,6 +50,8 @@ class Dataset:
     root_may_be_file: ClassVar[bool] = False
     params: ClassVar[tuple[Param, ...]] = ()
     label_map: ClassVar[Mapping[str, str | None]] = {}
+    mono: ClassVar[str] = "mean"
+    """The corpus' down-mix rule for the cache (e.g. ``first`` for a close-talk + far microphone pair)."""
 
     def __init__(self, **options: Any) -> None:
         self.options = validate(self.params, options, f"dataset '{self.name}'")

@@ -14,7 +14,7 @@ from helpers import tone, write_audio
 from ser_toolkit.audio import decode, prepare, to_mono
 from ser_toolkit.cache.build import Preprocess, build_cache
 from ser_toolkit.cache.reader import CacheReader
-from ser_toolkit.errors import AudioError
+from ser_toolkit.errors import AudioError, CacheError
 from ser_toolkit.plugins.manifest import Manifest
 
 
@@ -122,8 +122,12 @@ def test_incremental_rebuild_and_config_change(tmp_path):
     reader = CacheReader(out)
     assert reader.wave("f2").size == int(0.6 * 16000)
     np.testing.assert_array_equal(reader.wave("f1"), before)
-    # a different preprocessing config rebuilds everything, never mixes
-    third = build_cache(ds, root, out, Preprocess(dtype="int16"), quiet=True)
+    # a different preprocessing config is refused, never silently rebuilt; --force rebuilds, never mixes
+    digest = CacheReader(out).digest
+    with pytest.raises(CacheError, match="was built with dtype=float32, not dtype=int16"):
+        build_cache(ds, root, out, Preprocess(dtype="int16"), quiet=True)
+    assert CacheReader(out).digest == digest
+    third = build_cache(ds, root, out, Preprocess(dtype="int16"), quiet=True, force=True)
     assert third.rebuilt and third.decoded == 5 and third.reused == 0
     reader = CacheReader(out)
     assert reader.config["preprocess"]["dtype"] == "int16"
@@ -167,7 +171,8 @@ def test_inspect_json_keys(tmp_path, cli):
     assert info["utterances"] == 14 and list(info["emotions"]) == [
         "neutral", "happy", "sad", "angry", "fear", "disgust", "surprise"]
     assert info["config"]["preprocess"] == {"sample_rate": 16000, "mono": "mean", "dtype": "float32",
-                                            "resampler": "soxr-hq"}
+                                            "resampler": "soxr-hq", "max_seconds": 600.0}
+    assert len(info["digest"]) == 64
 
 
 def test_cache_equals_the_reference_loader(tmp_path):

@@ -32,7 +32,7 @@ def test_cli_materializes_test_sets_once_and_identically(small_cache, tmp_path, 
     assert r.code == 0, r.err
     reader = CacheReader(small_cache)
     assignment = make_split(reader.utterances, SPLIT)
-    folder = sets_dir(small_cache, assignment)
+    folder = sets_dir(reader, assignment)
     names = sorted(p.name for p in folder.glob("*.h5"))
     assert names == ["test-mixed.h5", "test-ncp.h5", "test-noise.h5", "test-specaugment.h5", "test-timestretch.h5"]
     assert "unchanged" in cli(*args).out and "written" not in cli(*args).out
@@ -48,7 +48,7 @@ def test_cli_materializes_test_sets_once_and_identically(small_cache, tmp_path, 
     copy.write_bytes(small_cache.read_bytes())
     assert cli("materialize", copy, "--plugins", "specaugment", "--split", SPLIT, "-q").code == 0
     a = CacheReader(folder / "test-specaugment.h5")
-    b = CacheReader(sets_dir(copy, assignment) / "test-specaugment.h5")
+    b = CacheReader(sets_dir(CacheReader(copy), assignment) / "test-specaugment.h5")
     assert a.ids == b.ids and all(np.array_equal(a.wave(i), b.wave(i)) for i in range(len(a)))
     assert json.loads(cli("inspect", folder / "test-noise.h5", "--json").out)["utterances"] == len(test_ids)
 
@@ -59,15 +59,15 @@ def test_training_copies_and_reference_ncp_pairing(small_cache, cli):
     assert r.code == 0, r.err
     reader = CacheReader(small_cache)
     assignment = make_split(reader.utterances, SPLIT)
-    folder = sets_dir(small_cache, assignment)
+    folder = sets_dir(reader, assignment)
     train = [u for u in reader.utterances if assignment[u.id] == "train"]
-    ncp = CacheReader(folder / "train-ncp-x2.h5")
+    ncp = CacheReader(folder / "train-ncp-x2-s0.h5")
     assert len(ncp) == 2 * len(train)
     assert Counter(u.emotion for u in ncp.utterances) == Counter({e: 2 * n for e, n in
                                                                  Counter(u.emotion for u in train).items()})
     pairs = Counter((u.extra["source"], u.extra["params"]["partner"]) for u in ncp.utterances)
     assert max(pairs.values()) == 1
-    ts = CacheReader(folder / "train-timestretch-x2.h5")
+    ts = CacheReader(folder / "train-timestretch-x2-s0.h5")
     assert {u.extra["params"]["rate"] for u in ts.utterances} == {1.1}
     src = reader.wave(train[0].id)
     assert abs(ts.wave(0).size - round(src.size / 1.1)) <= 1

@@ -97,7 +97,7 @@ def test_full_corpora_via_cli(shared_data, tmp_path, cli):
     assert info["utterances"] == 1248 and len(info["speakers"]) == 24 and info["sample_rate"] == 16000
     assert info["emotions"] == {"neutral": 96, "happy": 192, "sad": 192, "angry": 192, "fear": 192,
                                 "disgust": 192, "surprise": 192}
-    assert info["schema_version"] == 1 and info["skipped"] == [] and 1.2 < info["hours"] < 1.4
+    assert info["schema_version"] == 2 and info["skipped"] == [] and 1.2 < info["hours"] < 1.4
     assert cli("cache", "savee", "--root", shared_data / "savee", "--cache-dir", out, "-q").code == 0
     assert cli("cache", "savee", "--root", shared_data / "savee", "--cache-dir", out, "-q",
                "--set", "subset=reference").code == 0

@@ -34,11 +34,13 @@ from ser_toolkit import __version__
 from ser_toolkit.atomic import atomic_path, exclusive_lock, remove_stale_tmp
 from ser_toolkit.audio import CLIP_LEVEL, MONO_RULES, RESAMPLER, RESAMPLERS, TARGET_RATE, prepare
 from ser_toolkit.cache.reader import INT16_SCALE, read_header
-from ser_toolkit.cache.writer import finish, write_table
+from ser_toolkit.cache.writer import create_audio, finish, write_table
 from ser_toolkit.datasets import Dataset, Utterance
 from ser_toolkit.errors import AudioError, CacheError, SertkError
 
 DTYPES = ("float32", "int16")
+MIN_SOURCE_RATE = 4000  # Hz; below this a file is not speech audio (or its header is damaged)
+MAX_SECONDS = 600.0  # default longest utterance kept in a cache (10 min)
 TASK_SIZE = 128  # utterances per worker task and part file
 COPY_SAMPLES = 4 * 1024 * 1024  # largest slice copied at once while assembling
 
@@ -51,6 +53,7 @@ class Preprocess:
     mono: str = "mean"
     dtype: str = "float32"
     resampler: str = RESAMPLER
+    max_seconds: float = MAX_SECONDS
 
     def __post_init__(self) -> None:
         if self.mono not in MONO_RULES:
@@ -61,6 +64,11 @@ class Preprocess:
             raise SertkError(f"unknown cache dtype {self.dtype!r}", f"use one of {', '.join(DTYPES)}")
         if not 1000 <= self.sample_rate <= 192000:
             raise SertkError(f"sample rate {self.sample_rate} is out of range", "use e.g. 16000")
+        if not 0 < self.max_seconds <= 6 * 3600:
+            raise SertkError(f"--max-seconds {self.max_seconds} is out of range", "use e.g. 600 (10 minutes)")
+
+    def describe(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in asdict(self).items())
 
     def key(self) -> str:
         return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
@@ -82,6 +90,8 @@ class BuildSummary:
     seconds: float = 0.0
     rebuilt: bool = False
     unchanged: bool = False
+    mode: str = "new"
+    digest: str = ""
 
 
 def _decode_task(dataset: Dataset, root: Path | None, utts: list[Utterance], pre: Preprocess,
@@ -93,8 +103,10 @@ def _decode_task(dataset: Dataset, root: Path | None, utts: list[Utterance], pre
     """
     import h5py
 
+    from ser_toolkit.cache.identity import audio_digest
+
     out: list[tuple[str, int, int, str | None]] = []
-    kept: list[tuple[str, str, int, int]] = []
+    kept: list[tuple[str, str, int, int, str]] = []
     with atomic_path(part) as tmp:
         with h5py.File(tmp, "w") as fh:
             audio = fh.create_dataset("audio", shape=(0,), maxshape=(None,), dtype=pre.dtype,
@@ -102,6 +114,7 @@ def _decode_task(dataset: Dataset, root: Path | None, utts: list[Utterance], pre
             for u, fp in zip(utts, fingerprints):
                 try:
                     data, rate = dataset.load(u, root)
+                    _check_source(u, data, rate, pre)
                     clipped = int(np.count_nonzero(np.abs(data) >= CLIP_LEVEL))
                     wave = prepare(data, rate, pre.mono, pre.sample_rate, pre.resampler)
                     del data
@@ -114,16 +127,30 @@ def _decode_task(dataset: Dataset, root: Path | None, utts: list[Utterance], pre
                     out.append((u.id, 0, 0, f"{u.path or u.id}: {type(exc).__name__}: {exc}"))
                     continue
                 end = audio.shape[0]
+                stored = _to_storage(wave, pre.dtype)
                 audio.resize((end + wave.size,))
-                audio[end:] = _to_storage(wave, pre.dtype)
-                kept.append((u.id, fp, wave.size, clipped))
+                audio[end:] = stored
+                kept.append((u.id, fp, wave.size, clipped, audio_digest(stored)))
                 out.append((u.id, wave.size, clipped, None))
             s = h5py.string_dtype()
             fh.create_dataset("id", data=[k[0] for k in kept], dtype=s)
             fh.create_dataset("fingerprint", data=[k[1] for k in kept], dtype=s)
             fh.create_dataset("length", data=np.array([k[2] for k in kept], dtype=np.int64))
             fh.create_dataset("clipped", data=np.array([k[3] for k in kept], dtype=np.int64))
+            fh.create_dataset("audio_digest", data=[k[4] for k in kept], dtype=s)
     return out
+
+
+def _check_source(u: Utterance, data: np.ndarray, rate: int, pre: Preprocess) -> None:
+    """Skip what is not speech audio or too long to cache, before resampling makes it large."""
+    where = u.path or u.id
+    if rate < MIN_SOURCE_RATE:
+        raise AudioError(f"{where}: sample rate {rate} Hz is below {MIN_SOURCE_RATE} Hz (damaged header?)",
+                         "re-export the file")
+    seconds = data.shape[0] / rate
+    if seconds > pre.max_seconds:
+        raise AudioError(f"{where}: {seconds:.0f} s is longer than the cache's maximum of {pre.max_seconds:.0f} s",
+                         "cut the file, or raise the limit with --max-seconds")
 
 
 def table_digest(utts: list[Utterance]) -> str:
@@ -138,11 +165,11 @@ def _to_storage(wave: np.ndarray, dtype: str) -> np.ndarray:
     return wave.astype(np.float32, copy=False)
 
 
-def _read_parts(folder: Path) -> dict[str, tuple[Path, int, int, str, int]]:
-    """id -> (part file, offset, length, fingerprint, clipped) for complete part files."""
+def _read_parts(folder: Path) -> dict[str, tuple[Path, int, int, str, int, str]]:
+    """id -> (part file, offset, length, fingerprint, clipped, audio digest) for complete part files."""
     import h5py
 
-    found: dict[str, tuple[Path, int, int, str, int]] = {}
+    found: dict[str, tuple[Path, int, int, str, int, str]] = {}
     for part in sorted(folder.glob("part-*.h5")):
         try:
             with h5py.File(part, "r") as fh:
@@ -150,29 +177,59 @@ def _read_parts(folder: Path) -> dict[str, tuple[Path, int, int, str, int]]:
                 fps = [s.decode() for s in fh["fingerprint"][()]]
                 lengths = fh["length"][()]
                 clipped = fh["clipped"][()]
+                digests = [s.decode() for s in fh["audio_digest"][()]]
         except (OSError, KeyError):
             part.unlink(missing_ok=True)  # cannot be complete: renamed parts are; be safe anyway
             continue
         offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(lengths) else []
-        for uid, fp, off, n, c in zip(ids, fps, offsets, lengths, clipped):
-            found[uid] = (part, int(off), int(n), fp, int(c))
+        for uid, fp, off, n, c, d in zip(ids, fps, offsets, lengths, clipped, digests):
+            found[uid] = (part, int(off), int(n), fp, int(c), d)
     return found
 
 
-def _existing(path: Path, pre: Preprocess) -> tuple[dict[str, Any] | None, str]:
-    """The previous cache's header if it can be reused, else None and why."""
+def _existing(path: Path, pre: Preprocess, identity: dict[str, Any], force: bool) -> tuple[dict[str, Any] | None, str]:
+    """The previous cache's header if it can be reused (None and why if not).
+
+    A damaged, incomplete or older-schema sertk cache is rebuilt. A file that is
+    not a sertk cache, a cache of another corpus (plugin or root) and a cache
+    built with other preprocessing options are refused unless ``force``.
+    """
     if not path.exists():
         return None, "new"
     try:
         header = read_header(path)
     except CacheError as exc:
+        if force:
+            return None, "rebuilt (--force)"
         if "is not a sertk cache" in exc.message or "not an HDF5 file" in exc.message:
             raise CacheError(f"{path} exists and is not a sertk cache",
-                             "choose another --cache-dir/--name or move that file away") from None
-        return None, "incomplete or old schema"
-    if header["config"].get("preprocess") != asdict(pre):
-        return None, "preprocessing config changed"
+                             "choose another --cache-dir/--name, move that file away, or pass --force to "
+                             "replace it") from None
+        return None, "rebuilt (it was damaged, incomplete or of an older schema)"
+    old = header["config"]
+    old_identity = {"name": old["dataset"].get("name"), "root": old["dataset"].get("root")}
+    if old_identity != identity and not force:
+        def corpus(i: dict[str, Any]) -> str:
+            return f"dataset '{i['name']}'" + (f" at {i['root']}" if i["root"] else "")
+
+        raise CacheError(f"{path} holds another corpus ({corpus(old_identity)}), not {corpus(identity)}",
+                         "give this corpus another name (--name), or pass --force to replace that cache")
+    if old.get("preprocess") != asdict(pre):
+        if not force:
+            was = ", ".join(f"{k}={v}" for k, v in old.get("preprocess", {}).items() if asdict(pre).get(k) != v)
+            asked = ", ".join(f"{k}={v}" for k, v in asdict(pre).items() if old.get("preprocess", {}).get(k) != v)
+            raise CacheError(f"{path} was built with {was}, not {asked}",
+                             "ask for the cache's own options (sertk cache: --mono/--dtype/--resampler/"
+                             "--max-seconds; study configs: the same keys per corpus), another --name, or "
+                             "--force to rebuild it")
+        return None, "rebuilt (--force)"
+    if force:
+        return None, "rebuilt (--force)"
     return header, "incremental"
+
+
+class _OldAudioDamaged(Exception):
+    """The previous cache's audio failed its checksum while being reused."""
 
 
 class _Progress:
@@ -236,128 +293,171 @@ def task_size() -> int:
     return max(1, int(os.environ.get("SERTK_CACHE_TASK_SIZE", TASK_SIZE)))
 
 
+def cache_file(cache_dir: str | Path, name: str) -> Path:
+    """``<cache_dir>/<name>.h5`` for a validated cache name (never a path that escapes the folder)."""
+    from ser_toolkit.cache.identity import check_name
+
+    return Path(cache_dir) / f"{check_name(name)}.h5"
+
+
+def preprocess_for(dataset: Dataset, mono: str | None = None, dtype: str | None = None,
+                   resampler: str | None = None, max_seconds: float | None = None) -> Preprocess:
+    """The preprocessing of a corpus: given options, else the dataset's own (e.g. its down-mix), else defaults."""
+    given = {"mono": mono or dataset.mono, "dtype": dtype, "resampler": resampler, "max_seconds": max_seconds}
+    return Preprocess(**{k: v for k, v in given.items() if v is not None})
+
+
 def build_cache(dataset: Dataset, root: Path | None, path: Path, pre: Preprocess | None = None,
-                workers: int = 1, strict: bool = False, quiet: bool = False) -> BuildSummary:
+                workers: int = 1, strict: bool = False, quiet: bool = False, force: bool = False) -> BuildSummary:
     """Build or update the cache of ``dataset`` at ``path``; see the module doc for the guarantees."""
+    from ser_toolkit.cache.identity import check_name
+
     pre = pre or Preprocess()
-    t0 = time.perf_counter()
     path = Path(path)
+    check_name(path.stem)
+    t0 = time.perf_counter()
+    # refusals (a bad corpus, another corpus or other options under this name) before anything is written
+    scan = dataset.scan(root)
+    if not scan.utterances:
+        raise SertkError(f"dataset '{dataset.name}' found no utterances under {root}",
+                         "check --root (it should be the corpus's top folder)")
+    _existing(path, pre, _identity(dataset, root), force)
     path.parent.mkdir(parents=True, exist_ok=True)
     waiting = f"another sertk process is building {path}; waiting for it to finish"
     with exclusive_lock(path.with_name(path.name + ".lock"), waiting):
-        remove_stale_tmp(path.parent, path.name)
-        scan = dataset.scan(root)
-        if not scan.utterances:
-            raise SertkError(f"dataset '{dataset.name}' found no utterances under {root}",
-                             "check --root (it should be the corpus's top folder)")
-        summary = BuildSummary(path=str(path), ignored=dict(scan.ignored))
-        fingerprints: dict[str, str] = {}
-        skipped: list[dict[str, str]] = []
-        for u in scan.utterances:
-            try:
-                fingerprints[u.id] = dataset.fingerprint(u, root)
-            except OSError as exc:
-                reason = f"{u.path}: cannot read ({exc.strerror})"
-                if strict:
-                    raise AudioError(reason, "fix the file or run without --strict") from None
-                skipped.append({"id": u.id, "path": u.path or "", "reason": reason, "fingerprint": ""})
-        header, mode = _existing(path, pre)
-        summary.rebuilt = mode == "preprocessing config changed"
-        config = {
-            "preprocess": asdict(pre),
-            "dataset": {"name": dataset.name, "options": dataset.options,
-                        "root": str(root) if root is not None else None},
-            "sertk_version": __version__,
-        }
-        old: dict[str, tuple[int, int, str, int]] = {}
-        old_skipped: dict[str, dict[str, str]] = {}
-        if header is not None:
-            c = header["columns"]
-            old = {uid: (int(o), int(n), fp, int(cl)) for uid, o, n, fp, cl in
-                   zip(c["id"], c["offset"], c["length"], c["fingerprint"], c["clipped"])}
-            old_skipped = {s["id"]: s for s in header["summary"].get("skipped", []) if "id" in s}
-        parts_dir = path.with_name(path.name + ".parts") / pre.key()
-        parts_dir.mkdir(parents=True, exist_ok=True)
-        parts = _read_parts(parts_dir)
-        todo = []
-        for u in scan.utterances:
-            fp = fingerprints.get(u.id)
-            if fp is None:
-                continue
-            if u.id in old and old[u.id][2] == fp:
-                summary.reused += 1
-            elif u.id in parts and parts[u.id][3] == fp:
-                summary.resumed += 1
-            elif u.id in old_skipped and old_skipped[u.id].get("fingerprint") == fp and not strict:
-                skipped.append(old_skipped[u.id])
-            else:
-                todo.append(u)
-        digest = table_digest([u for u in scan.utterances if u.id in old and u.id not in {s["id"] for s in skipped}])
-        table_same = header is not None and header["config"]["dataset"] == config["dataset"] and \
-            not todo and summary.resumed == 0 and len(old) == summary.reused and \
-            header["summary"].get("table_digest") == digest
-        if table_same and header is not None:
-            summary.unchanged = True
-            summary.utterances = len(old)
-            summary.skipped = skipped
-            summary.hours = sum(n for _, n, _, _ in old.values()) / pre.sample_rate / 3600
-            summary.clipped_utterances = sum(1 for v in old.values() if v[3] > 0)
-            summary.seconds = time.perf_counter() - t0
-            shutil.rmtree(parts_dir.parent, ignore_errors=True)
-            return summary
-
-        # Decode what is new or changed; every finished task is a complete part file.
-        by_id = {u.id: u for u in todo}
-        progress = _Progress(len(todo), quiet, f"caching {dataset.name}")
         try:
-            for results in _decode_all(dataset, root, todo, fingerprints, pre, workers, parts_dir):
-                for uid, _, _, error in results:
-                    if error is None:
-                        summary.decoded += 1
-                    elif strict:
-                        raise AudioError(error, "fix or remove the file, or run without --strict")
-                    else:
-                        skipped.append({"id": uid, "path": by_id[uid].path or "", "reason": error,
-                                        "fingerprint": fingerprints[uid]})
-                progress.advance(len(results))
-        finally:
-            progress.close()
-        parts = _read_parts(parts_dir)
+            return _build(dataset, root, scan, path, pre, workers, strict, quiet, force, t0)
+        except _OldAudioDamaged:  # reuse failed mid-assembly: decode everything again
+            return _build(dataset, root, scan, path, pre, workers, strict, quiet, True, t0)
 
-        # Assemble the final file from the old cache and the parts, then rename it into place.
-        rows = [u for u in scan.utterances if (u.id in old and old[u.id][2] == fingerprints.get(u.id))
-                or (u.id in parts and parts[u.id][3] == fingerprints.get(u.id))]
+
+def _identity(dataset: Dataset, root: Path | None) -> dict[str, Any]:
+    """What makes a cache the cache of one corpus: the dataset plugin and the corpus root."""
+    return {"name": dataset.name, "root": str(root) if root is not None else None}
+
+
+def _build(dataset: Dataset, root: Path | None, scan: Any, path: Path, pre: Preprocess, workers: int,
+           strict: bool, quiet: bool, force: bool, t0: float) -> BuildSummary:
+    """The build itself, under the lock (the existing cache is checked again: it may have changed)."""
+    from ser_toolkit.registry import get
+
+    remove_stale_tmp(path.parent, path.name)
+    summary = BuildSummary(path=str(path), ignored=dict(scan.ignored))
+    fingerprints: dict[str, str] = {}
+    skipped: list[dict[str, str]] = []
+    for u in scan.utterances:
+        try:
+            fingerprints[u.id] = dataset.fingerprint(u, root)
+        except OSError as exc:
+            reason = f"{u.path}: cannot read ({exc.strerror})"
+            if strict:
+                raise AudioError(reason, "fix the file or run without --strict") from None
+            skipped.append({"id": u.id, "path": u.path or "", "reason": reason, "fingerprint": ""})
+    identity = _identity(dataset, root)
+    header, mode = _existing(path, pre, identity, force)
+    summary.rebuilt = mode not in ("new", "incremental")
+    summary.mode = mode
+    try:
+        provider = get("dataset", dataset.name).provider
+        plugin = {"distribution": provider.distribution, "version": provider.version}
+    except SertkError:  # a dataset object built directly (tests, scripts)
+        plugin = {"distribution": type(dataset).__module__, "version": None}
+    config = {
+        "preprocess": asdict(pre),
+        "dataset": {**identity, "options": dataset.options, "plugin": plugin},
+        "sertk_version": __version__,
+    }
+    old: dict[str, tuple[int, int, str, int, str]] = {}
+    old_skipped: dict[str, dict[str, str]] = {}
+    if header is not None:
+        c = header["columns"]
+        old = {uid: (int(o), int(n), fp, int(cl), d) for uid, o, n, fp, cl, d in
+               zip(c["id"], c["offset"], c["length"], c["fingerprint"], c["clipped"], c["audio_digest"])}
+        old_skipped = {s["id"]: s for s in header["summary"].get("skipped", []) if "id" in s}
+    parts_dir = path.with_name(path.name + ".parts") / pre.key()
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    parts = _read_parts(parts_dir)
+    todo = []
+    for u in scan.utterances:
+        fp = fingerprints.get(u.id)
+        if fp is None:
+            continue
+        if u.id in old and old[u.id][2] == fp:
+            summary.reused += 1
+        elif u.id in parts and parts[u.id][3] == fp:
+            summary.resumed += 1
+        elif u.id in old_skipped and old_skipped[u.id].get("fingerprint") == fp and not strict:
+            skipped.append(old_skipped[u.id])
+        else:
+            todo.append(u)
+    digest = table_digest([u for u in scan.utterances if u.id in old and u.id not in {s["id"] for s in skipped}])
+    table_same = header is not None and header["config"]["dataset"] == config["dataset"] and \
+        not todo and summary.resumed == 0 and len(old) == summary.reused and \
+        header["summary"].get("table_digest") == digest
+    if table_same and header is not None:
+        summary.unchanged = True
+        summary.utterances = len(old)
         summary.skipped = skipped
-        summary.utterances = len(rows)
-        if not rows:
-            raise SertkError(f"no utterance of dataset '{dataset.name}' could be decoded "
-                             f"({len(skipped)} skipped; first: {skipped[0]['reason'] if skipped else '-'})",
-                             "check the corpus files")
-        _assemble(path, rows, fingerprints, old, parts, pre, config, summary)
-        shutil.rmtree(parts_dir.parent, ignore_errors=True)
+        summary.hours = sum(v[1] for v in old.values()) / pre.sample_rate / 3600
+        summary.digest = header["digest"]
+        summary.clipped_utterances = sum(1 for v in old.values() if v[3] > 0)
         summary.seconds = time.perf_counter() - t0
+        shutil.rmtree(parts_dir.parent, ignore_errors=True)
         return summary
+
+    # Decode what is new or changed; every finished task is a complete part file.
+    by_id = {u.id: u for u in todo}
+    progress = _Progress(len(todo), quiet, f"caching {dataset.name}")
+    try:
+        for results in _decode_all(dataset, root, todo, fingerprints, pre, workers, parts_dir):
+            for uid, _, _, error in results:
+                if error is None:
+                    summary.decoded += 1
+                elif strict:
+                    raise AudioError(error, "fix or remove the file, or run without --strict")
+                else:
+                    skipped.append({"id": uid, "path": by_id[uid].path or "", "reason": error,
+                                    "fingerprint": fingerprints[uid]})
+            progress.advance(len(results))
+    finally:
+        progress.close()
+    parts = _read_parts(parts_dir)
+
+    # Assemble the final file from the old cache and the parts, then rename it into place.
+    rows = [u for u in scan.utterances if (u.id in old and old[u.id][2] == fingerprints.get(u.id))
+            or (u.id in parts and parts[u.id][3] == fingerprints.get(u.id))]
+    summary.skipped = skipped
+    summary.utterances = len(rows)
+    if not rows:
+        raise SertkError(f"no utterance of dataset '{dataset.name}' could be decoded "
+                         f"({len(skipped)} skipped; first: {skipped[0]['reason'] if skipped else '-'})",
+                         "check the corpus files")
+    summary.digest = _assemble(path, rows, fingerprints, old, parts, pre, config, summary)
+    shutil.rmtree(parts_dir.parent, ignore_errors=True)
+    summary.seconds = time.perf_counter() - t0
+    return summary
 
 
 def _assemble(path: Path, rows: list[Utterance], fingerprints: dict[str, str],
-              old: dict[str, tuple[int, int, str, int]], parts: dict[str, tuple[Path, int, int, str, int]],
-              pre: Preprocess, config: dict[str, Any], summary: BuildSummary) -> None:
+              old: dict[str, tuple[int, int, str, int, str]],
+              parts: dict[str, tuple[Path, int, int, str, int, str]],
+              pre: Preprocess, config: dict[str, Any], summary: BuildSummary) -> str:
+    """Write the final cache from the old cache and the parts; returns its content digest."""
     import h5py
 
-    lengths = np.array([old[u.id][1] if u.id in old and old[u.id][2] == fingerprints[u.id]
-                        else parts[u.id][2] for u in rows], dtype=np.int64)
+    def from_old(u: Utterance) -> bool:
+        return u.id in old and old[u.id][2] == fingerprints[u.id]
+
+    lengths = np.array([old[u.id][1] if from_old(u) else parts[u.id][2] for u in rows], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-    clipped = []
+    clipped = [old[u.id][3] if from_old(u) else parts[u.id][4] for u in rows]
+    digests = [old[u.id][4] if from_old(u) else parts[u.id][5] for u in rows]
     summary.hours = float(lengths.sum()) / pre.sample_rate / 3600
+    summary.clipped_utterances = sum(1 for c in clipped if c > 0)
     # Where each row's audio comes from, coalesced into contiguous runs: one slice copy per run.
     runs: list[list[Any]] = []  # [source, source offset, target offset, length]
     for u, off, n in zip(rows, offsets, lengths):
-        if u.id in old and old[u.id][2] == fingerprints[u.id]:
-            src, o = None, old[u.id][0]
-            clipped.append(old[u.id][3])
-        else:
-            src, o = parts[u.id][0], parts[u.id][1]
-            clipped.append(parts[u.id][4])
+        src, o = (None, old[u.id][0]) if from_old(u) else (parts[u.id][0], parts[u.id][1])
         last = runs[-1] if runs else None
         if last is not None and last[0] == src and last[1] + last[3] == o and last[2] + last[3] == off:
             last[3] += int(n)
@@ -368,7 +468,7 @@ def _assemble(path: Path, rows: list[Utterance], fingerprints: dict[str, str],
         part, part_file = None, None  # one part open at a time: memory stays flat
         try:
             with h5py.File(tmp, "w") as fh:
-                audio = fh.create_dataset("audio", shape=(int(lengths.sum()),), dtype=pre.dtype)
+                audio = create_audio(fh, pre.dtype, int(lengths.sum()))
                 for src, o, off, n in runs:
                     if src is None:
                         source = previous
@@ -380,12 +480,47 @@ def _assemble(path: Path, rows: list[Utterance], fingerprints: dict[str, str],
                         source = part_file
                     for start in range(0, n, COPY_SAMPLES):
                         k = min(COPY_SAMPLES, n - start)
-                        audio[off + start:off + start + k] = source["audio"][o + start:o + start + k]
-                summary.clipped_utterances = sum(1 for c in clipped if c > 0)
-                write_table(fh, rows, offsets, lengths, [fingerprints[u.id] for u in rows], clipped)
-                finish(fh, config, {"skipped": summary.skipped, "ignored": summary.ignored,
-                                    "table_digest": table_digest(rows)})
+                        try:
+                            block = source["audio"][o + start:o + start + k]
+                        except OSError:
+                            if src is None:
+                                raise _OldAudioDamaged() from None
+                            raise
+                        audio[off + start:off + start + k] = block
+                write_table(fh, rows, offsets, lengths, [fingerprints[u.id] for u in rows], clipped, digests)
+                return finish(fh, config, {"skipped": summary.skipped, "ignored": summary.ignored,
+                                           "table_digest": table_digest(rows)})
         finally:
             for f in (previous, part_file):
                 if f is not None:
                     f.close()
+
+
+def verify_cache(path: Path, quiet: bool = True) -> dict[str, Any]:
+    """Read every utterance of a cache, checking chunk checksums and per-utterance audio digests.
+
+    Returns ``{"path", "utterances", "digest", "damaged": [ids]}``; a table that
+    fails validation raises :class:`CacheError` (the file cannot be read at all).
+    """
+    from ser_toolkit.cache.identity import audio_digest
+    from ser_toolkit.cache.reader import CacheReader
+
+    reader = CacheReader(path)
+    expected = reader.column("audio_digest")
+    audio = reader._dataset()
+    bad: list[str] = []
+    progress = _Progress(len(reader), quiet, f"verifying {path.name}")
+    try:
+        for i, uid in enumerate(reader.ids):
+            start = int(reader.offsets[i])
+            try:
+                ok = audio_digest(audio[start:start + int(reader.lengths[i])]) == expected[i]
+            except OSError:  # a chunk failed its fletcher32 checksum
+                ok = False
+            if not ok:
+                bad.append(uid)
+            progress.advance(1)
+    finally:
+        progress.close()
+        reader.close()
+    return {"path": str(path), "utterances": len(reader), "digest": reader.digest, "damaged": bad}

@@ -14,8 +14,19 @@ from ser_toolkit.datasets import Utterance
 from ser_toolkit.emotions import EMOTION_INDEX
 
 
+AUDIO_CHUNK = 1 << 16  # samples per HDF5 chunk of /audio (each with a fletcher32 checksum)
+
+
+def create_audio(fh, dtype: str, size: int | None = None):
+    """The ``/audio`` dataset: chunked and checksummed; growable when ``size`` is None."""
+    shape, maxshape = ((0,), (None,)) if size is None else ((size,), (size,))
+    chunk = AUDIO_CHUNK if size is None else max(1, min(AUDIO_CHUNK, size))
+    return fh.create_dataset("audio", shape=shape, maxshape=maxshape, dtype=dtype, chunks=(chunk,),
+                             fletcher32=True)
+
+
 def write_table(fh, rows: Sequence[Utterance], offsets: np.ndarray, lengths: np.ndarray,
-                fingerprints: Sequence[str], clipped: Sequence[int]) -> None:
+                fingerprints: Sequence[str], clipped: Sequence[int], audio_digests: Sequence[str]) -> None:
     """Write ``/utterances/<column>`` for ``rows``."""
     import h5py
 
@@ -33,12 +44,21 @@ def write_table(fh, rows: Sequence[Utterance], offsets: np.ndarray, lengths: np.
     t.create_dataset("length", data=np.asarray(lengths, dtype=np.int64))
     t.create_dataset("fingerprint", data=list(fingerprints), dtype=s)
     t.create_dataset("clipped", data=np.asarray(clipped, dtype=np.int64))
+    t.create_dataset("audio_digest", data=list(audio_digests), dtype=s)
     assert set(t) == set(COLUMNS)
 
 
-def finish(fh, config: dict[str, Any], summary: dict[str, Any]) -> None:
-    """Write the config and summary, then the completeness mark (last)."""
+def finish(fh, config: dict[str, Any], summary: dict[str, Any]) -> str:
+    """Write the config, summary and content digest, then the completeness mark (last); returns the digest."""
+    from ser_toolkit.cache.identity import content_digest
+
+    t = fh["utterances"]
+    columns = {name: ([v.decode() if isinstance(v, bytes) else v for v in t[name][()]]
+                      if t[name].dtype.kind in ("O", "S") else t[name][()]) for name in t}
+    digest = content_digest(config["preprocess"], columns)
+    fh.attrs["content_digest"] = digest
     fh.attrs["config"] = json.dumps(config, sort_keys=True)
     fh.attrs["summary"] = json.dumps({**summary, "built": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     fh.attrs["sertk_schema"] = SCHEMA_VERSION
     fh.attrs["sertk_complete"] = True
+    return digest

@@ -11,16 +11,82 @@ declared and validated at construction; objects pickle (DataLoader workers).
 from __future__ import annotations
 
 import hashlib
+import json
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
 
-from ser_toolkit.errors import ParameterError, SertkError
+from ser_toolkit.errors import ParameterError, PluginError, SertkError
 from ser_toolkit.params import Param, validate
 
 SAMPLE_RATE = 16000
+MAX_PEAK = 100.0
+"""Largest |sample| an augmentation may return. Audio is nominally in [-1, 1] and gain, negative-SNR noise
+or reverb may legitimately exceed that (white noise at -20 dB SNR on full-scale speech peaks near 50), but
+samples beyond 40 dB over full scale mean a broken plugin: int16-scale values or a runaway filter."""
+BROKEN_HINT = "report it to the plugin's author or leave it out of --plugins"
+
+
+def read_only(wave: np.ndarray) -> np.ndarray:
+    """A read-only view of ``wave``: what :meth:`Augmentation.apply` gets, so in-place writes raise.
+
+    Unlike ``view.flags.writeable = False`` this view cannot be made writeable again.
+    """
+    return np.lib.stride_tricks.as_strided(wave, writeable=False)
+
+
+def _where(name: str, utterance_id: str | None) -> str:
+    return f"augmentation '{name}'" + (f" (utterance {utterance_id})" if utterance_id is not None else "")
+
+
+def output_problem(result: Any) -> str | None:
+    """What is wrong with ``result``, the raw return value of ``apply``; None if nothing.
+
+    The rules: a (wave, params) pair, the wave a non-empty 1-D float32 ndarray of finite samples with
+    peak at most :data:`MAX_PEAK`, params a dict that ``json.dumps`` accepts. (The input is left
+    untouched because ``apply`` gets a :func:`read_only` view: see :func:`apply_error`.)
+    """
+    if not isinstance(result, tuple) or len(result) != 2:
+        return f"returned {type(result).__name__}, not a (wave, params) pair"
+    out, params = result
+    if not isinstance(out, np.ndarray):
+        return f"returned {type(out).__name__} audio, not a numpy array"
+    if out.dtype != np.float32:
+        return f"returned {out.dtype} audio, not float32"
+    if out.ndim != 1:
+        return f"returned audio of shape {out.shape}, not 1-D"
+    if out.size == 0:
+        return "returned empty audio"
+    peak = float(np.abs(out).max())
+    if not np.isfinite(peak):
+        return "returned NaN or inf samples"
+    if peak > MAX_PEAK:
+        return f"returned samples up to |x| = {peak:.4g} (more than {MAX_PEAK:g})"
+    if not isinstance(params, dict):
+        return f"returned params of type {type(params).__name__}, not a dict"
+    try:
+        json.dumps(params)
+    except (TypeError, ValueError) as exc:
+        return f"returned params that are not JSON-serialisable ({exc})"
+    return None
+
+
+def check_output(name: str, result: Any, utterance_id: str | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """``result`` (what augmentation ``name``'s ``apply`` returned) as (wave, params), else a :class:`PluginError`."""
+    problem = output_problem(result)
+    if problem is not None:
+        raise PluginError(f"{_where(name, utterance_id)} {problem}", BROKEN_HINT)
+    return result
+
+
+def apply_error(name: str, exc: Exception, utterance_id: str | None = None) -> PluginError:
+    """The one-line :class:`PluginError` for an exception raised inside ``apply``."""
+    text = " ".join(str(exc).split())
+    if isinstance(exc, ValueError) and ("read-only" in text or "WRITEABLE" in text):
+        return PluginError(f"{_where(name, utterance_id)} modified its input in place ({text})", BROKEN_HINT)
+    return PluginError(f"{_where(name, utterance_id)} failed: {type(exc).__name__}: {text[:300]}", BROKEN_HINT)
 
 
 @dataclass
@@ -102,16 +168,26 @@ class Augmentation:
 
     def __call__(self, wave: np.ndarray, rng: np.random.Generator,
                  context: AugmentContext | None = None) -> tuple[np.ndarray, dict[str, Any]]:
-        """Checked :meth:`apply`: float32 1-D in, finite float32 1-D out."""
+        """Checked :meth:`apply`: float32 1-D in, its raw output checked (:func:`check_output`).
+
+        ``apply`` gets a read-only view of the input; an exception other than
+        :class:`SertkError` raised inside it becomes a :class:`PluginError`.
+        """
         wave = np.ascontiguousarray(wave, dtype=np.float32)
         if wave.ndim != 1:
             raise SertkError(f"augmentation '{self.name}' takes a mono 1-D waveform (got shape {wave.shape})",
                              "down-mix to mono first")
-        out, params = self.apply(wave, rng, context or AugmentContext())
-        out = np.ascontiguousarray(out, dtype=np.float32)
-        if not np.isfinite(out).all():
-            raise SertkError(f"augmentation '{self.name}' produced NaN or inf (params {params})",
-                             "report this as a bug in the plugin")
+        context = context or AugmentContext()
+        view = read_only(wave)
+        try:
+            result = self.apply(view, rng, context)
+        except SertkError:
+            raise
+        except Exception as exc:
+            raise apply_error(self.name, exc, context.utterance_id) from exc
+        out, params = check_output(self.name, result, context.utterance_id)
+        if not out.flags.writeable or not out.flags.c_contiguous:  # e.g. the input (or a slice of it) itself
+            out = np.array(out, dtype=np.float32, order="C")
         return out, params
 
     def __repr__(self) -> str:

@@ -18,6 +18,7 @@ import typer
 
 from ser_toolkit import __version__
 from ser_toolkit.errors import SertkError
+from ser_toolkit.settings import SETTINGS
 
 app = typer.Typer(
     name="sertk",
@@ -86,49 +87,78 @@ def plugins(
 
 @app.command()
 def cache(
-    dataset: str = typer.Argument(..., help="Dataset plugin name (see 'sertk plugins')."),
+    dataset: str = typer.Argument(..., help="Dataset plugin name (see 'sertk plugins'); with --verify, a cache."),
     root: Optional[Path] = typer.Option(None, "--root", help="Corpus folder (not needed for synthetic corpora)."),
     cache_dir: Path = typer.Option(DEFAULT_CACHE_DIR, "--cache-dir", help="Folder of cache files."),
     name: Optional[str] = typer.Option(None, "--name", help="Cache file stem (default: the dataset's)."),
     assignments: Optional[List[str]] = typer.Option(None, "--set", "-s", help="Dataset parameter key=value."),
     workers: int = typer.Option(min(2, os.cpu_count() or 1), "--workers", "-j", min=1, help="Decoding processes."),
-    mono: str = typer.Option("mean", "--mono", help="Down-mix rule: mean, first or loudest."),
-    dtype: str = typer.Option("float32", "--dtype", help="Stored sample type: float32 or int16 (half the size)."),
-    resampler: str = typer.Option("soxr-hq", "--resampler", help="soxr-hq (= librosa.load) or soxr-vhq."),
+    mono: Optional[str] = typer.Option(None, "--mono", help="Down-mix rule: mean, first or loudest "
+                                                            "(default: the dataset's own, usually mean)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Stored sample type: float32 (default) or int16."),
+    resampler: Optional[str] = typer.Option(None, "--resampler", help="soxr-hq (default; = librosa.load) or "
+                                                                      "soxr-vhq."),
+    max_seconds: Optional[float] = typer.Option(None, "--max-seconds", help="Skip longer files (default 600)."),
     strict: bool = typer.Option(False, "--strict", help="Fail on the first bad file instead of skipping it."),
+    force: bool = typer.Option(False, "--force", help="Replace the cache even if it holds another corpus, other "
+                                                      "options or is not a sertk cache."),
+    verify: bool = typer.Option(False, "--verify", help="Check every checksum of an existing cache; build nothing."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     as_json: bool = typer.Option(False, "--json", help="Print the build summary as JSON."),
 ) -> None:
-    """Decode and resample a corpus once into an HDF5 cache of model inputs."""
+    """Decode and resample a corpus once into an HDF5 cache of model inputs (or --verify one)."""
     from dataclasses import asdict
 
-    from ser_toolkit.cache.build import Preprocess, build_cache
-    from ser_toolkit.datasets import check_root
+    from ser_toolkit.cache.build import build_cache, cache_file, preprocess_for
 
+    if verify:
+        _verify_cache(dataset, cache_dir, quiet or as_json, as_json)
+        return
     ds = _dataset(dataset, assignments)
     if ds.needs_root:
+        from ser_toolkit.datasets import check_root
+
         root = check_root(dataset, root, allow_file=ds.root_may_be_file)
     elif root is not None:
         raise SertkError(f"dataset '{dataset}' is made in code and takes no --root", "drop --root")
     if Path(cache_dir).exists() and not Path(cache_dir).is_dir():
         raise SertkError(f"--cache-dir {cache_dir} is a file, not a folder", "pass a folder for cache files")
-    path = Path(cache_dir) / f"{name or ds.cache_name()}.h5"
-    summary = build_cache(ds, root, path, Preprocess(mono=mono, dtype=dtype, resampler=resampler), workers=workers,
-                          strict=strict, quiet=quiet or as_json)
+    path = cache_file(cache_dir, name or ds.cache_name())
+    pre = preprocess_for(ds, mono, dtype, resampler, max_seconds)
+    summary = build_cache(ds, root, path, pre, workers=workers, strict=strict, quiet=quiet or as_json, force=force)
     if as_json:
         typer.echo(json.dumps(asdict(summary), indent=2))
         return
     con = _console()
-    state = "unchanged" if summary.unchanged else ("rebuilt" if summary.rebuilt else "written")
+    state = "unchanged" if summary.unchanged else (summary.mode if summary.rebuilt else "written")
     con.print(f"[bold]{path}[/bold] {state}: {summary.utterances} utterances, {summary.hours:.2f} h "
               f"({summary.decoded} decoded, {summary.reused} reused, {summary.resumed} resumed) "
-              f"in {summary.seconds:.1f} s")
+              f"in {summary.seconds:.1f} s; data {summary.digest[:12]}")
     for reason, count in sorted(summary.ignored.items()):
         con.print(f"  ignored {count} files: {reason}")
     if summary.clipped_utterances:
         con.print(f"  {summary.clipped_utterances} utterances contain clipped samples")
     for s in summary.skipped:
         con.print(f"  [yellow]skipped[/yellow] {s['reason']}")
+
+
+def _verify_cache(cache_arg: str, cache_dir: Path, quiet: bool, as_json: bool) -> None:
+    """``sertk cache --verify``: every chunk checksum and utterance digest of a cache; exit 2 if damaged."""
+    from ser_toolkit.cache.build import verify_cache
+    from ser_toolkit.cache.identity import check_name
+
+    path = Path(cache_arg)
+    if not path.exists() and not path.suffix:
+        path = Path(cache_dir) / f"{check_name(cache_arg)}.h5"
+    result = verify_cache(path, quiet=quiet)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+    if result["damaged"]:
+        raise SertkError(f"cache {path} is damaged: {len(result['damaged'])} of {result['utterances']} utterances "
+                         f"fail their checksums (first: {result['damaged'][0]})",
+                         "rebuild it with 'sertk cache DATASET --force'")
+    if not as_json:
+        _console().print(f"{path}: OK, {result['utterances']} utterances, data {result['digest'][:12]}")
 
 
 def _cache_path(cache_arg: str) -> Path:
@@ -158,7 +188,8 @@ def inspect(
     con = _console()
     con.print(f"[bold]{summary['path']}[/bold]: {summary['dataset']}, {summary['utterances']} utterances, "
               f"{summary['hours']:.2f} h at {summary['sample_rate']} Hz, "
-              f"{len(summary['speakers'])} speakers, schema {summary['schema_version']}")
+              f"{len(summary['speakers'])} speakers, schema {summary['schema_version']}, "
+              f"data {summary['digest'][:12]}")
     t = Table("emotion", "utterances")
     for e, n in summary["emotions"].items():
         t.add_row(e, str(n))
@@ -253,6 +284,7 @@ def augment(
     assignments: Optional[List[str]] = typer.Option(None, "--set", "-s", help="Fix a parameter: key=value."),
     partner: Optional[Path] = typer.Option(None, "--partner", help="Partner utterance (ncp: the neutral one)."),
     as_json: bool = typer.Option(False, "--json", help='Print {"augmentation": NAME, "params": {...}}.'),
+    mono: str = typer.Option("mean", "--mono", help="Down-mix rule for multichannel input: mean, first or loudest."),
 ) -> None:
     """Augment one file and print the parameters it sampled, to listen to an augmentation."""
     import numpy as np
@@ -264,6 +296,12 @@ def augment(
     from ser_toolkit.params import parse_assignments
     from ser_toolkit.registry import get
 
+    from ser_toolkit.audio import MONO_RULES
+
+    if mono not in MONO_RULES:
+        raise SertkError(f"unknown --mono rule {mono!r}", f"use one of {', '.join(MONO_RULES)}")
+    if output_file.exists() and input_file.exists() and output_file.resolve() == input_file.resolve():
+        raise SertkError(f"OUT {output_file} is the input file", "write the augmented audio to another file")
     cls = get("augmentation", name).obj
     aug = cls(**parse_assignments(assignments))
     formats = {f".{k.lower()}": k for k in sf.available_formats()}
@@ -271,10 +309,10 @@ def augment(
     if fmt is None:
         raise SertkError(f"cannot write {output_file}: unknown audio extension {output_file.suffix!r}",
                          "use .wav, .flac or .ogg")
-    wave = load(input_file)
+    wave = load(input_file, mono)
     context = AugmentContext(utterance_id=input_file.stem, emotion=None)
     if partner is not None:
-        other = load(partner)
+        other = load(partner, mono)
         context.partners = PartnerPool(["partner"], ["neutral"], lambda _: other, split="given")
         context.extra["partner_id"] = "partner"
     elif getattr(cls, "needs_partners", False):
@@ -326,6 +364,7 @@ def materialize(
 
 
 def _parse_weights(text: Optional[str]) -> Optional[dict]:
+    """``NAME=W,...`` (``--weights``) -> {name: weight}."""
     if not text:
         return None
     out = {}
@@ -340,54 +379,113 @@ def _parse_weights(text: Optional[str]) -> Optional[dict]:
     return out
 
 
+def _with_settings(command):
+    """Give ``command`` one option per generated training setting (see :mod:`ser_toolkit.settings`).
+
+    Typer reads options from the signature, so the declared settings become keyword
+    parameters (collected by ``**given``) with the declared default, help and flag.
+    """
+    import inspect as _inspect
+
+    from ser_toolkit.settings import TRAIN_SETTINGS
+
+    kinds = {"int": int, "float": float, "str": str, "path": Path, "bool": bool}
+    sig = _inspect.signature(command, eval_str=True)
+    params = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    for s in TRAIN_SETTINGS:
+        if not s.generated:
+            continue
+        decls = [f"{s.option}/--no-{s.option[2:]}"] if s.type == "bool" else [s.option]
+        text = s.help + (f" Unit: {s.unit}." if s.unit else "")
+        if s.model_default:
+            text += f"  [default: the model's, else {s.default:g}]"
+        metavar = "[" + "|".join(s.choices) + "]" if s.choices else None
+        option = typer.Option(s.default, *decls, help=text, metavar=metavar,
+                              show_default=s.default is not None and not s.model_default)
+        kind = kinds[s.type]
+        params.append(_inspect.Parameter(s.name, _inspect.Parameter.KEYWORD_ONLY, default=option,
+                                         annotation=Optional[kind] if s.default is None else kind))
+    command.__signature__ = sig.replace(parameters=params)
+    command.__annotations__ = {p.name: p.annotation for p in params if p.annotation is not p.empty}
+    return command
+
+
+def _given(ctx) -> set:
+    """Names of the options given on the command line (not left at their defaults)."""
+    out = set()
+    for name in ctx.params:
+        source = ctx.get_parameter_source(name)
+        if source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP"):
+            out.add(name)
+    return out
+
+
+# hand-written train options -> the TrainConfig fields they set (generated options set their own)
+_OPTION_FIELDS = {"plugins_arg": ("plugins",), "assignments": ("plugin_options",), "weights": ("weights", "plugins"),
+                  "weights_from": ("weights", "weights_from", "plugins"), "top_k": ("weights", "weights_from"),
+                  "model": ("model",), "model_set": ("model_options",), "freeze_feature_encoder": ("model_options",),
+                  "probe": ("model_options",), "gradient_checkpointing": ("model_options",)}
+
+
+def _resume_changes(stored: dict, wanted: dict, given: set) -> List[str]:
+    """``name: stored -> wanted`` for each setting that a given option changes (runtime settings may change)."""
+    from ser_toolkit.settings import RUNTIME, SETTINGS
+
+    fields = set()
+    for name in given:
+        fields.update(_OPTION_FIELDS.get(name, (name,) if name in SETTINGS else ()))
+
+    def same(name: str) -> bool:
+        old, new = stored.get(name), wanted[name]
+        if SETTINGS[name].type == "path" and old is not None and new is not None:
+            return Path(old) == Path(new)
+        return old == new
+
+    def show(v) -> str:
+        return v if isinstance(v, str) else json.dumps(v)
+
+    return [f"{n}: {show(stored.get(n))} -> {show(wanted[n])}" for n in SETTINGS
+            if n in fields and n not in RUNTIME and not same(n)]
+
+
 @app.command()
+@_with_settings
 def train(
-    dataset: str = typer.Option("synthetic", "--dataset", help="Cache name in --cache-dir, or a cache path."),
-    cache_dir: Path = typer.Option(DEFAULT_CACHE_DIR, "--cache-dir", help="Folder of cache files."),
-    split_spec: str = typer.Option("stratified:test=0.2,seed=42", "--split", help="Split spec (see 'sertk split')."),
-    valid: float = typer.Option(0.0, "--valid", help="Share of training data held out for validation/early stopping."),
+    ctx: typer.Context,
     plugins_arg: str = typer.Option("", "--plugins", help="Augmentations, comma-separated."),
     weights: Optional[str] = typer.Option(None, "--weights", help="NAME=W,... probabilities of a combination."),
     weights_from: Optional[List[Path]] = typer.Option(None, "--weights-from",
                                                       help="Baseline run, then one run per method (repeat)."),
     top_k: Optional[int] = typer.Option(None, "--top-k", help="With --weights-from: keep the k largest gains."),
-    aug_mode: str = typer.Option("online", "--aug-mode", help="online (new parameters each epoch) or offline."),
-    aug_copies: int = typer.Option(1, "--aug-copies", help="Augmented copies per utterance (1 = reference 1:1)."),
-    model: str = typer.Option("hubert", "--model", help="Model plugin (tiny, acoustic, hubert), hub id or folder."),
+    model: str = typer.Option(SETTINGS["model"].default, "--model", help=SETTINGS["model"].help),
     model_set: Optional[List[str]] = typer.Option(None, "--model-set", help="Model parameter key=value."),
     assignments: Optional[List[str]] = typer.Option(None, "--set", "-s", help="Augmentation METHOD.key=value."),
     freeze_feature_encoder: bool = typer.Option(False, "--freeze-feature-encoder", help="Freeze the CNN encoder."),
     probe: bool = typer.Option(False, "--probe", help="Frozen encoder + learnable weighted sum of layers."),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing", help="Save memory."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs (model default; reference 7)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Batch size (reference 8)."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="AdamW learning rate (reference 1e-5)."),
-    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay."),
-    schedule: str = typer.Option("constant", "--schedule", help="constant, linear or cosine decay."),
-    warmup: float = typer.Option(0.0, "--warmup", help="Warm-up share of the steps."),
-    grad_accum: int = typer.Option(1, "--grad-accum", help="Gradient accumulation steps."),
-    max_seconds: Optional[float] = typer.Option(None, "--max-seconds", help="Random crop of longer clips."),
-    class_weights: str = typer.Option("none", "--class-weights", help="none or balanced."),
-    early_stopping: int = typer.Option(0, "--early-stopping", help="Patience in epochs (needs --valid)."),
-    select_metric: str = typer.Option("uar", "--select-metric", help="Best-checkpoint metric on validation."),
-    seed: int = typer.Option(42, "--seed", help="Seed of every random choice."),
-    workers: int = typer.Option(min(4, os.cpu_count() or 1), "--workers", help="DataLoader workers."),
-    no_bucket: bool = typer.Option(False, "--no-bucket", help="Shuffle without length bucketing."),
-    compile_model: bool = typer.Option(False, "--compile", help="torch.compile the model."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
     out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default runs/<dataset>-<model>-<plugins>)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint "
+                                "(options that change its settings are refused)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    **settings_given: object,
 ) -> None:
-    """Fine-tune a model on a cached corpus, with augmentation on the fly or materialised."""
+    """Fine-tune a model on a cached corpus, with augmentation on the fly or materialised.
+
+    The training settings below are declared once (ser_toolkit/settings.py); a
+    study's [training] section takes the same names. Every resolved value is saved
+    in RUN/config.json.
+    """
     import sys as _sys
     from dataclasses import asdict
 
     from ser_toolkit.params import parse_assignments
     from ser_toolkit.registry import get_registry
+    from ser_toolkit.settings import RUNTIME
     from ser_toolkit.training import runs
     from ser_toolkit.training.loop import TrainConfig, train as run_training
 
+    given = _given(ctx)
+    values = {n: str(v) if isinstance(v, Path) else v for n, v in settings_given.items() if n in given}
     names = [n.strip() for n in plugins_arg.split(",") if n.strip()]
     registry = get_registry()
     for n in names:
@@ -396,6 +494,7 @@ def train(
     if model not in registry.names("model"):
         model_options = {"checkpoint": model, **model_options}
         model = "hubert"
+        given.add("model_set")  # the checkpoint is a model option
     plugin_cls = registry.get("model", model).obj
     flags = {"freeze_feature_encoder": freeze_feature_encoder, "probe": probe,
              "gradient_checkpointing": gradient_checkpointing}
@@ -421,27 +520,31 @@ def train(
     if combo and set(combo) != set(names):
         raise SertkError(f"--weights names {sorted(combo)} but --plugins names {sorted(names)}",
                          "name the same augmentations in both")
-    defaults = {"epochs": 7, "batch_size": 8, "lr": 1e-5, "weight_decay": 0.01, **plugin_cls.train_defaults}
-    given = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay}
-    resolved = {k: (v if v is not None else defaults[k]) for k, v in given.items()}
-    cfg = TrainConfig(dataset=dataset, cache_dir=str(cache_dir), split=split_spec, valid=valid, plugins=names,
-                      plugin_options=_grouped_options(assignments, names) if names else {},
-                      weights=combo, weights_from=weights_info, aug_mode=aug_mode, aug_copies=aug_copies,
-                      model=model, model_options=model_options, schedule=schedule, warmup=warmup,
-                      grad_accum=grad_accum, max_seconds=max_seconds, class_weights=class_weights,
-                      early_stopping=early_stopping, select_metric=select_metric, seed=seed, workers=workers,
-                      bucket=not no_bucket, compile=compile_model, device=device, **resolved)
-    cfg.validate()
-    if early_stopping and not valid:
-        raise SertkError("--early-stopping needs a validation split", "add --valid 0.1")
-    run_dir = out or Path("runs") / "-".join([Path(dataset).stem, model, *(names or ["clean"])])
+    cfg = TrainConfig.from_settings(values, {
+        "plugins": names, "plugin_options": _grouped_options(assignments, names) if names else {},
+        "weights": combo, "weights_from": weights_info, "model": model, "model_options": model_options})
+    run_dir = out or Path("runs") / "-".join([Path(cfg.dataset).stem, cfg.model, *(cfg.plugins or ["clean"])])
     if resume:
         if not (run_dir / "config.json").is_file():
             raise SertkError(f"{run_dir} holds no run to resume", "drop --resume to start it")
-        stored = runs.read_json(run_dir / "config.json")["train"]
-        cfg = TrainConfig(**{**stored, "workers": workers, "device": device})
+        stored = runs.read_json(run_dir / "config.json")
+        if not isinstance(stored, dict) or not isinstance(stored.get("train"), dict):
+            raise SertkError(f"{run_dir / 'config.json'} is malformed (no 'train' settings)",
+                             "the run folder is damaged; train a new run with another --out")
+        stored = stored["train"]
+        changes = _resume_changes(stored, asdict(cfg), given)
+        if changes:
+            raise SertkError(f"--resume: {run_dir} was trained with other settings ({'; '.join(changes)})",
+                             "drop those options to continue it as it was, or train a new run with another --out")
+        cfg = TrainConfig.from_settings(stored, {n: getattr(cfg, n) for n in RUNTIME if n in given})
     elif (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
         raise SertkError(f"{run_dir} already holds a trained run", "pass --resume to continue it, or another --out")
+    if cfg.early_stopping and not cfg.valid:
+        raise SertkError("--early-stopping needs a validation split", "add --valid 0.1")
+    from ser_toolkit.training.loop import resolve_cache
+
+    cache_path = resolve_cache(cfg.dataset, cfg.cache_dir)  # fails before anything is written
+    created = not run_dir.exists()
     if not resume:
         from ser_toolkit.registry import get
 
@@ -454,10 +557,16 @@ def train(
                       "augmentation": "sha256(seed, utterance id, epoch, copy)"},
             "command": ["sertk", *_sys.argv[1:]],
             "commit": runs.git_commit(), "versions": runs.versions(), "hardware": runs.hardware(),
-            "data": {"cache": str((Path(dataset) if Path(dataset).exists()
-                                   else Path(cache_dir) / f"{dataset}.h5").resolve())},
+            "data": {"cache": str(cache_path.resolve())},
         })
-    summary = run_training(cfg, run_dir, resume=resume, quiet=quiet)
+    try:
+        summary = run_training(cfg, run_dir, resume=resume, quiet=quiet)
+    except SertkError:
+        if created and not runs.last_epoch_checkpoint(run_dir):  # refused before any epoch: leave nothing
+            import shutil
+
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     last = summary["history"][-1] if summary["history"] else {}
     _console().print(f"[bold]{run_dir}[/bold]: {summary['epochs_run']} epochs, train loss "
                      f"{last.get('train_loss', float('nan')):.4f}, {last.get('utterances_per_s', 0):.1f} utt/s")
@@ -468,13 +577,14 @@ def evaluate(
     run: Path = typer.Argument(..., help="Run folder (from sertk train)."),
     test: Optional[List[str]] = typer.Option(None, "--test", help="test, augmented, cross or a cache (repeat)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    allow_changed_data: bool = typer.Option(False, "--allow-changed-data",
+                                            help="Evaluate even if the run's data changed since training."),
+    allow_unfinished: bool = typer.Option(False, "--allow-unfinished", help="Evaluate a run that did not finish."),
 ) -> None:
     """Evaluate a run on its test split, every augmented test set and cross-corpus sets."""
     from ser_toolkit.evaluation import evaluate_run
 
-    if not (run / "config.json").is_file():
-        raise SertkError(f"{run} is not a sertk run folder", "pass a folder written by 'sertk train'")
-    summary = evaluate_run(run, test)
+    summary = evaluate_run(run, test, allow_changed=allow_changed_data, allow_unfinished=allow_unfinished)
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return
@@ -492,16 +602,23 @@ def predict(
     run: Path = typer.Argument(..., help="Run folder (from sertk train)."),
     audio: List[Path] = typer.Argument(..., help="Audio files (any common format, rate, channels)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    mono: Optional[str] = typer.Option(None, "--mono", help="Down-mix rule: mean, first or loudest "
+                                                            "(default: the run's training cache's)."),
+    allow_unfinished: bool = typer.Option(False, "--allow-unfinished", help="Use a run that did not finish."),
 ) -> None:
     """Emotion and class probabilities for new audio files."""
-    from ser_toolkit.audio import load
+    from ser_toolkit.audio import MONO_RULES, RESAMPLER, load
     from ser_toolkit.emotions import EMOTIONS
     from ser_toolkit.evaluation import load_run_model, predict_waves
+    from ser_toolkit.training import runs
 
-    if not (run / "config.json").is_file():
-        raise SertkError(f"{run} is not a sertk run folder", "pass a folder written by 'sertk train'")
-    waves = [load(p) for p in audio]
-    model, featurize, cfg, device = load_run_model(run)
+    info = runs.check_run(run, allow_unfinished)
+    pre = info.get("data", {}).get("cache", {}).get("preprocess", {})
+    mono = mono or pre.get("mono", "mean")
+    if mono not in MONO_RULES:
+        raise SertkError(f"unknown --mono rule {mono!r}", f"use one of {', '.join(MONO_RULES)}")
+    waves = [load(p, mono, resampler=pre.get("resampler", RESAMPLER)) for p in audio]
+    model, featurize, cfg, device = load_run_model(run, info=info)
     probs = predict_waves(model, featurize, waves, 8, device)
     results = [{"file": str(p), "emotion": EMOTIONS[int(pr.argmax())],
                 "probabilities": {e: float(v) for e, v in zip(EMOTIONS, pr)}} for p, pr in zip(audio, probs)]
@@ -551,7 +668,7 @@ def study(
         cfg["study"]["report"] = str(output)
     if runs_dir is not None:
         cfg["study"]["runs_dir"] = str(runs_dir)
-    check(cfg)
+    cfg = check(cfg)
     if save_config is not None:
         from ser_toolkit import atomic
 
@@ -563,37 +680,25 @@ def study(
     con.print(f"[bold]{report_path}[/bold] written")
 
 
-def _toml(data: dict) -> str:
-    """Write a study config as TOML: top-level values, then one table per section."""
+def _toml(cfg: dict) -> str:
+    """A checked study config as TOML (see :func:`ser_toolkit.study.dump_config`)."""
+    from ser_toolkit.study import dump_config
 
-    def value(v) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (int, float)):
-            return repr(v)
-        if isinstance(v, str):
-            return json.dumps(v)
-        if isinstance(v, list):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        if isinstance(v, dict):
-            return "{ " + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + " }" if v else "{}"
-        raise SertkError(f"cannot write {type(v).__name__} values as TOML", "use numbers, strings, lists, tables")
-
-    top = [f"{k} = {value(v)}\n" for k, v in data.items() if not isinstance(v, dict)]
-    tables = [f"\n[{k}]\n" + "".join(f"{kk} = {value(vv)}\n" for kk, vv in v.items())
-              for k, v in data.items() if isinstance(v, dict)]
-    return "".join(top) + "".join(tables)
+    return dump_config(cfg)
 
 
 @app.command()
 def report(
     inputs: List[Path] = typer.Argument(..., metavar="STUDY_OR_RUNS...", help="Study folders or run folders."),
     output: Path = typer.Option(Path("reports/report.md"), "--output", "-o", help="Markdown report path."),
+    allow_changed_data: bool = typer.Option(False, "--allow-changed-data",
+                                            help="Report even if runs were evaluated on changed data."),
+    allow_unfinished: bool = typer.Option(False, "--allow-unfinished", help="Include runs that did not finish."),
 ) -> None:
     """Write a markdown report (with figures, CSV and JSON) comparing models across test sets."""
     from ser_toolkit.report import write_report
 
-    path = write_report(inputs, output)
+    path = write_report(inputs, output, allow_changed=allow_changed_data, allow_unfinished=allow_unfinished)
     _console().print(f"[bold]{path}[/bold] written (figures and numbers in {path.with_suffix('')}/)")
 
 

@@ -8,22 +8,20 @@ normalised over the methods with positive gain
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from typing import Sequence
 
 from ser_toolkit.augmentations import weights_from_gains
-from ser_toolkit.emotions import EMOTIONS
 from ser_toolkit.errors import SertkError
 
 
 def _predictions(run: Path, name: str) -> tuple[list[int], list[int]]:
-    path = run / "eval" / f"{name}.predictions.csv"
-    if not path.is_file():
-        raise SertkError(f"{path} does not exist", f"evaluate the run first: sertk evaluate {run}")
-    with open(path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    return [EMOTIONS.index(r["true"]) for r in rows], [EMOTIONS.index(r["predicted"]) for r in rows]
+    from ser_toolkit.evaluation import read_predictions
+    from ser_toolkit.training.runs import check_run
+
+    check_run(run)  # a finished, intact run
+    _, y_true, y_pred = read_predictions(run / "eval" / f"{name}.predictions.csv")
+    return y_true.tolist(), y_pred.tolist()
 
 
 def combined_f1(run: Path, method: str) -> float:
@@ -38,7 +36,9 @@ def combined_f1(run: Path, method: str) -> float:
 def run_method(run: Path) -> str:
     from ser_toolkit.training.runs import read_json
 
-    plugins = read_json(run / "config.json")["train"]["plugins"]
+    plugins = read_json(run / "config.json").get("train", {}).get("plugins")
+    if not isinstance(plugins, list):
+        raise SertkError(f"{run / 'config.json'} is malformed (no train.plugins)", "pass a folder of 'sertk train'")
     if len(plugins) != 1:
         raise SertkError(f"run {run} trained with {plugins or 'no augmentation'}, not one method",
                          "--weights-from takes the baseline run, then one run per single augmentation")

@@ -96,55 +96,103 @@ def predictions_csv(ids: Sequence[str], y_true: Sequence[int], probs: np.ndarray
     return buf.getvalue()
 
 
+def read_predictions(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(utterance ids, true class ids, predicted class ids) from a predictions CSV; one line if malformed."""
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+        return ([r["utterance"] for r in rows], np.array([EMOTIONS.index(r["true"]) for r in rows], dtype=np.int64),
+                np.array([EMOTIONS.index(r["predicted"]) for r in rows], dtype=np.int64))
+    except FileNotFoundError:
+        raise SertkError(f"{path} does not exist", "evaluate the run first (sertk evaluate RUN)") from None
+    except (KeyError, ValueError, TypeError, UnicodeDecodeError, csv.Error):
+        raise SertkError(f"{path} is malformed", "re-evaluate the run (sertk evaluate RUN)") from None
+
+
 CROSS_CORPUS = {"ravdess": ("savee-reference", "savee"), "synthetic": ("synthetic-shifted",)}
 
 
-def load_run_model(run_dir: Path, device=None):
-    """(model, featurizer, config) of a trained run, from its best checkpoint."""
+def load_run_model(run_dir: Path, device=None, allow_unfinished: bool = False, info: dict | None = None):
+    """(model, featurizer, config, device) of a finished run, from its best weights (safetensors)."""
     import torch
 
     from ser_toolkit.registry import get
     from ser_toolkit.training import runs
 
+    info = info or runs.check_run(run_dir, allow_unfinished)
     cfg = runs.read_json(run_dir / "config.json")["train"]
-    state = runs.load_checkpoint(run_dir / "checkpoints" / "best.pt")
-    plugin = get("model", cfg["model"]).obj(**cfg["model_options"])
+    try:
+        plugin = get("model", cfg["model"]).obj(**cfg["model_options"])
+    except KeyError as exc:
+        raise SertkError(f"{run_dir / 'config.json'} lacks the setting {exc}", "the run folder is damaged; "
+                         "retrain it") from None
     model = plugin.rebuild(len(EMOTIONS), run_dir)
-    model.load_state_dict(state["model"])
+    runs.load_weights(run_dir / "checkpoints" / runs.BEST, model, info["run_id"])
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
     return model, model.featurizer(), cfg, device
 
 
-def test_sets(run_dir: Path, specs: Sequence[str] | None) -> list[tuple[str, Path, list[int] | None]]:
-    """(name, cache path, rows or None for all) of every test set a run is evaluated on.
+def _changed(what: str, run_dir: Path, recorded: str | None, now: str) -> SertkError:
+    from ser_toolkit.cache.identity import short
+
+    return SertkError(f"{what} changed since run {run_dir} was trained on it (data {short(recorded)} -> "
+                      f"{short(now)})", "retrain the run on the new data, restore the old data, or pass "
+                      "--allow-changed-data to evaluate anyway (the results then say so)")
+
+
+def test_sets(run_dir: Path, specs: Sequence[str] | None, info: dict[str, Any] | None = None,
+              allow_changed: bool = False) -> list[tuple[str, Any, list[int] | None, dict[str, Any]]]:
+    """(name, reader, rows or None for all, provenance) of every test set a run is evaluated on.
 
     Default: the in-corpus test split, every augmented test set materialised
     for that split, and the cross-corpus caches present in the cache folder.
     Specs: ``test`` (the split), ``augmented``, ``cross``, or a cache path.
+    The in-corpus sets must be of the data the run trained on (same content
+    digest and split), unless ``allow_changed``.
     """
     from ser_toolkit.augment_sets import sets_dir
+    from ser_toolkit.cache.identity import assignment_digest
     from ser_toolkit.cache.reader import CacheReader
     from ser_toolkit.splits import make_split
     from ser_toolkit.training import runs
 
     cfg = runs.read_json(run_dir / "config.json")
-    cache = Path(cfg["data"]["cache"])
+    info = info or runs.run_info(run_dir)
+    trained = info.get("data", {})
+    cache = Path(trained.get("cache", {}).get("path") or cfg.get("data", {}).get("cache", ""))
+    trained_digest = trained.get("cache", {}).get("digest")
     reader = CacheReader(cache)
+    changed = reader.digest != trained_digest
+    if changed and not allow_changed:
+        raise _changed(f"cache {cache}", run_dir, trained_digest, reader.digest)
     assignment = make_split(reader.utterances, cfg["train"]["split"])
-    out: list[tuple[str, Path, list[int] | None]] = []
+    split_now = assignment_digest(assignment)
+    if split_now != trained.get("split", {}).get("digest"):
+        if not allow_changed:
+            raise _changed(f"split {cfg['train']['split']!r}", run_dir, trained.get("split", {}).get("digest"),
+                           split_now)
+        changed = True
+    source = {"source_digest": reader.digest, "trained_digest": trained_digest, "changed": changed}
+    out: list[tuple[str, Any, list[int] | None, dict[str, Any]]] = []
     for spec in specs or ("test", "augmented", "cross"):
         if spec == "test":
-            out.append(("test", cache, [i for i, uid in enumerate(reader.ids) if assignment[uid] == "test"]))
+            rows = [i for i, uid in enumerate(reader.ids) if assignment[uid] == "test"]
+            out.append(("test", reader, rows, {**source, "rows": "test split", "split_digest": split_now}))
         elif spec == "augmented":
-            folder = sets_dir(cache, assignment)
-            out += [(p.stem, p, None) for p in sorted(folder.glob("test-*.h5"))]
+            folder = sets_dir(reader, assignment)
+            for p in sorted(folder.glob("test-*.h5")):
+                aug = CacheReader(p)
+                if aug.config.get("augmentation", {}).get("source_digest") != reader.digest:
+                    raise SertkError(f"augmented set {p} was not made from {cache}'s data",
+                                     "delete it; sertk materialize makes it again")
+                out.append((p.stem, aug, None, {**source, "rows": "all"}))
         elif spec == "cross":
             name = reader.config["dataset"]["name"]
             for other in CROSS_CORPUS.get(name, ()):
                 p = cache.with_name(f"{other}.h5")
                 if p.exists():
-                    out.append((f"cross-{other}", p, None))
+                    out.append((f"cross-{other}", CacheReader(p), None, {"rows": "all"}))
                     break
         else:
             p = Path(spec)
@@ -153,27 +201,36 @@ def test_sets(run_dir: Path, specs: Sequence[str] | None) -> list[tuple[str, Pat
             if not p.exists():
                 raise SertkError(f"test set {spec!r} is neither test, augmented, cross nor a cache file",
                                  "pass --test test|augmented|cross|CACHE.h5")
-            out.append((f"cross-{p.stem}" if p.resolve() != cache.resolve() else "all", p, None))
+            same = p.resolve() == cache.resolve()
+            out.append((f"cross-{p.stem}" if not same else "all", reader if same else CacheReader(p), None,
+                        {**source, "rows": "all"} if same else {"rows": "all"}))
     return out
 
 
 def evaluate_run(run_dir: Path, specs: Sequence[str] | None = None, batch_size: int | None = None,
-                 workers: int = 2) -> dict[str, Any]:
-    """Evaluate a run on its test sets; writes eval/<name>.json, .predictions.csv and eval/summary.json."""
-    from ser_toolkit.atomic import write_text
-    from ser_toolkit.cache.reader import CacheReader
-    from ser_toolkit.training import runs
+                 workers: int = 2, allow_changed: bool = False, allow_unfinished: bool = False) -> dict[str, Any]:
+    """Evaluate a finished run on its test sets; writes eval/<name>.json, .predictions.csv and eval/summary.json.
 
-    model, featurize, cfg, device = load_run_model(run_dir)
+    Each eval JSON records the run id and the content digest of the set it was computed on.
+    """
+    from ser_toolkit.atomic import write_text
+    from ser_toolkit.training import runs
+    from ser_toolkit.training.loop import check_wave_lengths
+
+    info = runs.check_run(run_dir, allow_unfinished)
+    sets = test_sets(run_dir, specs, info, allow_changed)
+    model, featurize, cfg, device = load_run_model(run_dir, info=info)
     batch = batch_size or max(8, cfg["batch_size"])
     summary: dict[str, Any] = {}
-    for name, path, rows in test_sets(run_dir, specs):
-        reader = CacheReader(path)
+    for name, reader, rows, provenance in sets:
         rows = list(range(len(reader))) if rows is None else rows
+        if model.input_kind == "wave":
+            check_wave_lengths(reader.lengths[rows], [reader.ids[i] for i in rows], reader.sample_rate, "test")
         probs = predict_rows(model, featurize, reader, rows, batch, device, workers)
         y_true = reader.labels[rows]
         metrics = compute_metrics(y_true, probs.argmax(1))
-        metrics.update(name=name, cache=str(path), dataset=reader.config["dataset"]["name"])
+        metrics.update(name=name, cache=str(reader.path), dataset=reader.config["dataset"]["name"],
+                       run_id=info["run_id"], data={"digest": reader.digest, **provenance})
         runs.write_json(run_dir / "eval" / f"{name}.json", metrics)
         write_text(run_dir / "eval" / f"{name}.predictions.csv",
                    predictions_csv([reader.ids[i] for i in rows], y_true, probs))

@@ -85,7 +85,9 @@ def register_models(registry: "ProviderRegistry") -> None:
 
     ``MyModel`` subclasses :class:`ser_toolkit.models.ModelPlugin` and sets
     ``name``, ``description``, ``params`` and ``train_defaults`` (training
-    settings it prefers, e.g. ``{"lr": 1e-3, "epochs": 30}``; user options win).
+    settings it prefers, e.g. ``{"lr": 1e-3, "epochs": 30}``, by the names
+    ``sertk train --help`` lists, declared in ``ser_toolkit/settings.py``; they
+    replace the declared defaults, and config files and options replace them).
     It implements:
 
     - ``build(num_labels, run_dir=None)``: a new torch module for training. It

@@ -20,6 +20,7 @@ import numpy as np
 
 from ser_toolkit.emotions import EMOTIONS
 from ser_toolkit.errors import SertkError
+from ser_toolkit.evaluation import read_predictions
 
 METRIC_NAMES = {"weighted_f1": "weighted F1", "macro_f1": "macro F1", "uar": "UAR"}
 BOOTSTRAP_ROUNDS = 1000
@@ -40,11 +41,48 @@ class Model:
     preds: dict[str, list[tuple[list[str], np.ndarray, np.ndarray]]] = field(default_factory=dict)
 
 
-def _read_predictions(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
-    with open(path, newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    return ([r["utterance"] for r in rows], np.array([EMOTIONS.index(r["true"]) for r in rows]),
-            np.array([EMOTIONS.index(r["predicted"]) for r in rows]))
+def _read_eval(path: Path, run_id: str) -> dict[str, Any]:
+    """One eval JSON, checked: well-formed, from this run, with the digest of its data."""
+    from ser_toolkit.training.runs import read_json
+
+    metrics = read_json(path)
+    ok = isinstance(metrics, dict) and isinstance(metrics.get("data"), dict) and \
+        isinstance(metrics["data"].get("digest"), str) and all(k in metrics for k in ("n", "per_emotion", "confusion"))
+    if not ok:
+        raise SertkError(f"{path} is malformed or from an older sertk (no data digest)",
+                         "re-evaluate the run (sertk evaluate RUN)")
+    if metrics.get("run_id") != run_id:
+        raise SertkError(f"{path} was computed for another run", "re-evaluate the run (sertk evaluate RUN)")
+    return metrics
+
+
+def _check_data(models: list["Model"], allow_changed: bool) -> list[str]:
+    """Every test set must be the same data for every run, and in-corpus sets the data each run trained on."""
+    from ser_toolkit.cache.identity import short
+
+    notes: list[str] = []
+    seen: dict[str, dict[str, str]] = {}
+    for m in models:
+        for test, evals in m.evals.items():
+            for run, e in zip(m.runs, evals):
+                seen.setdefault(test, {}).setdefault(e["data"]["digest"], str(run))
+                if e["data"].get("changed"):
+                    problem = (f"run {run} was evaluated on '{test}' after its data changed (trained on "
+                               f"{short(e['data'].get('trained_digest'))}, evaluated on "
+                               f"{short(e['data'].get('source_digest'))})")
+                    if not allow_changed:
+                        raise SertkError(problem, "retrain and re-evaluate it, or pass --allow-changed-data")
+                    notes.append(problem)
+    for test, digests in seen.items():
+        if len(digests) > 1:
+            (d1, r1), (d2, r2) = list(digests.items())[:2]
+            problem = (f"test set '{test}' is different data in different runs ({short(d1)} in {r1}, "
+                       f"{short(d2)} in {r2})")
+            if not allow_changed:
+                raise SertkError(problem, "re-evaluate the runs on the same data (sertk evaluate RUN), "
+                                          "or pass --allow-changed-data")
+            notes.append(problem)
+    return notes
 
 
 def _role(plugins: list[str], weights: Any) -> str:
@@ -55,9 +93,16 @@ def _role(plugins: list[str], weights: Any) -> str:
     return "combination" if weights or len(plugins) > 1 else "single"
 
 
-def collect(paths: Sequence[Path]) -> tuple[list[Model], dict[str, Any]]:
-    """Models (runs grouped by name over seeds) from study folders or run folders."""
-    from ser_toolkit.training.runs import read_json
+def collect(paths: Sequence[Path], allow_changed: bool = False,
+            allow_unfinished: bool = False) -> tuple[list[Model], dict[str, Any]]:
+    """Models (runs grouped by name over seeds) from study folders or run folders.
+
+    Every run must be finished (sealed) and every evaluation must carry the
+    digest of its data; a test set that is different data in different runs,
+    or in-corpus data that changed after training, is refused unless
+    ``allow_changed`` (the report then lists it).
+    """
+    from ser_toolkit.training.runs import check_run, read_json
 
     entries: list[dict[str, Any]] = []
     study: dict[str, Any] = {}
@@ -66,6 +111,7 @@ def collect(paths: Sequence[Path]) -> tuple[list[Model], dict[str, Any]]:
             study = read_json(p / "study.json")
             entries += study["runs"]
         elif (p / "config.json").is_file():
+            check_run(p, allow_unfinished=True)  # a malformed config.json is one line, not a KeyError
             cfg = read_json(p / "config.json")["train"]
             name = p.name.rsplit("-s", 1)[0] if p.name.rsplit("-s", 1)[-1].isdigit() else p.name
             entries.append({"name": name, "role": _role(cfg["plugins"], cfg.get("weights")), "seed": cfg["seed"],
@@ -77,19 +123,24 @@ def collect(paths: Sequence[Path]) -> tuple[list[Model], dict[str, Any]]:
     for e in entries:
         m = models.setdefault(e["name"], Model(e["name"], e["role"], e["plugins"], e.get("weights")))
         run = Path(e["run"])
+        info = check_run(run, allow_unfinished)
         summary = run / "eval" / "summary.json"
         if not summary.is_file():
             raise SertkError(f"run {run} has not been evaluated", f"run: sertk evaluate {run}")
         m.runs.append(run)
         m.seeds.append(e["seed"])
-        for test in read_json(summary):
-            m.evals.setdefault(test, []).append(read_json(run / "eval" / f"{test}.json"))
-            m.preds.setdefault(test, []).append(_read_predictions(run / "eval" / f"{test}.predictions.csv"))
+        tests = read_json(summary)
+        if not isinstance(tests, dict):
+            raise SertkError(f"{summary} is malformed", f"re-evaluate the run: sertk evaluate {run}")
+        for test in tests:
+            m.evals.setdefault(test, []).append(_read_eval(run / "eval" / f"{test}.json", info["run_id"]))
+            m.preds.setdefault(test, []).append(read_predictions(run / "eval" / f"{test}.predictions.csv"))
     order = {"baseline": 0, "control": 1, "single": 2, "combination": 3}
     ordered = sorted(models.values(), key=lambda m: (order[m.role], m.name))
     if not any(m.role == "baseline" for m in ordered):
         raise SertkError("no baseline run (trained without augmentation) among the inputs",
                          "include the baseline run or the study folder")
+    study = {**study, "data_notes": _check_data(ordered, allow_changed)}
     return ordered, study
 
 
@@ -374,7 +425,6 @@ def figures(models: list[Model], tests: list[str], folder: Path) -> dict[str, st
 
 
 def reproducibility(models: list[Model], study: dict[str, Any]) -> str:
-    from ser_toolkit.cache.reader import CacheReader
     from ser_toolkit.training.runs import read_json
 
     first = read_json(models[0].runs[0] / "config.json")
@@ -382,15 +432,15 @@ def reproducibility(models: list[Model], study: dict[str, Any]) -> str:
              "- versions: " + ", ".join(f"{k} {v}" for k, v in (study.get("versions") or first.get("versions", {})).items()),
              "- hardware: " + ", ".join(f"{k}: {v}" for k, v in (study.get("hardware") or first.get("hardware", {})).items()),
              "- seeds: " + ", ".join(f"{m.name} {m.seeds}" for m in models)]
-    caches = sorted({str(read_json(r / "config.json")["data"]["cache"]) for m in models for r in m.runs})
-    for c in caches:
-        try:
-            reader = CacheReader(c)
-            s = reader.build_summary
-            lines.append(f"- data `{c}`: {len(reader)} utterances, table digest `{s.get('table_digest', '?')[:16]}`, "
-                         f"preprocessing {reader.config['preprocess']}")
-        except SertkError:
-            lines.append(f"- data `{c}`: not readable now")
+    sets: dict[tuple[str, str], dict[str, Any]] = {}
+    for m in models:
+        for test, evals in m.evals.items():
+            for e in evals:
+                sets.setdefault((test, e["data"]["digest"]), e)
+    for (test, digest), e in sorted(sets.items()):
+        lines.append(f"- {label(test)}: `{e.get('cache')}`, {e['n']} utterances, data digest `{digest[:16]}`")
+    for note in study.get("data_notes", []):
+        lines.append(f"- **data changed (accepted with --allow-changed-data)**: {note}")
     walls = []
     for m in models:
         secs = [read_json(r / "wall_time.json")["train_seconds"] for r in m.runs if (r / "wall_time.json").is_file()]
@@ -406,11 +456,12 @@ def reproducibility(models: list[Model], study: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(paths: Sequence[Path], output: Path) -> Path:
+def write_report(paths: Sequence[Path], output: Path, allow_changed: bool = False,
+                 allow_unfinished: bool = False) -> Path:
     """Write ``output`` (markdown), ``<output stem>/`` (figures, numbers.csv, numbers.json)."""
     from ser_toolkit.atomic import write_text
 
-    models, study = collect(paths)
+    models, study = collect(paths, allow_changed, allow_unfinished)
     tests = _test_order(models)
     numbers = Numbers()
     folder = output.with_suffix("")

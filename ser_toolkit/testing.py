@@ -13,6 +13,8 @@ declared and validated at construction, the same seed gives bit-identical
 output, different seeds differ (for stochastic augmentations), sampled
 parameters are JSON-serialisable, output is finite float32 1-D audio, the
 object pickles, the input is not modified, and 10 ms and long inputs work.
+The output checks run on what ``apply`` itself returns, by the rules sertk
+enforces when it calls a plugin (:func:`ser_toolkit.augmentations.check_output`).
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ser_toolkit.augmentations import AugmentContext, Augmentation, PartnerPool
-from ser_toolkit.errors import ParameterError
+from ser_toolkit.augmentations import AugmentContext, Augmentation, PartnerPool, apply_error, check_output, read_only
+from ser_toolkit.errors import ParameterError, PluginError, SertkError
 from ser_toolkit.params import Param
 
 RATE = 16000
@@ -91,21 +93,39 @@ def check_augmentation(cls: type[Augmentation], options: Mapping[str, Any] | Non
             raise AssertionError(f"{cls.name}: {p.name}={bad!r} was accepted ({p.allowed()} is allowed)")
     wave = speechlike(1.5)
     before = wave.copy()
-    out1, params1 = aug(wave, np.random.default_rng(0), _context())
+    out1, params1 = _apply(aug, wave, 0)
     assert np.array_equal(wave, before), f"{cls.name}: modified its input in place"
-    out2, params2 = aug(wave, np.random.default_rng(0), _context())
+    out2, params2 = _apply(aug, wave, 0)
     assert out1.dtype == np.float32 and out1.ndim == 1 and out1.size > 0, f"{cls.name}: output must be float32 1-D"
     assert np.isfinite(out1).all(), f"{cls.name}: output has NaN/inf"
     assert np.array_equal(out1, out2) and params1 == params2, f"{cls.name}: the same seed gave different output"
     json.dumps(params1)  # sampled parameters must be JSON-serialisable
+    out_c, params_c = aug(wave, np.random.default_rng(0), _context())
+    assert np.array_equal(out1, out_c) and params1 == params_c, f"{cls.name}: calling it differs from its apply"
     if cls.stochastic:
-        outs = [aug(wave, np.random.default_rng(s), _context())[0] for s in range(1, 6)]
+        outs = [_apply(aug, wave, s)[0] for s in range(1, 6)]
         assert any(not np.array_equal(o, out1) for o in outs), f"{cls.name}: output ignores the seed"
     clone = pickle.loads(pickle.dumps(aug))
-    out3, _ = clone(wave, np.random.default_rng(0), _context())
+    out3, _ = _apply(clone, wave, 0)
     assert np.array_equal(out1, out3), f"{cls.name}: a pickled copy gives different output"
     for seconds in (0.01, long_seconds):
         x = speechlike(seconds, seed=3)
-        y, p = aug(x, np.random.default_rng(7), _context())
+        y, p = _apply(aug, x, 7, f" (on a {seconds} s input)")
         assert y.ndim == 1 and y.size > 0 and np.isfinite(y).all(), f"{cls.name}: failed on a {seconds} s input"
         json.dumps(p)
+
+
+def _apply(aug: Augmentation, wave: np.ndarray, seed: int, where: str = "") -> tuple[np.ndarray, dict[str, Any]]:
+    """``aug.apply`` on a read-only view of ``wave``, its raw result checked as sertk checks it (no cast)."""
+    context = _context()
+    view = read_only(wave)
+    try:
+        try:
+            result = aug.apply(view, np.random.default_rng(seed), context)
+        except SertkError:
+            raise
+        except Exception as exc:
+            raise apply_error(aug.name, exc, context.utterance_id) from exc
+        return check_output(aug.name, result, context.utterance_id)
+    except PluginError as exc:
+        raise AssertionError(f"{exc}{where}") from exc

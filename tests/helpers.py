@@ -48,3 +48,21 @@ def write_audio(path: Path, seconds: float = 0.5, rate: int = 16000, channels: i
     path.parent.mkdir(parents=True, exist_ok=True)
     sf.write(str(path), tone(seconds, rate, channels, freq), rate, subtype=subtype)
     return path
+
+
+def seal_fake_run(folder: Path) -> str:
+    """Make ``folder`` (with a config.json) a finished run: run.json, tiny best weights, final.json."""
+    import json
+    import uuid
+
+    import torch
+    from safetensors.torch import save_file
+
+    from ser_toolkit.training import runs
+
+    run_id = uuid.uuid4().hex
+    (folder / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (folder / "run.json").write_text(json.dumps({"run_id": run_id, "data": {}}))
+    save_file({"w": torch.zeros(1)}, str(folder / "checkpoints" / runs.BEST), metadata={"run_id": run_id})
+    runs.seal(folder, run_id)
+    return run_id

@@ -62,10 +62,13 @@ def test_probe_freezes_the_encoder(four_label_checkpoint):
     assert model.layer_weights.grad is not None
 
 
-def test_offline_missing_model_is_one_line_and_quick():
+def test_offline_missing_model_is_one_line_and_quick(tmp_path):
+    cache = subprocess.run([sys.executable, "-m", "ser_toolkit", "cache", "synthetic", "--set", "per_emotion=1",
+                            "-q"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert cache.returncode == 0, cache.stderr
     t = time.monotonic()
     r = subprocess.run([sys.executable, "-m", "ser_toolkit", "train", "--model", "superb/hubert-large-superb-er",
-                        "--epochs", "1"], capture_output=True, text=True, timeout=120,
+                        "--epochs", "1"], capture_output=True, text=True, timeout=120, cwd=tmp_path,
                        env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
     assert "not in the local Hugging Face cache" in r.stderr and "/path/to/folder" in r.stderr

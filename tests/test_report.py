@@ -8,6 +8,7 @@ import re
 import numpy as np
 import pytest
 
+from helpers import seal_fake_run
 from ser_toolkit.emotions import EMOTIONS
 from ser_toolkit.evaluation import compute_metrics, predictions_csv
 from ser_toolkit.report import write_report
@@ -21,6 +22,7 @@ def fake_run(folder, plugins, seed, accuracy, rng):
     (folder / "config.json").write_text(json.dumps({
         "train": {"plugins": plugins, "weights": None, "seed": seed}, "data": {"cache": str(folder / "none.h5")},
         "commit": "abc", "versions": {"sertk": "0.1.0"}, "hardware": {"cpus": 2}}))
+    run_id = seal_fake_run(folder)
     summary = {}
     for t in TESTS:
         n = 70
@@ -29,6 +31,7 @@ def fake_run(folder, plugins, seed, accuracy, rng):
         ids = [f"u{i}" for i in range(n)]
         probs = np.eye(7)[p]
         m = compute_metrics(y, p)
+        m.update(run_id=run_id, data={"digest": f"digest-of-{t}", "changed": False})
         (folder / "eval" / f"{t}.json").write_text(json.dumps(m))
         (folder / "eval" / f"{t}.predictions.csv").write_text(predictions_csv(ids, y, probs))
         summary[t] = {k: m[k] for k in ("n", "accuracy", "weighted_f1", "macro_f1", "uar", "missing_emotions")}

@@ -56,7 +56,7 @@ def test_study_resumes_after_kill_and_reruns_changed_configs(tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    finished = base / "checkpoints" / "best.pt"
+    finished = base / "checkpoints" / "best.safetensors"
     stamp = finished.stat().st_mtime_ns
     r = run_sertk("study", "--preset", "demo", "--config", cfg, cwd=tmp_path, timeout=600)
     assert r.code == 0, r.err
@@ -75,19 +75,19 @@ def test_study_config_errors(tmp_path, cli):
     bad = tmp_path / "bad.toml"
     bad.write_text("[training]\nepochz = 3\n")
     r = cli("study", "--preset", "demo", "--config", bad)
-    assert r.code == 2 and "unknown [training] setting 'epochz'" in r.err
+    assert r.code == 2 and "unknown key 'epochz' in [training]; did you mean 'epochs'?" in r.err
     bad.write_text("this is = not toml [")
     r = cli("study", "--config", bad)
     assert r.code == 2 and "is not valid TOML" in r.err
     r = cli("study", "--preset", "fancy")
     assert r.code == 2 and "unknown preset 'fancy'" in r.err
     r = cli("study", "--preset", "demo", "--seeds", "0")
-    assert r.code == 2 and "seeds must be a positive integer" in r.err
+    assert r.code == 2 and "[study] seeds must be an int >= 1 (got 0)" in r.err
     other = tmp_path / "other.toml"
     other.write_text('[model]\nname = "acoustic"\n')
     out = tmp_path / "acoustic.toml"
     assert cli("study", "--preset", "reference", "--config", other, "--save-config", out).code == 0
-    assert tomllib.loads(out.read_text())["model"] == {"name": "acoustic"}
+    assert tomllib.loads(out.read_text())["model"] == {"name": "acoustic", "options": {}}
     other.write_text('[model]\nname = "acoustic"\noptions = { checkpoint = "x" }\n')
     r = cli("study", "--preset", "reference", "--config", other)
     assert r.code == 2 and "model 'acoustic': unknown parameter 'checkpoint'" in r.err

@@ -34,7 +34,7 @@ def train(cache_dir, out, *extra, env=None):
 
 
 def state(path: Path):
-    return torch.load(path, map_location="cpu", weights_only=False)["model"]
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
 
 def test_run_folder_contents_and_evaluate(cache_dir, tmp_path, cli):
@@ -46,7 +46,7 @@ def test_run_folder_contents_and_evaluate(cache_dir, tmp_path, cli):
     assert cfg["plugins"]["augmentation:noise"]["distribution"] == "sertk"
     assert {"torch", "transformers", "numpy"} <= set(cfg["versions"]) and cfg["seeds"]["seed"] == 42
     assert "commit" in cfg and cfg["command"][:2] == ["sertk", "train"]
-    assert (run / "checkpoints" / "epoch-002.pt").is_file() and (run / "checkpoints" / "best.pt").is_file()
+    assert (run / "checkpoints" / "epoch-002.pt").is_file() and (run / "checkpoints" / "best.safetensors").is_file()
     curves = (run / "curves.csv").read_text().splitlines()
     assert curves[0].startswith("epoch,train_loss") and len(curves) == 3
     log = [json.loads(line) for line in (run / "aug_log" / "epoch-001.jsonl").read_text().splitlines()]
@@ -121,9 +121,12 @@ def test_validation_early_stopping_and_offline_mode(cache_dir, tmp_path):
     assert summary["valid_utterances"] > 0
     assert summary["train_items_per_epoch"] == 3 * summary["train_utterances"]  # clean + 2 copies
     assert "valid_uar" in summary["history"][0]
-    best = torch.load(run / "checkpoints" / "best.pt", weights_only=False)
-    assert best["metric"] == "uar" and best["score"] == max(h["valid_uar"] for h in summary["history"])
-    assert list((cache_dir / "synthetic.aug").glob("*/train-noise-x2.h5"))
+    from safetensors import safe_open
+
+    with safe_open(str(run / "checkpoints" / "best.safetensors"), framework="pt") as fh:
+        best = fh.metadata()
+    assert best["metric"] == "uar" and float(best["score"]) == max(h["valid_uar"] for h in summary["history"])
+    assert list((cache_dir / "synthetic.aug").glob("*/train-noise-x2-s42.h5"))
 
 
 def test_third_party_augmentation_and_weights(cache_dir, tmp_path):
@@ -166,7 +169,7 @@ def test_train_errors(cache_dir, tmp_path, cli):
         (("--out", tmp_path / "new", "--resume"), "holds no run to resume"),
         (("--plugins", "nope"), "unknown augmentation 'nope'"),
         (("--model", "acoustic", "--probe"), "does not apply to model 'acoustic'"),
-        (("--lr", "-1"), "--lr must be positive"),
+        (("--lr", "-1"), "--lr must be a number > 0"),
         (("--aug-mode", "sometimes"), "--aug-mode"),
         (("--early-stopping", "2"), "needs a validation split"),
         (("--dataset", "nothing"), "no cache"),

@@ -46,6 +46,34 @@ def parse_label_mapping(text: str | None) -> dict[str, str | None]:
     return mapping
 
 
+def _text_lines(path: Path) -> Iterator[str]:
+    """The lines of ``path`` (line endings kept) decoded as UTF-8, a leading BOM dropped."""
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                yield raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise SertkError(f"{path}:{lineno}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x})",
+                                 "save it as UTF-8") from None
+
+
+def _csv_rows(path: Path) -> Iterator[dict[str, str]]:
+    """The rows of a CSV file as dicts keyed by its header; a row with another field count is an error."""
+    reader = csv.reader(_text_lines(path))
+    try:
+        header = next(reader, None)
+        for fields in reader:
+            if not fields:  # a blank line
+                continue
+            if len(fields) != len(header):
+                raise SertkError(f"{path}:{reader.line_num}: {len(fields)} fields, but the header has "
+                                 f"{len(header)}",
+                                 "give every row one value per header column (quote values that contain commas)")
+            yield dict(zip(header, fields))
+    except csv.Error as exc:
+        raise SertkError(f"{path}:{reader.line_num}: not valid CSV ({exc})", "save it as plain CSV") from None
+
+
 class Manifest(Dataset):
     name = "manifest"
     description = "any corpus listed in a CSV or JSON-lines manifest (path, label, speaker, gender, split...)"
@@ -79,20 +107,18 @@ class Manifest(Dataset):
 
     def _rows(self, path: Path) -> Iterator[dict[str, Any]]:
         if path.suffix.lower() in (".jsonl", ".json", ".ndjson"):
-            with open(path, encoding="utf-8") as fh:
-                for lineno, line in enumerate(fh, 1):
-                    if line.strip():
-                        try:
-                            row = json.loads(line)
-                        except json.JSONDecodeError as exc:
-                            raise SertkError(f"{path}:{lineno}: not valid JSON ({exc.msg})",
-                                             "write one JSON object per line") from None
-                        if not isinstance(row, dict):
-                            raise SertkError(f"{path}:{lineno}: not a JSON object", "write one JSON object per line")
-                        yield row
+            for lineno, line in enumerate(_text_lines(path), 1):
+                if line.strip():
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise SertkError(f"{path}:{lineno}: not valid JSON ({exc.msg})",
+                                         "write one JSON object per line") from None
+                    if not isinstance(row, dict):
+                        raise SertkError(f"{path}:{lineno}: not a JSON object", "write one JSON object per line")
+                    yield row
         else:
-            with open(path, newline="", encoding="utf-8") as fh:
-                yield from csv.DictReader(fh)
+            yield from _csv_rows(path)
 
     def resolve_root(self, root: Path | None) -> Path:
         """Audio paths in the manifest are relative to the manifest's folder."""

@@ -9,6 +9,7 @@ same whatever the worker count, and a resumed run repeats it exactly.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -16,6 +17,13 @@ import numpy as np
 
 from ser_toolkit.augmentations import AugmentContext, Augmentation, PartnerPool, utterance_seed
 from ser_toolkit.cache.reader import CacheReader
+from ser_toolkit.errors import SertkError
+
+
+def _in_loader_worker() -> bool:
+    """True in a torch DataLoader worker process (torch is then imported already)."""
+    torch_data = sys.modules.get("torch.utils.data")
+    return torch_data is not None and torch_data.get_worker_info() is not None
 
 
 @dataclass
@@ -67,12 +75,23 @@ class TrainItems:
             entry["crop_start"] = start
         return wave, int(reader.labels[i]), entry
 
-    def __getitem__(self, k: int) -> tuple[np.ndarray, int, dict[str, Any] | None]:
-        if self.memo is not None and k in self.memo:
-            return self.memo[k], int(self.readers[self.items[k][0]].labels[self.items[k][1]]), None
-        wave, label, entry = self.raw(k)
-        x = self.featurize(wave) if self.featurize is not None else wave
-        return x, label, entry if (self.log and "params" in entry) else None
+    def __getitem__(self, k: int) -> tuple[np.ndarray, int, dict[str, Any] | None] | SertkError:
+        """Item ``k``: (features, label, log entry or None).
+
+        In a DataLoader worker a :class:`SertkError` is *returned*, not raised: torch would re-raise it in
+        the main process as a multi-line traceback; :class:`Collate` passes it on as the batch and the
+        training loop raises the original.
+        """
+        try:
+            if self.memo is not None and k in self.memo:
+                return self.memo[k], int(self.readers[self.items[k][0]].labels[self.items[k][1]]), None
+            wave, label, entry = self.raw(k)
+            x = self.featurize(wave) if self.featurize is not None else wave
+            return x, label, entry if (self.log and "params" in entry) else None
+        except SertkError as exc:
+            if not _in_loader_worker():
+                raise
+            return exc
 
 
 def bucket_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int, bucket: bool = True,
@@ -103,7 +122,10 @@ def bucket_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: in
 
 @dataclass
 class Collate:
-    """Pads waveforms to the longest in the batch (with an attention mask) or stacks vectors."""
+    """Pads waveforms to the longest in the batch (with an attention mask) or stacks vectors.
+
+    A batch holding a :class:`SertkError` (see :meth:`TrainItems.__getitem__`) collates to that error.
+    """
 
     input_kind: str = "wave"
     logs: list = field(default_factory=list)
@@ -111,6 +133,9 @@ class Collate:
     def __call__(self, batch):
         import torch
 
+        for item in batch:
+            if isinstance(item, SertkError):
+                return item
         xs, ys, entries = zip(*batch)
         labels = torch.as_tensor(ys, dtype=torch.long)
         if self.input_kind == "vector":
@@ -125,7 +150,7 @@ class Collate:
 
 
 _MEMO: dict[tuple[str, str, int], np.ndarray] = {}
-"""Features of static featurisers (e.g. acoustic statistics), by (featuriser, cache file, row): a study
+"""Features of static featurisers (e.g. acoustic statistics), by (featuriser, cache digest, row): a study
 featurises each clean or materialised utterance once, however many models it trains and evaluates."""
 
 
@@ -137,7 +162,7 @@ def featurize_rows(featurize: Callable, reader: CacheReader, rows: Sequence[int]
                    workers: int = 1) -> list[np.ndarray]:
     """Featurise rows of a cache (in parallel, memoised for static featurisers)."""
     key = _featurizer_key(featurize)
-    path = str(reader.path.resolve())
+    path = reader.digest  # by content: a re-cached file at the same path never reuses old features
     todo = [r for r in rows if not static or (key, path, r) not in _MEMO]
     if todo:
         feats = _parallel(lambda r: featurize(reader.wave(r)), todo, workers)
@@ -183,5 +208,7 @@ def _parallel(fn: Callable, xs: Sequence, workers: int) -> list:
     try:
         with mp.get_context("fork").Pool(workers) as pool:
             return pool.map(_run_task, xs, chunksize=16)
+    except SertkError as exc:  # re-raised here with the worker's traceback as its cause: drop that
+        raise exc from None
     finally:
         _TASK = None

@@ -19,73 +19,40 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
+from ser_toolkit import settings
 from ser_toolkit.atomic import write_text
 from ser_toolkit.emotions import EMOTIONS
 from ser_toolkit.errors import SertkError
+from ser_toolkit.settings import SCHEDULES  # noqa: F401  (re-exported)
 
-SCHEDULES = ("constant", "linear", "cosine")
+LONG_WAVE_SECONDS = 60.0  # longer waveform inputs need --max-seconds (memory grows with length, attention quadratically)
 
 
-@dataclass
+@settings.dataclass_of(settings.TRAIN_SETTINGS)
 class TrainConfig:
-    """Every setting of a training run (the resolved form is saved as config.json)."""
+    """Every setting of a training run (the resolved form is saved as config.json).
 
-    dataset: str = "synthetic"
-    cache_dir: str = "cache"
-    split: str = "stratified:test=0.2,seed=42"
-    valid: float = 0.0
-    plugins: list[str] = field(default_factory=list)
-    plugin_options: dict[str, dict[str, Any]] = field(default_factory=dict)
-    weights: dict[str, float] | None = None
-    weights_from: dict[str, Any] | None = None
-    aug_mode: str = "online"
-    aug_copies: int = 1
-    model: str = "hubert"
-    model_options: dict[str, Any] = field(default_factory=dict)
-    epochs: int = 7
-    batch_size: int = 8
-    lr: float = 1e-5
-    weight_decay: float = 0.01
-    schedule: str = "constant"
-    warmup: float = 0.0
-    grad_accum: int = 1
-    max_seconds: float | None = None
-    class_weights: str = "none"
-    early_stopping: int = 0
-    select_metric: str = "uar"
-    seed: int = 42
-    workers: int = 2
-    bucket: bool = True
-    bf16: bool = True
-    compile: bool = False
-    device: str = "auto"
-    log_every: int = 20
+    Fields, types, defaults and allowed values are declared once, in
+    :data:`ser_toolkit.settings.TRAIN_SETTINGS`.
+    """
+
+    @classmethod
+    def from_settings(cls, *layers: Mapping[str, Any]) -> "TrainConfig":
+        """Resolved (declaration < the model's ``train_defaults`` < each layer in turn) and validated."""
+        cfg = cls(**settings.resolve(*layers))
+        cfg.validate()
+        return cfg
 
     def validate(self) -> None:
-        checks = [
-            (self.aug_mode in ("online", "offline"), "--aug-mode must be online or offline"),
-            (self.schedule in SCHEDULES, f"--schedule must be one of {', '.join(SCHEDULES)}"),
-            (self.epochs >= 1, "--epochs must be at least 1"),
-            (self.batch_size >= 1, "--batch-size must be at least 1"),
-            (self.lr > 0, "--lr must be positive"),
-            (0 <= self.warmup < 1, "--warmup is a share of the steps in [0, 1)"),
-            (0 <= self.valid < 1, "--valid is a share of the training data in [0, 1)"),
-            (self.grad_accum >= 1, "--grad-accum must be at least 1"),
-            (self.aug_copies >= 1, "--aug-copies must be at least 1"),
-            (self.class_weights in ("none", "balanced"), "--class-weights must be none or balanced"),
-            (self.select_metric in ("uar", "weighted_f1", "macro_f1", "accuracy"),
-             "--select-metric must be uar, weighted_f1, macro_f1 or accuracy"),
-            (self.max_seconds is None or self.max_seconds > 0, "--max-seconds must be positive"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise SertkError(message, "fix the option")
+        """Check (and normalise, e.g. int -> float) every setting; one-line errors name the option."""
+        for name, value in settings.check_settings(asdict(self)).items():
+            setattr(self, name, value)
 
 
 def _dist() -> tuple[int, int, int]:
@@ -143,23 +110,23 @@ class Prepared:
     valid_rows: list[int]
     augmentation: Any
     summary: dict[str, Any]
+    data: dict[str, Any]
+    """Digests of every set the run trains and validates on (recorded in run.json)."""
 
 
 def prepare_data(cfg: TrainConfig, featurize, run_dir: Path | None) -> Prepared:
     """Cache, split (+ validation carved from train), augmentation and the training items."""
     from ser_toolkit.augment_sets import build_augmentation, materialize
     from ser_toolkit.augmentations import PartnerPool
+    from ser_toolkit.cache.identity import assignment_digest
     from ser_toolkit.cache.reader import CacheReader
     from ser_toolkit.splits import make_split, speaker_independent, stratified
     from ser_toolkit.training.data import TrainItems
 
-    path = Path(cfg.dataset)
-    if not path.exists() and not path.suffix:
-        path = Path(cfg.cache_dir) / f"{cfg.dataset}.h5"
-    if not path.exists():
-        raise SertkError(f"no cache {path}", f"build it first: sertk cache {cfg.dataset}")
+    path = resolve_cache(cfg.dataset, cfg.cache_dir)
     reader = CacheReader(path)
     assignment = make_split(reader.utterances, cfg.split)
+    split_digest = assignment_digest(assignment)
     if "train" not in assignment.values():
         raise SertkError(f"split {cfg.split!r} has no training part", "check --split")
     train_rows = [i for i, uid in enumerate(reader.ids) if assignment[uid] == "train"]
@@ -174,6 +141,7 @@ def prepare_data(cfg: TrainConfig, featurize, run_dir: Path | None) -> Prepared:
         for i in valid_rows:
             assignment[reader.ids[i]] = "valid"
     readers = [reader]
+    augmented: list[dict[str, str]] = []
     items = [(0, i, -1) for i in train_rows]
     augmentation = None
     partners = None
@@ -193,6 +161,7 @@ def prepare_data(cfg: TrainConfig, featurize, run_dir: Path | None) -> Prepared:
                                       seed=cfg.seed, aug_config={"plugins": cfg.plugins, "options": cfg.plugin_options,
                                                                  "weights": cfg.weights})
             aug_reader = CacheReader(set_path)
+            augmented.append({"path": str(set_path.resolve()), "digest": aug_reader.digest})
             keep = {reader.ids[i] for i in train_rows}
             readers.append(aug_reader)
             items += [(1, j, -1) for j, u in enumerate(aug_reader.column("extra"))
@@ -203,7 +172,33 @@ def prepare_data(cfg: TrainConfig, featurize, run_dir: Path | None) -> Prepared:
     summary = {"cache": str(path), "train_utterances": len(train_rows), "valid_utterances": len(valid_rows),
                "test_utterances": sum(1 for s in assignment.values() if s == "test"),
                "train_items_per_epoch": len(items)}
-    return Prepared(reader, assignment, train, valid_rows, augmentation, summary)
+    data = {"cache": {"path": str(path.resolve()), "digest": reader.digest,
+                      "preprocess": reader.config["preprocess"]},
+            "split": {"spec": cfg.split, "digest": split_digest},
+            "train_valid": assignment_digest(assignment), "augmented": augmented}
+    return Prepared(reader, assignment, train, valid_rows, augmentation, summary, data)
+
+
+def resolve_cache(dataset: str, cache_dir: str | Path) -> Path:
+    """A cache path, or a cache name looked up in ``cache_dir``."""
+    from ser_toolkit.cache.build import cache_file
+
+    path = Path(dataset)
+    if not path.exists() and not path.suffix:
+        path = cache_file(cache_dir, dataset)
+    if not path.exists():
+        raise SertkError(f"no cache {path}", f"build it first: sertk cache {path.stem}")
+    return path
+
+
+def check_wave_lengths(lengths: np.ndarray, ids: list[str], rate: int, what: str) -> None:
+    """Refuse waveform inputs too long to hold in memory, naming the longest and the fix."""
+    if len(lengths) and lengths.max() > LONG_WAVE_SECONDS * rate:
+        i = int(np.argmax(lengths))
+        raise SertkError(f"{what} utterance {ids[i]!r} is {lengths[i] / rate:.0f} s long; waveform models hold "
+                         f"whole utterances in memory (limit {LONG_WAVE_SECONDS:.0f} s)",
+                         "pass --max-seconds 20 (random crops), or leave such files out of the cache "
+                         "(sertk cache --max-seconds 60)")
 
 
 def augmentation_cls(name: str):
@@ -251,9 +246,16 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = F
     featurize = model.featurizer()
     data = prepare_data(cfg, featurize, run_dir)
     train_items = data.train
+    if model.input_kind == "wave" and cfg.max_seconds is None:
+        check_wave_lengths(train_items.lengths(), [train_items.readers[r].ids[i] for r, i, _ in train_items.items],
+                           data.reader.sample_rate, "training")
     start_epoch, best, history = 0, -math.inf, []
     step_log: list[list[float]] = []  # [epoch, step, loss]: read back once per epoch, not per step
     ckpt_path = runs.last_epoch_checkpoint(run_dir) if resume else None
+    resuming = ckpt_path is not None and (run_dir / runs.RUN_FILE).is_file()
+    run_id = _start_run(run_dir, data.data, resuming, main_process)  # only rank 0's id is ever written
+    if not resuming:
+        ckpt_path = None
 
     if model.static_features and train_items.augmentation is None:
         train_items.memo = featurize_all(train_items, max(cfg.workers, 1))
@@ -273,7 +275,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = F
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_lambda(cfg.schedule, int(cfg.warmup * total_steps), total_steps))
     if ckpt_path is not None:
-        state = runs.load_checkpoint(ckpt_path)
+        state = runs.load_checkpoint(ckpt_path, run_id)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -315,7 +317,10 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = F
             task = progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(batches), loss=0.0, rate=0.0) \
                 if progress else None
             optimizer.zero_grad(set_to_none=True)
-            for step, (inputs, mask, labels, logs) in enumerate(loader):
+            for step, batch in enumerate(loader):
+                if isinstance(batch, SertkError):  # raised in a loader worker (see TrainItems.__getitem__)
+                    raise batch
+                inputs, mask, labels, logs = batch
                 inputs = inputs.to(device, non_blocking=True)
                 mask = mask.to(device, non_blocking=True) if mask is not None else None
                 labels = labels.to(device, non_blocking=True)
@@ -357,12 +362,12 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = F
                     write_text(run_dir / "aug_log" / f"epoch-{epoch + 1:03d}.jsonl", log_lines.getvalue())
                 state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scheduler": scheduler.state_dict(), "epoch": epoch, "best": best, "history": history,
-                         "steps": step_log, "config": asdict(cfg)}
+                         "steps": step_log, "config": asdict(cfg), "run_id": run_id}
                 runs.save_checkpoint(run_dir / "checkpoints" / f"epoch-{epoch + 1:03d}.pt", state)
                 if improved:
-                    runs.save_checkpoint(run_dir / "checkpoints" / "best.pt",
-                                         {"model": model.state_dict(), "epoch": epoch, "score": score,
-                                          "metric": cfg.select_metric if data.valid_rows else "last epoch"})
+                    runs.save_weights(run_dir / "checkpoints" / runs.BEST, model,
+                                      {"run_id": run_id, "epoch": epoch + 1, "score": score,
+                                       "metric": cfg.select_metric if data.valid_rows else "last epoch"})
                 _write_curves(run_dir / "curves.csv", history)
                 write_text(run_dir / "steps.csv", "epoch,step,loss\n" + "".join(f"{e},{j},{v:.6f}\n"
                                                                                for e, j, v in step_log))
@@ -377,9 +382,29 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = F
     summary = {"epochs_run": len(history), "best": best, "history": history, **data.summary}
     if main_process:
         runs.write_json(run_dir / "train_summary.json", summary)
+        runs.seal(run_dir, run_id)  # last: only now is the run finished
     if distributed:
         torch.distributed.barrier()
     return summary
+
+
+def _start_run(run_dir: Path, data: dict[str, Any], resuming: bool, main_process: bool) -> str:
+    """The run id: the recorded one when resuming on unchanged data, else a new one (recorded in run.json)."""
+    from ser_toolkit.training import runs
+
+    if resuming:
+        info = runs.run_info(run_dir)
+        if info.get("data") != data:
+            was, now = info.get("data", {}).get("cache", {}), data["cache"]
+            raise SertkError(f"the data of run {run_dir} changed since it started (cache {was.get('path')} "
+                             f"{str(was.get('digest'))[:12]} -> {now['path']} {now['digest'][:12]}, or its split "
+                             "or augmented sets)", "start a new run (another --out), or restore the data")
+        return info["run_id"]
+    run_id = runs.new_run_id()
+    if main_process:
+        (run_dir / runs.SEAL_FILE).unlink(missing_ok=True)
+        runs.write_json(run_dir / runs.RUN_FILE, {"run_id": run_id, "data": data})
+    return run_id
 
 
 def _write_curves(path: Path, history: list[dict[str, Any]]) -> None:

@@ -4,7 +4,11 @@
 
     config.json            every setting spelled out, plugins and versions, commit, seeds
     model/                 what is needed to rebuild the architecture offline
-    checkpoints/epoch-NNN.pt, best.pt   (written atomically)
+    run.json               the run id and the digests of the data it trains/validates on
+    checkpoints/epoch-NNN.pt   resumable state (loaded with weights_only=True), carries the run id
+    checkpoints/best.safetensors   the selected weights (safetensors; metadata: run id, epoch, score)
+    final.json             the seal: written last, with the checkpoints' SHA-256; a run without it
+                           is unfinished and evaluate/predict/report refuse it
     curves.csv             per epoch: train loss, validation metrics, lr, utterances/s, seconds
     steps.csv              per optimizer step: epoch, step, training loss
     aug_log/epoch-NNN.jsonl   what was sampled for which utterance
@@ -76,27 +80,143 @@ def read_json(path: Path) -> Any:
     except FileNotFoundError:
         raise SertkError(f"{path} does not exist", "is this a sertk run directory?") from None
     except json.JSONDecodeError:
-        raise SertkError(f"{path} is not valid JSON (corrupt run?)", "rerun the training") from None
+        raise SertkError(f"{path} is not valid JSON (corrupt or hand-edited)",
+                         "restore it, or recompute it (sertk evaluate RUN for eval files, sertk train for a run)") \
+            from None
+
+
+RUN_FILE = "run.json"
+SEAL_FILE = "final.json"
+BEST = "best.safetensors"
+
+
+def new_run_id() -> str:
+    import uuid
+
+    return uuid.uuid4().hex
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file, streamed."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Resumable training state (model, optimizer, scheduler, history, run id), atomically."""
     import torch
 
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
+def load_checkpoint(path: Path, run_id: str | None = None) -> dict[str, Any]:
+    """Resumable state, loaded with ``weights_only=True`` (no code runs); must belong to ``run_id``."""
     import torch
 
     if not path.is_file():
         raise SertkError(f"checkpoint {path} does not exist", "train the run first (sertk train)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # a corrupt file must not show a traceback
-        raise SertkError(f"checkpoint {path} cannot be read ({type(exc).__name__})", "retrain or resume") from None
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a corrupt or crafted file must not show a traceback, nor run code
+        raise SertkError(f"checkpoint {path} cannot be read safely ({type(exc).__name__})",
+                         "retrain, or resume from an earlier checkpoint") from None
+    if run_id is not None and (not isinstance(state, dict) or state.get("run_id") != run_id):
+        raise SertkError(f"checkpoint {path} belongs to another run", "remove it, or retrain this run")
+    return state
+
+
+def save_weights(path: Path, model, metadata: dict[str, Any]) -> None:
+    """Model weights as safetensors (no pickled code), with string metadata (run id, epoch, score)."""
+    from safetensors.torch import save_model
+
+    with atomic_path(path) as tmp:
+        save_model(model, str(tmp), metadata={k: str(v) for k, v in metadata.items()})
+
+
+def load_weights(path: Path, model, run_id: str) -> dict[str, str]:
+    """Load safetensors weights into ``model`` after checking they belong to ``run_id``; returns the metadata."""
+    from safetensors import safe_open
+    from safetensors.torch import load_model
+
+    if not path.is_file():
+        raise SertkError(f"weights {path} do not exist", "train the run first (sertk train)")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+    except Exception as exc:
+        raise SertkError(f"weights {path} cannot be read ({type(exc).__name__})", "retrain the run") from None
+    if meta.get("run_id") != run_id:
+        raise SertkError(f"weights {path} belong to another run ({meta.get('run_id', 'no run id')[:12]}, "
+                         f"this run is {run_id[:12]})", "copy no checkpoints between runs; retrain this run")
+    try:
+        load_model(model, str(path), strict=True)
+    except Exception as exc:
+        raise SertkError(f"weights {path} do not fit this run's model ({type(exc).__name__})",
+                         "retrain the run") from None
+    return meta
+
+
+def run_info(run_dir: Path) -> dict[str, Any]:
+    """``run.json``: the run id and its data digests (written when training starts)."""
+    info = read_json(run_dir / RUN_FILE)
+    if not isinstance(info, dict) or not isinstance(info.get("run_id"), str):
+        raise SertkError(f"{run_dir / RUN_FILE} is malformed", "the run folder is damaged; retrain it")
+    return info
+
+
+def seal(run_dir: Path, run_id: str) -> dict[str, Any]:
+    """Mark a run finished: ``final.json`` with its checkpoints' digests (written last)."""
+    import time
+
+    digests = {p.name: file_digest(p) for p in sorted((run_dir / "checkpoints").glob("*")) if p.is_file()
+               and ".tmp-" not in p.name}
+    record = {"run_id": run_id, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "checkpoints": digests}
+    write_json(run_dir / SEAL_FILE, record)
+    return record
+
+
+def is_sealed(run_dir: Path) -> bool:
+    return (run_dir / SEAL_FILE).is_file()
+
+
+def check_run(run_dir: Path, allow_unfinished: bool = False) -> dict[str, Any]:
+    """The run's info if it is finished and intact; one-line errors otherwise.
+
+    A finished run has ``final.json`` naming its run id and the SHA-256 of its
+    best weights, and the weights on disk still have that digest.
+    """
+    if not (run_dir / "config.json").is_file():
+        raise SertkError(f"{run_dir} is not a sertk run folder", "pass a folder written by 'sertk train'")
+    config = read_json(run_dir / "config.json")
+    if not isinstance(config, dict) or not isinstance(config.get("train"), dict):
+        raise SertkError(f"{run_dir / 'config.json'} is malformed (no 'train' settings)",
+                         "the run folder is damaged; retrain it")
+    if not (run_dir / RUN_FILE).is_file():
+        raise SertkError(f"{run_dir} was never started or was written by an older sertk (no {RUN_FILE})",
+                         "retrain it with 'sertk train'")
+    info = run_info(run_dir)
+    if not is_sealed(run_dir):
+        if not allow_unfinished:
+            raise SertkError(f"run {run_dir} is unfinished (no {SEAL_FILE})",
+                             f"finish it with 'sertk train --out {run_dir} --resume', or pass --allow-unfinished")
+        return info
+    final = read_json(run_dir / SEAL_FILE)
+    if not isinstance(final, dict) or final.get("run_id") != info["run_id"]:
+        raise SertkError(f"{run_dir / SEAL_FILE} does not belong to this run", "retrain the run")
+    best = run_dir / "checkpoints" / BEST
+    recorded = final.get("checkpoints", {}).get(BEST)
+    if not best.is_file() or recorded is None or file_digest(best) != recorded:
+        raise SertkError(f"{best} is missing or is not the file this run sealed", "retrain the run")
+    return info
 
 
 def last_epoch_checkpoint(run_dir: Path) -> Path | None:
+    """The newest resumable state of a run, if any."""
     found = sorted((run_dir / "checkpoints").glob("epoch-*.pt"))
     return found[-1] if found else None

@@ -107,7 +107,7 @@ def materialize(reader: CacheReader, assignment: Mapping[str, str], subset: str,
     import h5py
 
     from ser_toolkit.cache.build import table_digest
-    from ser_toolkit.cache.identity import audio_digest
+    from ser_toolkit.cache.identity import audio_checks
     from ser_toolkit.cache.writer import create_audio, finish, write_table
     from ser_toolkit.plugins.ncp import plan_pairs
 
@@ -142,7 +142,7 @@ def materialize(reader: CacheReader, assignment: Mapping[str, str], subset: str,
             plan = plan_pairs([u.id for u in source], [u.emotion for u in source], copies,
                               np.random.default_rng(seed))
         rows: list[Utterance] = []
-        lengths, clipped, digests = [], [], []
+        lengths, clipped, digests, crcs = [], [], [], []
         progress = None
         if not quiet:
             from ser_toolkit.cache.build import _Progress
@@ -161,7 +161,9 @@ def materialize(reader: CacheReader, assignment: Mapping[str, str], subset: str,
                         audio.resize((end + wave.size,))
                         audio[end:] = wave
                         lengths.append(wave.size)
-                        digests.append(audio_digest(wave))
+                        digest, crc = audio_checks(wave)
+                        digests.append(digest)
+                        crcs.append(crc)
                         clipped.append(int(np.count_nonzero(np.abs(wave) >= 0.999)))
                         method = params.get("method", name) if isinstance(augmentation, Weighted) else name
                         rows.append(Utterance(id=f"{u.id}#{name}{k}", path=None, emotion=u.emotion,
@@ -173,6 +175,6 @@ def materialize(reader: CacheReader, assignment: Mapping[str, str], subset: str,
                     progress.close()
                 lengths_a = np.asarray(lengths, dtype=np.int64)
                 offsets = np.concatenate([[0], np.cumsum(lengths_a)[:-1]]).astype(np.int64)
-                write_table(fh, rows, offsets, lengths_a, [""] * len(rows), clipped, digests)
+                write_table(fh, rows, offsets, lengths_a, [""] * len(rows), clipped, digests, crcs)
                 finish(fh, config, {"skipped": [], "ignored": {}, "table_digest": table_digest(rows)})
     return path, True

@@ -147,16 +147,16 @@ def offset_corrupt(w: World, d: Path) -> Path:
 
 
 def chunk_damaged(w: World, d: Path) -> Path:
-    """A copy whose first /audio chunk has flipped bytes (fails its fletcher32 checksum)."""
+    """A copy with flipped bytes inside the first utterance's audio (fails its CRC-32)."""
     import h5py
 
     p = cache_copy(w, d, "damaged.h5")
     with h5py.File(p, "r") as fh:
-        info = fh["audio"].id.get_chunk_info(0)
+        start = fh["audio"].id.get_offset() + 4 * int(fh["utterances/length"][0]) // 2
     with open(p, "r+b") as fh:
-        fh.seek(info.byte_offset + info.size // 2)
+        fh.seek(start)
         block = fh.read(64)
-        fh.seek(info.byte_offset + info.size // 2)
+        fh.seek(start)
         fh.write(bytes(b ^ 0xFF for b in block))
     return p
 

@@ -38,9 +38,10 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
     return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
 
 
-def flip_audio_byte(path: Path, chunk: int = 3) -> None:
+def flip_audio_byte(path: Path, utterance: int = 3) -> None:
     with h5py.File(path, "r") as fh:
-        offset = fh["audio"].id.get_chunk_info(chunk).byte_offset + 64
+        itemsize = fh["audio"].dtype.itemsize
+        offset = fh["audio"].id.get_offset() + itemsize * (int(fh["utterances/offset"][utterance]) + 100)
     with open(path, "r+b") as fh:
         fh.seek(offset)
         b = fh.read(1)
@@ -176,6 +177,13 @@ def test_damage_is_detected_and_rebuilt(tmp_path):
     assert r.code == 0, r.err
     assert verify_cache(path)["damaged"] == [] and CacheReader(path).digest == digest
     assert all(np.array_equal(a, b) for a, b in zip(clean, _read_all(CacheReader(path))))
+    # an incremental build never carries damaged audio over: it decodes everything again
+    flip_audio_byte(path)
+    r = run_sertk("cache", "synthetic", "--set", "per_emotion=3", "--cache-dir", cache, "-q")
+    assert r.code == 0, r.err
+    assert verify_cache(path)["damaged"] == []
+    assert run_sertk("cache", "synthetic", "--set", "per_emotion=2", "--cache-dir", cache, "-q").code == 0
+    assert CacheReader(path).digest == digest
     # a corrupt table column: refused on open, rebuilt by sertk cache
     with h5py.File(path, "r+") as fh:
         fh["utterances/offset"][3] += 10

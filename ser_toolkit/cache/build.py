@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import time
+import zlib
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -103,10 +104,10 @@ def _decode_task(dataset: Dataset, root: Path | None, utts: list[Utterance], pre
     """
     import h5py
 
-    from ser_toolkit.cache.identity import audio_digest
+    from ser_toolkit.cache.identity import audio_checks
 
     out: list[tuple[str, int, int, str | None]] = []
-    kept: list[tuple[str, str, int, int, str]] = []
+    kept: list[tuple[str, str, int, int, str, int]] = []
     with atomic_path(part) as tmp:
         with h5py.File(tmp, "w") as fh:
             audio = fh.create_dataset("audio", shape=(0,), maxshape=(None,), dtype=pre.dtype,
@@ -130,7 +131,7 @@ def _decode_task(dataset: Dataset, root: Path | None, utts: list[Utterance], pre
                 stored = _to_storage(wave, pre.dtype)
                 audio.resize((end + wave.size,))
                 audio[end:] = stored
-                kept.append((u.id, fp, wave.size, clipped, audio_digest(stored)))
+                kept.append((u.id, fp, wave.size, clipped, *audio_checks(stored)))
                 out.append((u.id, wave.size, clipped, None))
             s = h5py.string_dtype()
             fh.create_dataset("id", data=[k[0] for k in kept], dtype=s)
@@ -138,6 +139,7 @@ def _decode_task(dataset: Dataset, root: Path | None, utts: list[Utterance], pre
             fh.create_dataset("length", data=np.array([k[2] for k in kept], dtype=np.int64))
             fh.create_dataset("clipped", data=np.array([k[3] for k in kept], dtype=np.int64))
             fh.create_dataset("audio_digest", data=[k[4] for k in kept], dtype=s)
+            fh.create_dataset("crc32", data=np.array([k[5] for k in kept], dtype=np.uint32))
     return out
 
 
@@ -165,11 +167,11 @@ def _to_storage(wave: np.ndarray, dtype: str) -> np.ndarray:
     return wave.astype(np.float32, copy=False)
 
 
-def _read_parts(folder: Path) -> dict[str, tuple[Path, int, int, str, int, str]]:
-    """id -> (part file, offset, length, fingerprint, clipped, audio digest) for complete part files."""
+def _read_parts(folder: Path) -> dict[str, tuple[Path, int, int, str, int, str, int]]:
+    """id -> (part file, offset, length, fingerprint, clipped, audio digest, crc) for complete part files."""
     import h5py
 
-    found: dict[str, tuple[Path, int, int, str, int, str]] = {}
+    found: dict[str, tuple[Path, int, int, str, int, str, int]] = {}
     for part in sorted(folder.glob("part-*.h5")):
         try:
             with h5py.File(part, "r") as fh:
@@ -178,12 +180,13 @@ def _read_parts(folder: Path) -> dict[str, tuple[Path, int, int, str, int, str]]
                 lengths = fh["length"][()]
                 clipped = fh["clipped"][()]
                 digests = [s.decode() for s in fh["audio_digest"][()]]
+                crcs = fh["crc32"][()].tolist()
         except (OSError, KeyError):
             part.unlink(missing_ok=True)  # cannot be complete: renamed parts are; be safe anyway
             continue
         offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(lengths) else []
-        for uid, fp, off, n, c, d in zip(ids, fps, offsets, lengths, clipped, digests):
-            found[uid] = (part, int(off), int(n), fp, int(c), d)
+        for uid, fp, off, n, c, d, crc in zip(ids, fps, offsets, lengths, clipped, digests, crcs):
+            found[uid] = (part, int(off), int(n), fp, int(c), d, int(crc))
     return found
 
 
@@ -367,12 +370,13 @@ def _build(dataset: Dataset, root: Path | None, scan: Any, path: Path, pre: Prep
         "dataset": {**identity, "options": dataset.options, "plugin": plugin},
         "sertk_version": __version__,
     }
-    old: dict[str, tuple[int, int, str, int, str]] = {}
+    old: dict[str, tuple[int, int, str, int, str, int]] = {}
     old_skipped: dict[str, dict[str, str]] = {}
     if header is not None:
         c = header["columns"]
-        old = {uid: (int(o), int(n), fp, int(cl), d) for uid, o, n, fp, cl, d in
-               zip(c["id"], c["offset"], c["length"], c["fingerprint"], c["clipped"], c["audio_digest"])}
+        old = {uid: (int(o), int(n), fp, int(cl), d, int(crc)) for uid, o, n, fp, cl, d, crc in
+               zip(c["id"], c["offset"], c["length"], c["fingerprint"], c["clipped"], c["audio_digest"],
+                   c["crc32"])}
         old_skipped = {s["id"]: s for s in header["summary"].get("skipped", []) if "id" in s}
     parts_dir = path.with_name(path.name + ".parts") / pre.key()
     parts_dir.mkdir(parents=True, exist_ok=True)
@@ -439,8 +443,8 @@ def _build(dataset: Dataset, root: Path | None, scan: Any, path: Path, pre: Prep
 
 
 def _assemble(path: Path, rows: list[Utterance], fingerprints: dict[str, str],
-              old: dict[str, tuple[int, int, str, int, str]],
-              parts: dict[str, tuple[Path, int, int, str, int, str]],
+              old: dict[str, tuple[int, int, str, int, str, int]],
+              parts: dict[str, tuple[Path, int, int, str, int, str, int]],
               pre: Preprocess, config: dict[str, Any], summary: BuildSummary) -> str:
     """Write the final cache from the old cache and the parts; returns its content digest."""
     import h5py
@@ -452,24 +456,31 @@ def _assemble(path: Path, rows: list[Utterance], fingerprints: dict[str, str],
     offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
     clipped = [old[u.id][3] if from_old(u) else parts[u.id][4] for u in rows]
     digests = [old[u.id][4] if from_old(u) else parts[u.id][5] for u in rows]
+    crcs = [old[u.id][5] if from_old(u) else parts[u.id][6] for u in rows]
     summary.hours = float(lengths.sum()) / pre.sample_rate / 3600
     summary.clipped_utterances = sum(1 for c in clipped if c > 0)
     # Where each row's audio comes from, coalesced into contiguous runs: one slice copy per run.
-    runs: list[list[Any]] = []  # [source, source offset, target offset, length]
+    # Where each row's audio comes from. Parts (just written) are coalesced into contiguous runs, one slice
+    # copy per run; rows reused from the previous cache are copied one by one and their CRC checked, so
+    # damaged old audio is never carried into the new file.
+    runs: list[list[Any]] = []  # [source, source offset, target offset, length, expected crc or None]
     for u, off, n in zip(rows, offsets, lengths):
-        src, o = (None, old[u.id][0]) if from_old(u) else (parts[u.id][0], parts[u.id][1])
+        if from_old(u):
+            runs.append([None, old[u.id][0], int(off), int(n), old[u.id][5]])
+            continue
+        src, o = parts[u.id][0], parts[u.id][1]
         last = runs[-1] if runs else None
         if last is not None and last[0] == src and last[1] + last[3] == o and last[2] + last[3] == off:
             last[3] += int(n)
         else:
-            runs.append([src, o, int(off), int(n)])
+            runs.append([src, o, int(off), int(n), None])
     with atomic_path(path) as tmp:
         previous = h5py.File(path, "r") if old else None
         part, part_file = None, None  # one part open at a time: memory stays flat
         try:
             with h5py.File(tmp, "w") as fh:
                 audio = create_audio(fh, pre.dtype, int(lengths.sum()))
-                for src, o, off, n in runs:
+                for src, o, off, n, crc in runs:
                     if src is None:
                         source = previous
                     else:
@@ -478,6 +489,7 @@ def _assemble(path: Path, rows: list[Utterance], fingerprints: dict[str, str],
                                 part_file.close()
                             part, part_file = src, h5py.File(src, "r")
                         source = part_file
+                    running = 0
                     for start in range(0, n, COPY_SAMPLES):
                         k = min(COPY_SAMPLES, n - start)
                         try:
@@ -486,8 +498,12 @@ def _assemble(path: Path, rows: list[Utterance], fingerprints: dict[str, str],
                             if src is None:
                                 raise _OldAudioDamaged() from None
                             raise
+                        if crc is not None:
+                            running = zlib.crc32(block, running)
                         audio[off + start:off + start + k] = block
-                write_table(fh, rows, offsets, lengths, [fingerprints[u.id] for u in rows], clipped, digests)
+                    if crc is not None and running != crc:
+                        raise _OldAudioDamaged()
+                write_table(fh, rows, offsets, lengths, [fingerprints[u.id] for u in rows], clipped, digests, crcs)
                 return finish(fh, config, {"skipped": summary.skipped, "ignored": summary.ignored,
                                            "table_digest": table_digest(rows)})
         finally:
@@ -497,16 +513,16 @@ def _assemble(path: Path, rows: list[Utterance], fingerprints: dict[str, str],
 
 
 def verify_cache(path: Path, quiet: bool = True) -> dict[str, Any]:
-    """Read every utterance of a cache, checking chunk checksums and per-utterance audio digests.
+    """Read every utterance of a cache, checking its CRC-32 and its audio digest.
 
     Returns ``{"path", "utterances", "digest", "damaged": [ids]}``; a table that
     fails validation raises :class:`CacheError` (the file cannot be read at all).
     """
-    from ser_toolkit.cache.identity import audio_digest
+    from ser_toolkit.cache.identity import audio_checks
     from ser_toolkit.cache.reader import CacheReader
 
     reader = CacheReader(path)
-    expected = reader.column("audio_digest")
+    expected = list(zip(reader.column("audio_digest"), reader.column("crc32")))
     audio = reader._dataset()
     bad: list[str] = []
     progress = _Progress(len(reader), quiet, f"verifying {path.name}")
@@ -514,8 +530,8 @@ def verify_cache(path: Path, quiet: bool = True) -> dict[str, Any]:
         for i, uid in enumerate(reader.ids):
             start = int(reader.offsets[i])
             try:
-                ok = audio_digest(audio[start:start + int(reader.lengths[i])]) == expected[i]
-            except OSError:  # a chunk failed its fletcher32 checksum
+                ok = audio_checks(audio[start:start + int(reader.lengths[i])]) == expected[i]
+            except OSError:  # unreadable
                 ok = False
             if not ok:
                 bad.append(uid)

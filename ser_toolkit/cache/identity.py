@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import zlib
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -28,8 +29,18 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 def audio_digest(stored: np.ndarray) -> str:
-    """Digest of one utterance's stored samples (as written: float32 or int16)."""
+    """Digest of one utterance's stored samples (as written: float32 or int16), for identity."""
     return hashlib.blake2b(np.ascontiguousarray(stored).tobytes(), digest_size=16).hexdigest()
+
+
+def audio_crc(stored: np.ndarray) -> int:
+    """CRC-32 of one utterance's stored samples: the integrity check made on every read (fast)."""
+    return zlib.crc32(np.ascontiguousarray(stored))
+
+
+def audio_checks(stored: np.ndarray) -> tuple[str, int]:
+    """(identity digest, integrity CRC) of one utterance's stored samples."""
+    return audio_digest(stored), audio_crc(stored)
 
 
 def content_digest(preprocess: Mapping[str, Any], columns: Mapping[str, Any]) -> str:

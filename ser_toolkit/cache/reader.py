@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from ser_toolkit.emotions import EMOTIONS
 from ser_toolkit.errors import CacheError
 
 COLUMNS = ("id", "path", "emotion", "emotion_index", "speaker", "gender", "corpus", "extra",
-           "offset", "length", "fingerprint", "clipped", "audio_digest")
+           "offset", "length", "fingerprint", "clipped", "audio_digest", "crc32")
 INT16_SCALE = 32768.0
 MAX_TABLE_SECONDS = 6 * 3600  # no utterance of a valid cache is longer (builds skip far shorter)
 
@@ -133,6 +134,7 @@ class CacheReader:
         self.offsets = np.asarray(cols["offset"], dtype=np.int64)
         self.lengths = np.asarray(cols["length"], dtype=np.int64)
         self.labels = np.asarray(cols["emotion_index"], dtype=np.int64)
+        self._crc = cols["crc32"].tolist()
         self._index = {uid: i for i, uid in enumerate(self.ids)}
         self._int16 = header["audio_dtype"] == "int16"
         self.sample_rate = int(self.config["preprocess"]["sample_rate"])
@@ -210,10 +212,12 @@ class CacheReader:
         start = int(self.offsets[i])
         try:
             data = self._dataset()[start:start + int(self.lengths[i])]
-        except OSError:  # an HDF5 checksum (fletcher32) or read failure
+        except OSError:  # an HDF5 read failure
+            data = None
+        if data is None or zlib.crc32(data) != self._crc[i]:
             from ser_toolkit.cache.identity import damaged
 
-            raise damaged(self.path, f"the audio of utterance {self.ids[i]!r} fails its checksum") from None
+            raise damaged(self.path, f"the audio of utterance {self.ids[i]!r} fails its checksum")
         if self._int16:
             return data.astype(np.float32) / INT16_SCALE
         return data

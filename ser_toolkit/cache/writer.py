@@ -14,19 +14,22 @@ from ser_toolkit.datasets import Utterance
 from ser_toolkit.emotions import EMOTION_INDEX
 
 
-AUDIO_CHUNK = 1 << 16  # samples per HDF5 chunk of /audio (each with a fletcher32 checksum)
+AUDIO_CHUNK = 1 << 18  # samples per HDF5 chunk of a growable /audio (sets written utterance by utterance)
 
 
 def create_audio(fh, dtype: str, size: int | None = None):
-    """The ``/audio`` dataset: chunked and checksummed; growable when ``size`` is None."""
-    shape, maxshape = ((0,), (None,)) if size is None else ((size,), (size,))
-    chunk = AUDIO_CHUNK if size is None else max(1, min(AUDIO_CHUNK, size))
-    return fh.create_dataset("audio", shape=shape, maxshape=maxshape, dtype=dtype, chunks=(chunk,),
-                             fletcher32=True)
+    """The ``/audio`` dataset: contiguous when its ``size`` is known (a random read is one slice), else growable.
+
+    Integrity comes from the per-utterance ``crc32`` column, checked on every read.
+    """
+    if size is not None:
+        return fh.create_dataset("audio", shape=(size,), dtype=dtype)
+    return fh.create_dataset("audio", shape=(0,), maxshape=(None,), dtype=dtype, chunks=(AUDIO_CHUNK,))
 
 
 def write_table(fh, rows: Sequence[Utterance], offsets: np.ndarray, lengths: np.ndarray,
-                fingerprints: Sequence[str], clipped: Sequence[int], audio_digests: Sequence[str]) -> None:
+                fingerprints: Sequence[str], clipped: Sequence[int], audio_digests: Sequence[str],
+                crcs: Sequence[int]) -> None:
     """Write ``/utterances/<column>`` for ``rows``."""
     import h5py
 
@@ -45,6 +48,7 @@ def write_table(fh, rows: Sequence[Utterance], offsets: np.ndarray, lengths: np.
     t.create_dataset("fingerprint", data=list(fingerprints), dtype=s)
     t.create_dataset("clipped", data=np.asarray(clipped, dtype=np.int64))
     t.create_dataset("audio_digest", data=list(audio_digests), dtype=s)
+    t.create_dataset("crc32", data=np.asarray(crcs, dtype=np.uint32))
     assert set(t) == set(COLUMNS)
 
 

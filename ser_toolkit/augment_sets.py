@@ -8,9 +8,11 @@ Materialised sets are cache files of the same schema (read them with
 so a set is never paired with a source other than the one it was computed from
 (a re-cached corpus gets a new folder):
 
-- ``test-<method>.h5`` and ``test-mixed.h5``: the augmented test sets; every
-  model is evaluated on the very same audio. N-CP partners for test utterances
-  come from the *training* split.
+- ``test-<method>.h5`` and ``test-mixed.h5`` (and ``valid-…`` for a study's
+  validation part): the augmented held-out sets; every model is evaluated on the
+  very same audio. Partners (N-CP) of a held-out utterance come from the same
+  held-out part only, never from training audio; a part without the partners a
+  method needs skips that method with a warning.
 - ``train-<method>-x<k>-s<seed>.h5``: ``k`` augmented copies of every training
   utterance (the reference 1:1 protocol is ``k = 1``); N-CP uses the reference
   pairing (distinct neutral partners, each pair at most once). Runs with
@@ -19,8 +21,9 @@ so a set is never paired with a source other than the one it was computed from
 A set's recorded key is (source digest, split, part, method config, seed,
 copies); an existing set is reused only when its key is the one asked for.
 
-Each row's ``extra`` holds ``source`` (the clean utterance id), ``copy``,
-``method`` and the sampled ``params``: the augmentation log.
+Each row's ``extra`` holds ``source`` (the clean utterance id), ``partners``
+(the ids of every partner utterance mixed in), ``copy``, ``method`` and the
+sampled ``params``: the augmentation log.
 """
 
 from __future__ import annotations
@@ -84,6 +87,26 @@ class OnlineAugmented:
         return wave, int(self.reader.labels[idx]), {"id": u.id, "epoch": self.epoch, "params": params}
 
 
+class PartnersUnavailable(SertkError):
+    """A held-out part lacks the partner utterances an augmentation needs (the set is skipped, never filled
+    from training audio)."""
+
+
+def missing_partners(reader: CacheReader, assignment: Mapping[str, str], subset: str,
+                     augmentation: Augmentation) -> str | None:
+    """Why ``augmentation`` cannot be applied to every utterance of part ``subset`` with partners from that
+    part only (None if it can)."""
+    if not getattr(augmentation, "needs_partners", False):
+        return None
+    pool = PartnerPool.from_split(reader, assignment, subset)
+    for uid in pool.ids:
+        for emotion in augmentation.partner_emotions:
+            if not pool.candidates(emotion, exclude=uid):
+                return (f"the {subset} part has no {emotion} partner for {uid!r} other than itself "
+                        "(partners are drawn from the same part only)")
+    return None
+
+
 def build_augmentation(names: Sequence[str], options: Mapping[str, Mapping[str, Any]] | None = None,
                        weights: Mapping[str, float] | None = None) -> Augmentation:
     """One augmentation, or a :class:`Weighted` selector over several (equal weights by default)."""
@@ -94,6 +117,31 @@ def build_augmentation(names: Sequence[str], options: Mapping[str, Mapping[str, 
     if len(methods) == 1 and not weights:
         return next(iter(methods.values()))
     return Weighted(methods, weights or {n: 1.0 for n in names})
+
+
+def materialize_heldout(reader: CacheReader, assignment: Mapping[str, str], subset: str, methods: Sequence[str],
+                        options: Mapping[str, Mapping[str, Any]], *, seed: int = 0, log=print,
+                        quiet: bool = True) -> dict[str, tuple[Path, bool]]:
+    """The augmented versions of held-out part ``subset``: one set per method, plus ``mixed`` (equal weights
+    over the methods that apply) when there are several; returns name -> (path, written).
+
+    A method whose partners the part lacks is skipped with a one-line warning (``log``).
+    """
+    out: dict[str, tuple[Path, bool]] = {}
+    usable = []
+    for m in methods:
+        aug = build_augmentation([m], options)
+        try:
+            out[m] = materialize(reader, assignment, subset, m, aug, seed=seed,
+                                 aug_config={"methods": {m: dict(options.get(m, {}))}}, quiet=quiet)
+            usable.append(m)
+        except PartnersUnavailable as exc:
+            log(f"warning: {exc}")
+    if len(usable) > 1:
+        out["mixed"] = materialize(reader, assignment, subset, "mixed", build_augmentation(usable, options),
+                                   seed=seed, aug_config={"methods": {m: dict(options.get(m, {})) for m in usable},
+                                                          "weights": "equal"}, quiet=quiet)
+    return out
 
 
 def materialize(reader: CacheReader, assignment: Mapping[str, str], subset: str, name: str,
@@ -122,7 +170,7 @@ def materialize(reader: CacheReader, assignment: Mapping[str, str], subset: str,
                          "subset": subset, "split": split_key(assignment),
                          "source_cache": str(reader.path), "source_digest": reader.digest},
     }
-    suffix = f"-x{copies}-s{seed}" if subset != "test" else ""
+    suffix = f"-x{copies}-s{seed}" if subset == "train" else ""
     path = sets_dir(reader, assignment) / f"{subset}-{name}{suffix}.h5"
     with exclusive_lock(path.parent / ".lock"):
         if path.exists():
@@ -136,7 +184,11 @@ def materialize(reader: CacheReader, assignment: Mapping[str, str], subset: str,
                 pass
         partners = None
         if getattr(augmentation, "needs_partners", False):
-            partners = PartnerPool.from_split(reader, assignment, "train")
+            why = missing_partners(reader, assignment, subset, augmentation)
+            if why is not None and subset != "train":
+                raise PartnersUnavailable(f"augmented set {subset}-{name} skipped: {why}",
+                                          "held-out sets are never filled with training audio")
+            partners = PartnerPool.from_split(reader, assignment, subset)  # never training audio in held-out sets
         plan = None
         if subset == "train" and name == "ncp":
             plan = plan_pairs([u.id for u in source], [u.emotion for u in source], copies,
@@ -156,7 +208,11 @@ def materialize(reader: CacheReader, assignment: Mapping[str, str], subset: str,
                     for k in range(copies):
                         extra = {"partner_id": plan[u.id][k]} if plan else {}
                         ctx = AugmentContext(utterance_id=u.id, emotion=u.emotion, partners=partners, extra=extra)
+                        if partners is not None:
+                            partners.drawn.clear()
                         wave, params = augmentation(wave_in, utterance_seed(seed, u.id, name, k), ctx)
+                        used = sorted(set(partners.drawn) | ({extra["partner_id"]} if extra else set())) \
+                            if partners is not None else []
                         end = audio.shape[0]
                         audio.resize((end + wave.size,))
                         audio[end:] = wave
@@ -168,7 +224,8 @@ def materialize(reader: CacheReader, assignment: Mapping[str, str], subset: str,
                         method = params.get("method", name) if isinstance(augmentation, Weighted) else name
                         rows.append(Utterance(id=f"{u.id}#{name}{k}", path=None, emotion=u.emotion,
                                               speaker=u.speaker, corpus=u.corpus, gender=u.gender,
-                                              extra={"source": u.id, "copy": k, "method": method, "params": params}))
+                                              extra={"source": u.id, "partners": used, "copy": k, "method": method,
+                                                     "params": params}))
                     if progress is not None:
                         progress.advance(copies)
                 if progress is not None:

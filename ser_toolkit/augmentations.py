@@ -101,6 +101,8 @@ class PartnerPool:
     emotions: Sequence[str]
     load: Callable[[str], np.ndarray]
     split: str = "train"
+    drawn: list[str] = field(default_factory=list)
+    """Ids drawn so far (a materialised set clears it per row and records the partners of each row)."""
 
     def __post_init__(self) -> None:
         self._by_emotion: dict[str, list[str]] = {}
@@ -117,6 +119,7 @@ class PartnerPool:
             raise SertkError(f"no {emotion} partner utterance available in the {self.split} split",
                              "N-CP needs neutral and emotional utterances in the training data")
         uid = pool[int(rng.integers(len(pool)))]
+        self.drawn.append(uid)
         return uid, self.load(uid)
 
     @classmethod
@@ -151,6 +154,8 @@ class Augmentation:
     stochastic: ClassVar[bool] = True
     """False for augmentations whose output does not depend on the seed (e.g. ``duplicate``)."""
     needs_partners: ClassVar[bool] = False
+    partner_emotions: ClassVar[tuple[str, ...]] = ()
+    """Emotions of the partners it draws (e.g. ``("neutral",)`` for N-CP); checked before a set is made."""
     identity: ClassVar[bool] = False
     """True if the output always equals the input (training then reuses the clean rows)."""
 
@@ -236,6 +241,7 @@ class Weighted(Augmentation):
         self.names = list(weights)
         self.probabilities = np.array([weights[n] / total for n in self.names])
         self.needs_partners = any(m.needs_partners for m in methods.values())
+        self.partner_emotions = tuple(sorted({e for m in methods.values() for e in m.partner_emotions}))
 
     def apply(self, wave, rng, context=None):
         name = self.names[int(rng.choice(len(self.names), p=self.probabilities))]

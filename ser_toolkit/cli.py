@@ -206,7 +206,7 @@ def inspect(
 @app.command()
 def split(
     cache_file: str = typer.Argument(..., metavar="CACHE", help="Cache file (or dataset name in ./cache)."),
-    spec: str = typer.Option("stratified", "--split", help="stratified|speaker|kfold[:opts] or file:PATH."),
+    spec: str = typer.Option("stratified", "--split", help="stratified|speaker|kfold|loso[:opts] or file:PATH (kfold:k=6,order=sorted: the EmoBox folds)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write utterance,split CSV here."),
     as_json: bool = typer.Option(False, "--json", help="Print counts as JSON."),
 ) -> None:
@@ -340,27 +340,36 @@ def materialize(
     assignments: Optional[List[str]] = typer.Option(None, "--set", "-s", help="METHOD.key=value parameters."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """Materialise augmented sets into the cache folder: test sets per method and mixed, or training copies."""
-    from ser_toolkit.augment_sets import build_augmentation, materialize as write_set
+    """Materialise augmented sets into the cache folder: held-out sets per method and mixed, or training copies."""
+    from ser_toolkit.augment_sets import build_augmentation, materialize as write_set, materialize_heldout
     from ser_toolkit.cache.reader import CacheReader
     from ser_toolkit.splits import make_split
 
     names = [n.strip() for n in plugins_arg.split(",") if n.strip()]
     if not names:
         raise SertkError("--plugins is empty", "name at least one augmentation, e.g. --plugins specaugment")
-    if subset not in ("test", "train"):
-        raise SertkError(f"--subset must be test or train (got {subset!r})", "use --subset test or --subset train")
     options = _grouped_options(assignments, names)
     reader = CacheReader(_cache_path(cache_file))
     assignment = make_split(reader.utterances, spec)
-    jobs = [(n, build_augmentation([n], options), {"methods": {n: options[n]}}) for n in names]
-    if subset == "test" and len(names) > 1:
-        jobs.append(("mixed", build_augmentation(names, options), {"methods": options, "weights": "equal"}))
+    parts = sorted(set(assignment.values()))
+    if subset not in parts:
+        raise SertkError(f"--subset {subset!r} is not a part of split {spec!r}", f"use one of {', '.join(parts)}")
     con = _console()
-    for set_name, aug, cfg in jobs:
-        path, written = write_set(reader, assignment, subset, set_name, aug,
-                                  copies=copies if subset == "train" else 1, seed=seed, aug_config=cfg, quiet=quiet)
+    if subset == "train":
+        done = {n: write_set(reader, assignment, subset, n, build_augmentation([n], options), copies=copies,
+                             seed=seed, aug_config={"methods": {n: options[n]}}, quiet=quiet) for n in names}
+    else:
+        done = materialize_heldout(reader, assignment, subset, names, options, seed=seed, quiet=quiet,
+                                   log=lambda msg: con.print(f"[yellow]{msg}[/yellow]"))
+    for path, written in done.values():
         con.print(f"{path} {'written' if written else 'unchanged'}")
+
+
+def _cross_paths(specs: Optional[List[str]], cache_dir: str) -> list:
+    """``--cross`` values (cache names in ``cache_dir`` or cache paths) as absolute paths of existing caches."""
+    from ser_toolkit.training.loop import resolve_cache
+
+    return [str(resolve_cache(spec, cache_dir).resolve()) for spec in specs or ()]
 
 
 def _parse_weights(text: Optional[str]) -> Optional[dict]:
@@ -379,29 +388,45 @@ def _parse_weights(text: Optional[str]) -> Optional[dict]:
     return out
 
 
-def _with_settings(command):
+def _with_settings(command=None, *, study: bool = False):
     """Give ``command`` one option per generated training setting (see :mod:`ser_toolkit.settings`).
 
     Typer reads options from the signature, so the declared settings become keyword
-    parameters (collected by ``**given``) with the declared default, help and flag.
+    parameters (collected by ``**given``) with the declared default, help and flag;
+    the command tells the given ones by :func:`_given`. ``@_with_settings(study=True)``:
+    only the settings a study's ``[training]`` takes, overriding the config.
     """
     import inspect as _inspect
 
     from ser_toolkit.settings import TRAIN_SETTINGS
 
+    if command is None:
+        return lambda c: _with_settings(c, study=study)
+
+    def shown(v) -> str:
+        if isinstance(v, bool):
+            return str(v).lower()
+        return format(v, "g") if isinstance(v, (int, float)) else str(v)
+
     kinds = {"int": int, "float": float, "str": str, "path": Path, "bool": bool}
     sig = _inspect.signature(command, eval_str=True)
     params = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    taken = {p.name for p in params}
     for s in TRAIN_SETTINGS:
-        if not s.generated:
+        if not s.generated or (study and not s.study):
             continue
+        if s.name in taken:
+            raise TypeError(f"{command.__name__}: option {s.name!r} is both hand-written and generated")
         decls = [f"{s.option}/--no-{s.option[2:]}"] if s.type == "bool" else [s.option]
         text = s.help + (f" Unit: {s.unit}." if s.unit else "")
-        if s.model_default:
-            text += f"  [default: the model's, else {s.default:g}]"
+        fallback = "the model's, else " if s.model_default else ""
+        if study:
+            text += f"  [default: the config's, else {fallback}{'unset' if s.default is None else shown(s.default)}]"
+        elif s.model_default:
+            text += f"  [default: {fallback}{shown(s.default)}]"
         metavar = "[" + "|".join(s.choices) + "]" if s.choices else None
         option = typer.Option(s.default, *decls, help=text, metavar=metavar,
-                              show_default=s.default is not None and not s.model_default)
+                              show_default=s.default is not None and not s.model_default and not study)
         kind = kinds[s.type]
         params.append(_inspect.Parameter(s.name, _inspect.Parameter.KEYWORD_ONLY, default=option,
                                          annotation=Optional[kind] if s.default is None else kind))
@@ -427,13 +452,19 @@ _OPTION_FIELDS = {"plugins_arg": ("plugins",), "assignments": ("plugin_options",
                   "probe": ("model_options",), "gradient_checkpointing": ("model_options",)}
 
 
+def _given_fields(given: set) -> set:
+    """The TrainConfig fields that the given ``sertk train`` options set."""
+    fields = set()
+    for name in given:
+        fields.update(_OPTION_FIELDS.get(name, (name,) if name in SETTINGS else ()))
+    return fields
+
+
 def _resume_changes(stored: dict, wanted: dict, given: set) -> List[str]:
     """``name: stored -> wanted`` for each setting that a given option changes (runtime settings may change)."""
     from ser_toolkit.settings import RUNTIME, SETTINGS
 
-    fields = set()
-    for name in given:
-        fields.update(_OPTION_FIELDS.get(name, (name,) if name in SETTINGS else ()))
+    fields = _given_fields(given)
 
     def same(name: str) -> bool:
         old, new = stored.get(name), wanted[name]
@@ -459,6 +490,7 @@ def train(
     top_k: Optional[int] = typer.Option(None, "--top-k", help="With --weights-from: keep the k largest gains."),
     model: str = typer.Option(SETTINGS["model"].default, "--model", help=SETTINGS["model"].help),
     model_set: Optional[List[str]] = typer.Option(None, "--model-set", help="Model parameter key=value."),
+    cross: Optional[List[str]] = typer.Option(None, "--cross", help=SETTINGS["cross"].help),
     assignments: Optional[List[str]] = typer.Option(None, "--set", "-s", help="Augmentation METHOD.key=value."),
     freeze_feature_encoder: bool = typer.Option(False, "--freeze-feature-encoder", help="Freeze the CNN encoder."),
     probe: bool = typer.Option(False, "--probe", help="Frozen encoder + learnable weighted sum of layers."),
@@ -522,7 +554,8 @@ def train(
                          "name the same augmentations in both")
     cfg = TrainConfig.from_settings(values, {
         "plugins": names, "plugin_options": _grouped_options(assignments, names) if names else {},
-        "weights": combo, "weights_from": weights_info, "model": model, "model_options": model_options})
+        "weights": combo, "weights_from": weights_info, "model": model, "model_options": model_options,
+        "cross": _cross_paths(cross, values.get("cache_dir", SETTINGS["cache_dir"].default))})
     run_dir = out or Path("runs") / "-".join([Path(cfg.dataset).stem, cfg.model, *(cfg.plugins or ["clean"])])
     if resume:
         if not (run_dir / "config.json").is_file():
@@ -547,10 +580,12 @@ def train(
     created = not run_dir.exists()
     if not resume:
         from ser_toolkit.registry import get
+        from ser_toolkit.settings import sources
 
         entries = [get("model", cfg.model)] + [get("augmentation", n) for n in cfg.plugins]
         runs.write_json(run_dir / "config.json", {
             "train": asdict(cfg),
+            "sources": sources(cfg.model, {n: "user" for n in _given_fields(given)}),  # user, model or default
             "plugins": {f"{e.kind}:{e.name}": {"distribution": e.provider.distribution,
                                                "version": e.provider.version} for e in entries},
             "seeds": {"seed": cfg.seed, "split": cfg.split, "torch_per_epoch": "seed * 1000003 + epoch * 7919 + 17",
@@ -581,12 +616,23 @@ def evaluate(
                                             help="Evaluate even if the run's data changed since training."),
     allow_unfinished: bool = typer.Option(False, "--allow-unfinished", help="Evaluate a run that did not finish."),
 ) -> None:
-    """Evaluate a run on its test split, every augmented test set and cross-corpus sets."""
+    """Evaluate a run on its test split, every augmented test set and cross-corpus sets.
+
+    Warns when the model did not learn (final training loss at chance) or predicts
+    one emotion for nearly all of a test set (on stderr with --json).
+    """
+    from rich.markup import escape
+
+    from ser_toolkit.diagnostics import run_flags
     from ser_toolkit.evaluation import evaluate_run
 
     summary = evaluate_run(run, test, allow_changed=allow_changed_data, allow_unfinished=allow_unfinished)
+    flags = run_flags(run, list(summary))
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
+        err = _console(stderr=True)
+        for flag in flags:
+            err.print(f"[yellow]warning: {escape(flag)}[/yellow]")
         return
     from rich.table import Table
 
@@ -594,7 +640,10 @@ def evaluate(
     for name, m in summary.items():
         t.add_row(name, str(m["n"]), f"{m['accuracy']:.3f}", f"{m['weighted_f1']:.3f}", f"{m['macro_f1']:.3f}",
                   f"{m['uar']:.3f}", ",".join(m["missing_emotions"]) or "-")
-    _console().print(t)
+    con = _console()
+    con.print(t)
+    for flag in flags:
+        con.print(f"[yellow]warning: {escape(flag)}[/yellow]")
 
 
 @app.command()
@@ -631,44 +680,52 @@ def predict(
 
 
 @app.command()
+@_with_settings(study=True)
 def study(
-    preset: Optional[str] = typer.Option(None, "--preset", help="demo (offline, CPU, minutes) or reference."),
+    ctx: typer.Context,
+    preset: Optional[str] = typer.Option(None, "--preset", help="demo (offline, CPU, minutes), reference (GPU) "
+                                         "or reference-cpu (the acoustic model on the real corpora)."),
     config_file: Optional[Path] = typer.Option(None, "--config", help="Study config (TOML); overrides the preset."),
     seeds: Optional[int] = typer.Option(None, "--seeds", help="Repeat every model with N seeds."),
     split_spec: Optional[str] = typer.Option(None, "--split", help="Override the split (e.g. speaker:test=0.2)."),
-    model: Optional[str] = typer.Option(None, "--model", help="Override the model (plugin name, hub id, folder)."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Override the epochs."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Loader/featurisation workers."),
+    model: Optional[str] = typer.Option(None, "--model", help="Override the model (plugin name, hub id, folder); "
+                                        "the preset's lr, epochs, batch size... are for its own model."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Report path (default from the config)."),
     runs_dir: Optional[Path] = typer.Option(None, "--runs-dir", help="Where the study's runs go."),
     save_config: Optional[Path] = typer.Option(None, "--save-config", help="Write the resolved config and stop."),
+    **settings_given: object,
 ) -> None:
-    """Run the whole augmentation study, resumably, and write its report."""
+    """Run the whole augmentation study, resumably, and write its report.
+
+    Every value comes from the preset < the --config file < the options below. The
+    training options are the study's [training] settings (declared once in
+    ser_toolkit/settings.py, like those of 'sertk train'); a preset's model-dependent
+    values (lr, epochs, batch size...) are dropped when another model is chosen.
+    """
     from ser_toolkit.registry import get_registry
-    from ser_toolkit.study import check, load_config, run_study
+    from ser_toolkit.study import load_config, run_study
 
     if preset is None and config_file is None:
         preset = "demo"
-    cfg = load_config(preset, config_file)
+    given = _given(ctx)
+    overrides: dict = {}
     if seeds is not None:
-        cfg["study"]["seeds"] = seeds
+        overrides.setdefault("study", {})["seeds"] = seeds
     if split_spec is not None:
-        cfg["data"]["split"] = split_spec
+        overrides["data"] = {"split": split_spec}
     if model is not None:
         if model in get_registry().names("model"):
-            cfg["model"] = {"name": model, "options": {}}
+            overrides["model"] = {"name": model, "options": {}}
         else:
-            cfg["model"] = {"name": "hubert", "options": {"checkpoint": model}}
-    training = cfg.setdefault("training", {})
-    if epochs is not None:
-        training["epochs"] = epochs
-    if workers is not None:
-        training["workers"] = workers
+            overrides["model"] = {"name": "hubert", "options": {"checkpoint": model}}
+    training = {n: str(v) if isinstance(v, Path) else v for n, v in settings_given.items() if n in given}
+    if training:
+        overrides["training"] = training
     if output is not None:
-        cfg["study"]["report"] = str(output)
+        overrides.setdefault("study", {})["report"] = str(output)
     if runs_dir is not None:
-        cfg["study"]["runs_dir"] = str(runs_dir)
-    cfg = check(cfg)
+        overrides.setdefault("study", {})["runs_dir"] = str(runs_dir)
+    cfg = load_config(preset, config_file, overrides)
     if save_config is not None:
         from ser_toolkit import atomic
 

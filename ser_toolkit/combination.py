@@ -1,9 +1,12 @@
-"""Combination weights from finished runs, the reference study's way.
+"""Combination weights from finished runs, the reference study's formula.
 
-gain_i = F1(model_i) - F1(baseline), both on the combined clean + augmented-by-i
-test set (weighted F1, from the stored per-utterance predictions), then
+gain_i = F1(model_i) - F1(reference), both on the combined clean + augmented-by-i
+held-out set (weighted F1, from the stored per-utterance predictions), then
 normalised over the methods with positive gain
-(:func:`ser_toolkit.augmentations.weights_from_gains`).
+(:func:`ser_toolkit.augmentations.weights_from_gains`). A study takes them on
+its validation part (``part="valid"``, results in ``RUN/selection/``) against
+the clean x2 control; the reference study took them on test against the
+baseline (``part="test"``, ``RUN/eval/``), which selects on test.
 """
 
 from __future__ import annotations
@@ -15,21 +18,25 @@ from ser_toolkit.augmentations import weights_from_gains
 from ser_toolkit.errors import SertkError
 
 
-def _predictions(run: Path, name: str) -> tuple[list[int], list[int]]:
+PARTS = {"test": "eval", "valid": "selection"}
+"""Held-out part -> the run subfolder its evaluations are in."""
+
+
+def _predictions(run: Path, name: str, part: str) -> tuple[list[int], list[int]]:
     from ser_toolkit.evaluation import read_predictions
     from ser_toolkit.training.runs import check_run
 
     check_run(run)  # a finished, intact run
-    _, y_true, y_pred = read_predictions(run / "eval" / f"{name}.predictions.csv")
+    _, y_true, y_pred = read_predictions(run / PARTS[part] / f"{name}.predictions.csv")
     return y_true.tolist(), y_pred.tolist()
 
 
-def combined_f1(run: Path, method: str) -> float:
-    """Weighted F1 of a run on its clean test set plus the test set augmented by ``method``."""
+def combined_f1(run: Path, method: str, part: str = "test") -> float:
+    """Weighted F1 of a run on its clean held-out ``part`` plus that part augmented by ``method``."""
     from sklearn.metrics import f1_score
 
-    t1, p1 = _predictions(run, "test")
-    t2, p2 = _predictions(run, f"test-{method}")
+    t1, p1 = _predictions(run, part, part)
+    t2, p2 = _predictions(run, f"{part}-{method}", part)
     return float(f1_score(t1 + t2, p1 + p2, average="weighted", zero_division=0))
 
 
@@ -45,13 +52,14 @@ def run_method(run: Path) -> str:
     return plugins[0]
 
 
-def gains_from_runs(baseline: Path, runs: Sequence[Path]) -> tuple[dict[str, float], dict[str, float], float]:
-    """(F1 per method, the baseline's F1 per method's test set, mean baseline F1)."""
+def gains_from_runs(baseline: Path, runs: Sequence[Path],
+                    part: str = "test") -> tuple[dict[str, float], dict[str, float], float]:
+    """(F1 per method, the reference run's F1 on each method's set, mean reference F1), on held-out ``part``."""
     f1, base = {}, {}
     for run in runs:
         m = run_method(run)
-        f1[m] = combined_f1(run, m)
-        base[m] = combined_f1(baseline, m)
+        f1[m] = combined_f1(run, m, part)
+        base[m] = combined_f1(baseline, m, part)
     return f1, base, sum(base.values()) / max(len(base), 1)
 
 

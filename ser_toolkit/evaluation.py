@@ -109,9 +109,6 @@ def read_predictions(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
         raise SertkError(f"{path} is malformed", "re-evaluate the run (sertk evaluate RUN)") from None
 
 
-CROSS_CORPUS = {"ravdess": ("savee-reference", "savee"), "synthetic": ("synthetic-shifted",)}
-
-
 def load_run_model(run_dir: Path, device=None, allow_unfinished: bool = False, info: dict | None = None):
     """(model, featurizer, config, device) of a finished run, from its best weights (safetensors)."""
     import torch
@@ -142,12 +139,15 @@ def _changed(what: str, run_dir: Path, recorded: str | None, now: str) -> SertkE
 
 
 def test_sets(run_dir: Path, specs: Sequence[str] | None, info: dict[str, Any] | None = None,
-              allow_changed: bool = False) -> list[tuple[str, Any, list[int] | None, dict[str, Any]]]:
+              allow_changed: bool = False, cross: Sequence[str] | None = None,
+              ) -> list[tuple[str, Any, list[int] | None, dict[str, Any]]]:
     """(name, reader, rows or None for all, provenance) of every test set a run is evaluated on.
 
     Default: the in-corpus test split, every augmented test set materialised
-    for that split, and the cross-corpus caches present in the cache folder.
-    Specs: ``test`` (the split), ``augmented``, ``cross``, or a cache path.
+    for that split, and the cross-corpus sets declared for the run (``--cross``
+    when it was trained, or ``cross`` here): declared, never inferred.
+    Specs: ``test`` (the split), ``augmented``, ``cross``, ``valid`` and
+    ``valid-augmented`` (a study's validation part), or a cache path.
     The in-corpus sets must be of the data the run trained on (same content
     digest and split), unless ``allow_changed``.
     """
@@ -175,25 +175,29 @@ def test_sets(run_dir: Path, specs: Sequence[str] | None, info: dict[str, Any] |
         changed = True
     source = {"source_digest": reader.digest, "trained_digest": trained_digest, "changed": changed}
     out: list[tuple[str, Any, list[int] | None, dict[str, Any]]] = []
+    declared = list(cfg["train"].get("cross") or []) if cross is None else list(cross)
     for spec in specs or ("test", "augmented", "cross"):
-        if spec == "test":
-            rows = [i for i, uid in enumerate(reader.ids) if assignment[uid] == "test"]
-            out.append(("test", reader, rows, {**source, "rows": "test split", "split_digest": split_now}))
-        elif spec == "augmented":
+        if spec in ("test", "valid"):
+            rows = [i for i, uid in enumerate(reader.ids) if assignment[uid] == spec]
+            if not rows:
+                raise SertkError(f"split {cfg['train']['split']!r} of run {run_dir} has no {spec} part",
+                                 "evaluate another set")
+            out.append((spec, reader, rows, {**source, "rows": f"{spec} split", "split_digest": split_now}))
+        elif spec in ("augmented", "valid-augmented"):
             folder = sets_dir(reader, assignment)
-            for p in sorted(folder.glob("test-*.h5")):
+            part = "test" if spec == "augmented" else "valid"
+            for p in sorted(folder.glob(f"{part}-*.h5")):
                 aug = CacheReader(p)
                 if aug.config.get("augmentation", {}).get("source_digest") != reader.digest:
                     raise SertkError(f"augmented set {p} was not made from {cache}'s data",
                                      "delete it; sertk materialize makes it again")
                 out.append((p.stem, aug, None, {**source, "rows": "all"}))
         elif spec == "cross":
-            name = reader.config["dataset"]["name"]
-            for other in CROSS_CORPUS.get(name, ()):
-                p = cache.with_name(f"{other}.h5")
-                if p.exists():
-                    out.append((f"cross-{other}", CacheReader(p), None, {"rows": "all"}))
-                    break
+            if not declared and specs:
+                raise SertkError(f"run {run_dir} declares no cross-corpus set",
+                                 "train with --cross DATASET_OR_CACHE, or pass --test CACHE")
+            for p in map(Path, declared):
+                out.append((f"cross-{p.stem}", CacheReader(p), None, {"rows": "all"}))
         else:
             p = Path(spec)
             if not p.exists() and not p.suffix:
@@ -208,17 +212,19 @@ def test_sets(run_dir: Path, specs: Sequence[str] | None, info: dict[str, Any] |
 
 
 def evaluate_run(run_dir: Path, specs: Sequence[str] | None = None, batch_size: int | None = None,
-                 workers: int = 2, allow_changed: bool = False, allow_unfinished: bool = False) -> dict[str, Any]:
-    """Evaluate a finished run on its test sets; writes eval/<name>.json, .predictions.csv and eval/summary.json.
+                 workers: int = 2, allow_changed: bool = False, allow_unfinished: bool = False,
+                 cross: Sequence[str] | None = None, folder: str = "eval") -> dict[str, Any]:
+    """Evaluate a finished run on its test sets; writes <folder>/<name>.json, .predictions.csv, summary.json.
 
-    Each eval JSON records the run id and the content digest of the set it was computed on.
+    Each eval JSON records the run id and the content digest of the set it was computed on. A study
+    evaluates its validation sets into ``folder="selection"``, apart from the test results.
     """
     from ser_toolkit.atomic import write_text
     from ser_toolkit.training import runs
     from ser_toolkit.training.loop import check_wave_lengths
 
     info = runs.check_run(run_dir, allow_unfinished)
-    sets = test_sets(run_dir, specs, info, allow_changed)
+    sets = test_sets(run_dir, specs, info, allow_changed, cross)
     model, featurize, cfg, device = load_run_model(run_dir, info=info)
     batch = batch_size or max(8, cfg["batch_size"])
     summary: dict[str, Any] = {}
@@ -231,10 +237,10 @@ def evaluate_run(run_dir: Path, specs: Sequence[str] | None = None, batch_size: 
         metrics = compute_metrics(y_true, probs.argmax(1))
         metrics.update(name=name, cache=str(reader.path), dataset=reader.config["dataset"]["name"],
                        run_id=info["run_id"], data={"digest": reader.digest, **provenance})
-        runs.write_json(run_dir / "eval" / f"{name}.json", metrics)
-        write_text(run_dir / "eval" / f"{name}.predictions.csv",
+        runs.write_json(run_dir / folder / f"{name}.json", metrics)
+        write_text(run_dir / folder / f"{name}.predictions.csv",
                    predictions_csv([reader.ids[i] for i in rows], y_true, probs))
         summary[name] = {k: metrics[k] for k in ("n", "accuracy", "weighted_f1", "macro_f1", "uar",
                                                  "missing_emotions")}
-    runs.write_json(run_dir / "eval" / "summary.json", summary)
+    runs.write_json(run_dir / folder / "summary.json", summary)
     return summary

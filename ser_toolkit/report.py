@@ -277,22 +277,43 @@ def pareto(models: list[Model], test: str, numbers: Numbers) -> str:
         + ", ".join(f"**{n}**" for n in front) + "\n"
 
 
+def selection_sentence(study: dict[str, Any]) -> str:
+    """One sentence saying where the weights were chosen (and a warning when that was the test set)."""
+    sel = study.get("selection") or {"set": "test", "reference_model": "baseline"}
+    ref = sel.get("reference_model", "baseline")
+    ref_text = "the clean x2 control (as many steps)" if sel.get("reference") == "control" else f"the {ref} model"
+    if sel.get("set") == "validation":
+        return (f"Gains, weights and the Top-k choice were chosen on the validation part (carved from the "
+                f"training data, share {sel.get('valid_share')}) against {ref_text}; the test sets were used for "
+                "nothing but the results below.")
+    return (f"**Warning: gains, weights and the Top-k choice were chosen on the test sets** (against {ref_text}), "
+            "as the reference study did, and the Top-k models are reported on those same sets: their results "
+            "are biased upwards (selection on test).")
+
+
 def gains_section(study: dict[str, Any], numbers: Numbers) -> str:
-    if not study.get("gains"):
+    if "gains" not in study:
         return "_No study file: gains and weights are only reported for `sertk study` folders._\n"
+    sentence = selection_sentence(study) + "\n\n"
+    if not study["gains"]:
+        return sentence + "_No method could be compared (no held-out results for the augmented sets)._\n"
+    sel = study.get("selection") or {"set": "test", "reference_model": "baseline"}
+    part = "validation" if sel.get("set") == "validation" else "test"
+    ref = sel.get("reference_model", "baseline")
     combos = study.get("weights", {})
-    head = "| method | F1 (clean + its augmented set) | baseline F1 (same set) | gain | " + \
-        " | ".join(f"weight in {c}" for c in combos) + " |"
-    lines = [head, "|---|---|---|---|" + "---|" * len(combos)]
+    columns = [f"F1 (clean + its augmented {part} set)", f"{ref} F1 (same set)", "gain",
+               *(f"weight in {c}" for c in combos)]
+    lines = ["| method | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for m, g in sorted(study["gains"].items(), key=lambda kv: -kv[1]):
         f1, b = study["combined_f1"][m], study["baseline_combined_f1"][m]
         ws = [combos[c].get(m) for c in combos]
-        numbers.add(section="gains", method=m, f1=f1, baseline_f1=b, gain=g, **{f"weight_{c}": w for c, w in zip(combos, ws)})
-        lines.append(f"| {m} | {f1:.3f} | {b:.3f} | {_delta(g)} | " + " | ".join(_fmt(w) for w in ws) + " |")
-    note = ("\nGain = weighted F1 on the clean test set plus the test set augmented by that method, minus the "
-            "baseline's on the same utterances (seed-averaged); weights = gains normalised over the k largest "
-            "positive gains (the reference study's rule). Methods with no gain get no weight.\n")
-    return "\n".join(lines) + "\n" + note
+        numbers.add(section="gains", method=m, f1=f1, baseline_f1=b, gain=g, reference=ref, selection_set=part,
+                    **{f"weight_{c}": w for c, w in zip(combos, ws)})
+        lines.append("| " + " | ".join([m, f"{f1:.3f}", f"{b:.3f}", _delta(g), *(_fmt(w) for w in ws)]) + " |")
+    note = (f"\nGain = weighted F1 on the clean {part} set plus the {part} set augmented by that method, minus "
+            f"the {ref} model's on the same utterances (seed-averaged); weights = gains normalised over the k "
+            "largest positive gains (the reference study's rule). Methods with no gain get no weight.\n")
+    return sentence + "\n".join(lines) + "\n" + note
 
 
 def paired(models: list[Model], tests: list[str], numbers: Numbers) -> str:
@@ -460,6 +481,7 @@ def write_report(paths: Sequence[Path], output: Path, allow_changed: bool = Fals
                  allow_unfinished: bool = False) -> Path:
     """Write ``output`` (markdown), ``<output stem>/`` (figures, numbers.csv, numbers.json)."""
     from ser_toolkit.atomic import write_text
+    from ser_toolkit.diagnostics import report_warnings
 
     models, study = collect(paths, allow_changed, allow_unfinished)
     tests = _test_order(models)
@@ -478,6 +500,7 @@ def write_report(paths: Sequence[Path], output: Path, allow_changed: bool = Fals
         + (f"; split `{study['split']}`" if study.get("split") else "") + ".", "",
         "Models: " + "; ".join(f"**{m.name}** ({m.role}" + (f": {', '.join(f'{k} {v:.2f}' for k, v in m.weights.items())}"
                                                             if m.weights else "") + ")" for m in models) + ".", "",
+        *report_warnings(models),
         "## Headline: test set × model", "",
         f"![weighted F1 heatmap]({figs['headline.png']})", "",
         "Cells: mean over seeds" + (" ± std" if max(len(m.seeds) for m in models) > 1 else "")

@@ -6,7 +6,10 @@
   section accepts the settings marked ``study``.
 - :func:`study_schema` declares every section and key of a study config.
 - :func:`resolve` is the one place defaults are applied: declaration < the
-  model plugin's ``train_defaults`` < each given layer (config file, command line).
+  model plugin's ``train_defaults`` < each given layer (config file, command line);
+  :func:`sources` says where each resolved value came from (:data:`SOURCES`).
+- :data:`MODEL_BOUND`: the settings that belong to the model (``model_default``);
+  a study preset's values of these are dropped when another model is chosen.
 
 No heavy imports here: ``sertk --help`` builds the ``train`` options from this module.
 """
@@ -50,7 +53,8 @@ class Setting(Param):
     builds that option from this declaration (else it is hand-written); ``study``:
     allowed in a study's ``[training]``; ``runtime``: does not change the result
     (may differ on ``--resume``, ignored when a study reuses a run); ``model_default``:
-    model plugins commonly replace the default (``train_defaults``); ``fill``: a
+    model plugins commonly replace the default (``train_defaults``), and a study
+    preset's value belongs to the preset's model (:data:`MODEL_BOUND`); ``fill``: a
     table's absent keys get their defaults.
     """
 
@@ -181,7 +185,7 @@ METRICS = ("uar", "weighted_f1", "macro_f1", "accuracy")
 TRAIN_SETTINGS: tuple[Setting, ...] = (
     Setting("dataset", "synthetic", "Cache name in --cache-dir, or a cache path.", study=False),
     Setting("cache_dir", "cache", "Folder of cache files.", type="path", study=False),
-    Setting("split", "stratified:test=0.2,seed=42", "Split spec: stratified|speaker|kfold[:opts] or file:PATH "
+    Setting("split", "stratified:test=0.2,seed=42", "Split spec: stratified|speaker|kfold|loso[:opts] or file:PATH "
             "(see 'sertk split').", study=False),
     Setting("valid", 0.0, "Share of the training data held out for validation and early stopping.",
             type="float", min=0, max=1, max_exclusive=True),
@@ -200,13 +204,17 @@ TRAIN_SETTINGS: tuple[Setting, ...] = (
             generated=False, study=False),
     Setting("model_options", {}, "Model parameters (key=value).", type="table", flag="--model-set",
             generated=False, study=False),
+    Setting("cross", [], "Cross-corpus test sets evaluated after training: cache names (in --cache-dir) or cache "
+            "paths, repeat --cross; recorded as paths.", type="list[str]", flag="--cross", generated=False,
+            study=False, runtime=True),
     Setting("epochs", 7, "Epochs.", type="int", min=1, model_default=True),
     Setting("batch_size", 8, "Batch size.", type="int", min=1, unit="utterances", model_default=True),
     Setting("lr", 1e-5, "AdamW learning rate.", type="float", min=0, min_exclusive=True, model_default=True),
     Setting("weight_decay", 0.01, "AdamW weight decay.", type="float", min=0, model_default=True),
-    Setting("schedule", "constant", "Learning-rate decay after the warm-up.", choices=SCHEDULES),
+    Setting("schedule", "constant", "Learning-rate decay after the warm-up.", choices=SCHEDULES,
+            model_default=True),
     Setting("warmup", 0.0, "Warm-up share of the optimizer steps.", type="float", min=0, max=1,
-            max_exclusive=True),
+            max_exclusive=True, model_default=True),
     Setting("grad_accum", 1, "Gradient accumulation steps.", type="int", min=1),
     Setting("max_seconds", None, "Random crop of longer training clips (default: no crop).", type="float",
             min=0, min_exclusive=True, unit="seconds", nullable=True),
@@ -230,6 +238,15 @@ TRAINING: tuple[Setting, ...] = tuple(s for s in TRAIN_SETTINGS if s.study)
 """The settings a study's ``[training]`` section accepts (the others come from its structure)."""
 RUNTIME: frozenset[str] = frozenset(s.name for s in TRAIN_SETTINGS if s.runtime)
 """Settings that do not change what is trained."""
+MODEL_BOUND: frozenset[str] = frozenset(s.name for s in TRAIN_SETTINGS if s.model_default)
+"""Settings that belong to the model (declared ``model_default``): a study preset's values of these are
+dropped when another model is chosen, so that model's ``train_defaults`` apply."""
+SOURCES = ("user", "preset", "model", "default")
+"""Where a training value comes from: the user (config file, command line), a study preset, the model's
+``train_defaults``, or the declaration."""
+SOURCE_ENTRIES: tuple[Setting, ...] = tuple(
+    Setting(s.name, None, f"where [training] {s.name} comes from", choices=SOURCES) for s in TRAINING)
+"""The keys of a study config's ``[training_sources]`` (one per ``[training]`` setting)."""
 
 
 def defaults() -> dict[str, Any]:
@@ -281,6 +298,22 @@ def resolve(*layers: Mapping[str, Any]) -> dict[str, Any]:
     values.update(model_defaults(given.get("model", values["model"])))
     values.update(copy.deepcopy(given))
     return values
+
+
+def sources(model: str, given: Mapping[str, str], names: Optional[Iterable[str]] = None) -> dict[str, str]:
+    """Where each training value comes from, the provenance of :func:`resolve`'s result.
+
+    ``given`` maps the settings a layer set to their source (``"user"``, ``"preset"``);
+    the others are ``"model"`` (in ``model``'s ``train_defaults``) or ``"default"``
+    (the declaration). ``names``: the settings to describe (default: all, in
+    declaration order).
+    """
+    bound = model_defaults(model)
+    for name, source in given.items():
+        if source not in SOURCES:
+            raise ValueError(f"unknown source {source!r} of {name!r}")
+    return {n: given[n] if n in given else "model" if n in bound else "default"
+            for n in (SETTINGS if names is None else names)}
 
 
 def dataclass_of(settings: Sequence[Setting]) -> Callable[[type], type]:
@@ -344,6 +377,14 @@ def study_schema() -> tuple[Setting, ...]:
                 min=1),
         Setting("runs_dir", None, "where the runs go (default: runs/<name>)", type="path"),
         Setting("report", None, "report path (default: reports/<name>.md)", type="path"),
+        Setting("selection", "validation", "where gains, weights and the Top-k choice come from: validation "
+                "(carved from the training data) or test (the reference study's choice: biased, flagged in the "
+                "report)", choices=("validation", "test")),
+        Setting("reference", "control", "what a gain is measured against: control (the clean x2 model, same "
+                "number of steps) or baseline (the reference study's choice)", choices=("control", "baseline")),
+        Setting("valid", 0.2, "share of the training data carved out for validation (speaker-disjoint with >= 4 "
+                "training speakers, else stratified)", type="float", min=0, max=1, min_exclusive=True,
+                max_exclusive=True),
     )
     return (
         Setting("name", "study", "study name (default folders: runs/<name>, reports/<name>.md)"),
@@ -351,6 +392,9 @@ def study_schema() -> tuple[Setting, ...]:
         Setting("model", None, "the model", type="table", entries=model, required=True),
         Setting("training", {}, "training settings (see 'sertk train --help'); the model's defaults otherwise",
                 type="table", entries=TRAINING, fill=False),
+        Setting("training_sources", {}, "where each training value comes from (user, preset, model, default); "
+                "written by sertk: a [training] value marked preset belongs to the [model] and is dropped when "
+                "another model is chosen", type="table", entries=SOURCE_ENTRIES, fill=False),
         Setting("augmentations", None, "the augmentations studied", type="table", entries=augmentations,
                 required=True),
         Setting("study", {}, "seeds and output places", type="table", entries=study),

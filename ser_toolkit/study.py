@@ -25,38 +25,108 @@ from typing import Any, Mapping
 from ser_toolkit.errors import SertkError
 from ser_toolkit.settings import RUNTIME
 
-PRESETS = ("demo", "reference")
+PRESETS = ("demo", "reference", "reference-cpu")
 IGNORED_FOR_REUSE = RUNTIME  # declared in ser_toolkit.settings
 
 
-def load_config(preset: str | None, config_file: Path | None) -> dict[str, Any]:
-    """A preset and/or a TOML file (the file's values override the preset's), checked by :func:`check`."""
+def load_config(preset: str | None, config_file: Path | None,
+                overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A study config from layers: a preset < a TOML file < ``overrides`` (the command line); see :func:`check`.
+
+    Tables merge key by key (:func:`merge`). A layer whose ``[model]`` names another
+    model replaces the model table (options never mix); the ``overrides``' ``[model]``
+    always replaces it. The preset's model-dependent ``[training]`` values (declared
+    ``model_default``: epochs, batch_size, lr, weight_decay, schedule, warmup) belong
+    to the preset's model: when the model in effect is another one they are dropped,
+    so that model's ``train_defaults`` apply unless the user set them (in the file or
+    on the command line). The result's ``training_sources`` says where each training
+    value comes from (:func:`training_sources`).
+    """
     try:
         import tomllib
     except ImportError:  # Python 3.10
         import tomli as tomllib
 
-    base: dict[str, Any] = {}
+    layers: list[tuple[str, Mapping[str, Any]]] = []
     if preset is not None:
         if preset not in PRESETS:
             raise SertkError(f"unknown preset {preset!r}", f"use one of {', '.join(PRESETS)} or --config FILE")
-        base = tomllib.loads(resources.files("ser_toolkit.presets").joinpath(f"{preset}.toml").read_text())
+        layers.append(("preset", tomllib.loads(
+            resources.files("ser_toolkit.presets").joinpath(f"{preset}.toml").read_text())))
     if config_file is not None:
         try:
             text = Path(config_file).read_text()
         except OSError as exc:
             raise SertkError(f"cannot read config {config_file}: {exc.strerror}", "check the --config path") from None
         try:
-            override = tomllib.loads(text)
+            layers.append(("file", tomllib.loads(text)))
         except tomllib.TOMLDecodeError as exc:
             raise SertkError(f"{config_file} is not valid TOML ({exc})", "fix the file") from None
-        model = override.get("model", {})
-        if isinstance(model, Mapping) and "name" in model and model["name"] != base.get("model", {}).get("name"):
-            base.pop("model", None)  # another model: its options replace the preset's, never mix with them
-        base = merge(base, override)
-    if not base:
-        raise SertkError("no study described", "pass --preset demo|reference or --config FILE")
-    return check(base)
+    if overrides:
+        layers.append(("command line", overrides))
+    if not any(layer for kind, layer in layers if kind != "command line"):
+        raise SertkError("no study described", f"pass --preset {'|'.join(PRESETS)} or --config FILE")
+    return check(_layered(layers))
+
+
+def _layered(layers: list[tuple[str, Mapping[str, Any]]]) -> dict[str, Any]:
+    """The layers of :func:`load_config` merged, the preset's model-bound training values of another model
+    dropped, and ``training_sources`` marking each given training value ``preset`` or ``user``."""
+    from ser_toolkit.settings import MODEL_BOUND, SOURCE_ENTRIES, check_table
+
+    def model_name(cfg: Mapping[str, Any]) -> Any:
+        model = cfg.get("model")
+        return model.get("name") if isinstance(model, Mapping) else None
+
+    cfg: dict[str, Any] = {}
+    given: dict[str, str] = {}  # training key -> "preset" | "user"
+    bound: dict[str, Any] = {}  # preset training key -> the model it was set for
+    for kind, layer in layers:
+        layer = dict(layer)
+        stored = layer.pop("training_sources", None)  # a saved config's record of its preset values
+        if kind != "file" or stored is None:
+            stored = {}
+        elif isinstance(stored, Mapping):
+            stored = check_table(stored, SOURCE_ENTRIES, "[training_sources]", fill=False)
+        else:
+            raise SertkError(f"[training_sources] must be a table (got {stored!r})",
+                             "drop it (sertk writes it with --save-config)")
+        model = layer.get("model")
+        if isinstance(model, Mapping) and (kind == "command line" or ("name" in model and
+                                                                     model["name"] != model_name(cfg))):
+            cfg.pop("model", None)  # another model: its options replace the earlier ones, never mix with them
+        cfg = merge(cfg, layer)
+        training = layer.get("training")
+        for key in training if isinstance(training, Mapping) else ():
+            if kind == "preset" or stored.get(key) == "preset":
+                given[key], bound[key] = "preset", model_name(cfg)
+            else:
+                given[key] = "user"
+                bound.pop(key, None)
+    training = cfg.get("training")
+    if isinstance(training, dict):
+        for key, source in list(given.items()):
+            if source == "preset" and key in MODEL_BOUND and bound[key] != model_name(cfg):
+                training.pop(key, None)  # the preset's value for its own model: the model in effect brings its own
+                del given[key]
+    if cfg and given:
+        cfg["training_sources"] = given
+    return cfg
+
+
+def training_sources(cfg: Mapping[str, Any]) -> dict[str, str]:
+    """Where each ``[training]`` value of a study config comes from, for every study training setting.
+
+    ``"user"`` (the config file or the command line), ``"preset"`` (kept from the
+    preset, for its model: the config's ``training_sources`` marks it), ``"model"``
+    (the model's ``train_defaults``) or ``"default"`` (the declaration). :func:`check`
+    stores it as ``cfg["training_sources"]`` (so study.json records it).
+    """
+    from ser_toolkit.settings import TRAINING, sources
+
+    stored = cfg.get("training_sources") or {}
+    given = {k: "preset" if stored.get(k) == "preset" else "user" for k in cfg.get("training", {})}
+    return sources(cfg["model"]["name"], given, [s.name for s in TRAINING])
 
 
 def merge(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
@@ -73,7 +143,8 @@ def check(cfg: Mapping[str, Any]) -> dict[str, Any]:
     The schema (:func:`ser_toolkit.settings.study_schema`) refuses unknown keys
     (naming the closest known one), wrong types and values; absent keys get their
     defaults, except in ``[training]``, whose defaults depend on the model (see
-    :func:`ser_toolkit.settings.resolve`). Every error is one line.
+    :func:`ser_toolkit.settings.resolve`); ``training_sources`` is filled in for
+    every training setting (:func:`training_sources`). Every error is one line.
     """
     from ser_toolkit.params import validate
     from ser_toolkit.registry import get
@@ -100,6 +171,7 @@ def check(cfg: Mapping[str, Any]) -> dict[str, Any]:
     training = resolve(out["training"], {"model": out["model"]["name"]})
     if training["early_stopping"] and not training["valid"]:
         raise SertkError("[training] early_stopping needs a validation share", "set valid = 0.1 in [training]")
+    out["training_sources"] = training_sources(out)
     out["study"].setdefault("runs_dir", f"runs/{out['name']}")
     out["study"].setdefault("report", f"reports/{out['name']}.md")
     return out
@@ -109,7 +181,8 @@ def dump_config(cfg: Mapping[str, Any]) -> str:
     """A study config as TOML (checked first); ``load_config(None, file)`` gives it back equal.
 
     A comment block lists the ``[training]`` values the config leaves to the
-    model's or the declared defaults.
+    model's or the declared defaults; ``[training_sources]`` keeps which values
+    came from the preset (they follow the model: another one drops them).
     """
     import tomli_w
 
@@ -117,11 +190,15 @@ def dump_config(cfg: Mapping[str, Any]) -> str:
 
     cfg = check(cfg)
     resolved = resolve(cfg["training"], {"model": cfg["model"]["name"]})
-    implied = {s.name: resolved[s.name] for s in TRAINING if s.name not in cfg["training"]
-               and resolved[s.name] is not None}
+    sources = cfg["training_sources"]
+    implied = [tomli_w.dumps({s.name: resolved[s.name]}).strip() + ("  (the model's)" if sources[s.name] == "model"
+                                                                    else "  (declared)")
+               for s in TRAINING if s.name not in cfg["training"] and resolved[s.name] is not None]
     head = (f"# sertk study config (sertk study --config FILE); keys: ser_toolkit/settings.py.\n"
             f"# [training] settings not given here take the model's ({cfg['model']['name']}) or the declared "
-            f"defaults:\n" + "".join(f"#   {line}\n" for line in tomli_w.dumps(implied).splitlines()))
+            f"defaults:\n" + "".join(f"#   {line}\n" for line in implied)
+            + "# [training_sources]: where each value comes from (user, preset, model, default). Values\n"
+              "# marked \"preset\" belong to the [model]: another model drops them (\"user\" keeps them).\n")
     return head + "\n" + tomli_w.dumps(cfg)
 
 
@@ -148,7 +225,10 @@ def _cache(entry: Mapping[str, Any], cache_dir: Path, workers: int) -> Path:
 
 
 def _seeds(cfg: Mapping[str, Any]) -> list[int]:
-    first = int(cfg.get("training", {}).get("seed", 42))
+    """The seeds of every model: ``seeds`` of them from the resolved ``[training]`` seed on."""
+    from ser_toolkit.settings import resolve
+
+    first = int(resolve(cfg.get("training", {}), {"model": cfg["model"]["name"]})["seed"])
     return [first + i for i in range(int(cfg["study"].get("seeds", 1)))]
 
 
@@ -178,24 +258,28 @@ def _trained_on(run_dir: Path) -> str | None:
         return None
 
 
-def _evaluated(run_dir: Path) -> bool:
-    """Whether every default test set has an evaluation of this run on its current data."""
+def _evaluated(run_dir: Path, specs: list[str] | None, cross: list[str], folder: str = "eval") -> bool:
+    """Whether every set of ``specs`` has an evaluation of this run on its current data in ``folder``."""
     from ser_toolkit.evaluation import test_sets
     from ser_toolkit.training import runs
 
     try:
         info = runs.run_info(run_dir)
-        for name, reader, _, _ in test_sets(run_dir, None, info):
-            e = runs.read_json(run_dir / "eval" / f"{name}.json")
+        for name, reader, _, _ in test_sets(run_dir, specs, info, cross=cross):
+            e = runs.read_json(run_dir / folder / f"{name}.json")
             if e.get("run_id") != info["run_id"] or e.get("data", {}).get("digest") != reader.digest:
                 return False
-        return (run_dir / "eval" / "summary.json").is_file()
+        return (run_dir / folder / "summary.json").is_file()
     except (SertkError, AttributeError, KeyError, TypeError):
         return False
 
 
-def run_model(run_dir: Path, tcfg, log, digest: str) -> str:
-    """Train and evaluate one model unless already done on this data (``digest``); returns what happened."""
+def run_model(run_dir: Path, tcfg, log, digest: str, selection: bool = False) -> str:
+    """Train and evaluate one model unless already done on this data (``digest``); returns what happened.
+
+    Test and the declared cross sets go to ``RUN/eval/``; with ``selection`` the validation part and its
+    augmented versions go to ``RUN/selection/`` (used for gains and weights, never reported as test).
+    """
     from ser_toolkit.evaluation import evaluate_run
     from ser_toolkit.training import runs
     from ser_toolkit.training.loop import train
@@ -226,68 +310,107 @@ def run_model(run_dir: Path, tcfg, log, digest: str) -> str:
         t = time.perf_counter()
         train(tcfg, run_dir, resume=resume, quiet=True)
         runs.write_json(run_dir / "wall_time.json", {"train_seconds": time.perf_counter() - t})
-    if state != "reused" or not _evaluated(run_dir):
-        evaluate_run(run_dir, workers=max(1, tcfg.workers))
+    if state != "reused" or not _evaluated(run_dir, None, tcfg.cross):
+        evaluate_run(run_dir, workers=max(1, tcfg.workers), cross=tcfg.cross)
+    selection_sets = ["valid", "valid-augmented"]
+    if selection and (state != "reused" or not _evaluated(run_dir, selection_sets, [], "selection")):
+        evaluate_run(run_dir, selection_sets, workers=max(1, tcfg.workers), cross=[], folder="selection")
     log(f"{run_dir.name}: {state}")
     return state
 
 
+def _study_split(reader, split: str, study: Mapping[str, Any], runs_dir: Path) -> tuple[str, dict[str, str]]:
+    """The split every run of the study uses: the declared split, plus (selection on validation) a
+    validation part carved from its training part, written to ``RUNS_DIR/split.csv`` and used as
+    ``file:`` so that every model, seed and evaluation sees the same parts."""
+    from ser_toolkit import atomic
+    from ser_toolkit.splits import make_split, parse_spec
+    from ser_toolkit.training.loop import carve_validation
+
+    assignment = make_split(reader.utterances, split)
+    if study.get("selection", "validation") != "validation":
+        return split, assignment
+    train = [u for u in reader.utterances if assignment[u.id] == "train"]
+    seed = int(parse_spec(split)[1].get("seed", 42)) if not split.startswith("file:") else 42
+    assignment.update(carve_validation(train, float(study.get("valid", 0.2)), seed))
+    path = runs_dir / "split.csv"
+    text = "utterance,split\n" + "".join(f"{u.id},{assignment[u.id]}\n" for u in reader.utterances)
+    if not path.is_file() or path.read_text() != text:
+        atomic.write_text(path, text)
+    return f"file:{path.resolve()}", assignment
+
+
 def run_study(cfg: dict[str, Any], log=print) -> Path:
-    """Run (or resume) the study described by ``cfg``; returns the report path."""
-    from ser_toolkit.augment_sets import build_augmentation, materialize
+    """Run (or resume) the study described by ``cfg``; returns the report path.
+
+    Selection never touches test (unless ``[study] selection = "test"``, the
+    reference study's biased choice, flagged in the report): gains, weights and
+    the Top-k choice come from the validation part, each method's model against
+    the reference model (``control`` by default: the clean x2 model with as many
+    steps) on clean + its own augmented validation set. Test and the declared
+    cross-corpus sets are evaluated for every model and used for nothing else.
+    """
+    import dataclasses
+    import warnings
+
+    from ser_toolkit.augment_sets import materialize_heldout
     from ser_toolkit.augmentations import weights_from_gains
     from ser_toolkit.cache.reader import CacheReader
-    from ser_toolkit.combination import gains_from_runs
+    from ser_toolkit.combination import PARTS, gains_from_runs
     from ser_toolkit.report import write_report
-    from ser_toolkit.splits import make_split
     from ser_toolkit.training import runs
 
     t0 = time.perf_counter()
-    data, aug = cfg["data"], cfg["augmentations"]
+    data, aug, study_cfg = cfg["data"], cfg["augmentations"], cfg["study"]
     cache_dir = Path(data.get("cache_dir", "cache"))
     workers = int(cfg.get("training", {}).get("workers", 2))
-    runs_dir = Path(cfg["study"].get("runs_dir", f"runs/{cfg.get('name', 'study')}"))
+    runs_dir = Path(study_cfg.get("runs_dir") or f"runs/{cfg.get('name', 'study')}")
+    selection = study_cfg.get("selection", "validation")
+    reference = study_cfg.get("reference", "control")
     log("caching corpora")
     cache = _cache(data, cache_dir, workers)
-    for cross in data.get("cross", []):
-        _cache(cross, cache_dir, workers)
+    cross = [str(_cache(c, cache_dir, workers)) for c in data.get("cross", [])]
     runs_dir.mkdir(parents=True, exist_ok=True)
     reader = CacheReader(cache)
-    assignment = make_split(reader.utterances, data["split"])
+    split, assignment = _study_split(reader, data["split"], study_cfg, runs_dir)
     methods = list(aug["methods"])
     options = aug.get("options", {})
-    log("materialising augmented test sets")
-    for m in methods:
-        materialize(reader, assignment, "test", m, build_augmentation([m], options), seed=0,
-                    aug_config={"methods": {m: options.get(m, {})}})
-    if len(methods) > 1:
-        materialize(reader, assignment, "test", "mixed", build_augmentation(methods, options), seed=0,
-                    aug_config={"methods": {m: options.get(m, {}) for m in methods}, "weights": "equal"})
+    part = "valid" if selection == "validation" else "test"
+    log("materialising augmented held-out sets")
+    materialize_heldout(reader, assignment, "test", methods, options, seed=0, log=log)
+    if part == "valid":
+        materialize_heldout(reader, assignment, "valid", methods, options, seed=0, log=log)
+
+    def config(plugins: list[str], weights: dict | None, seed: int):
+        return dataclasses.replace(_train_config(cfg, cache, plugins, weights, seed), split=split, cross=cross)
+
     plan: list[dict[str, Any]] = []
+    control = aug.get("control", "duplicate")
     for seed in _seeds(cfg):
-        for role, plugins in [("baseline", []), *[("single", [m]) for m in methods],
-                              ("control", [aug.get("control", "duplicate")])]:
+        for role, plugins in [("baseline", []), *[("single", [m]) for m in methods], ("control", [control])]:
             name = "baseline" if role == "baseline" else plugins[0]
             run_dir = runs_dir / f"{name}-s{seed}"
-            run_model(run_dir, _train_config(cfg, cache, plugins, None, seed), log, reader.digest)
+            run_model(run_dir, config(plugins, None, seed), log, reader.digest, selection=part == "valid")
             plan.append({"name": name, "role": role, "seed": seed, "run": str(run_dir), "plugins": plugins})
-    # gains -> weights, seed-averaged (gain per method = combined-set F1 minus the baseline's on the same set)
+    # gains -> weights, seed-averaged: each method's model against the reference model of the same seed, on
+    # clean + that method's augmented set of the selection part (validation unless the reference mode is asked)
     seeds = _seeds(cfg)
+    ref_name = "baseline" if reference == "baseline" else control
     gains: dict[str, float] = {}
     f1s: dict[str, float] = {}
     base_f1s: dict[str, float] = {}
-    for m in methods:
-        per_seed = [gains_from_runs(runs_dir / f"baseline-s{s}", [runs_dir / f"{m}-s{s}"]) for s in seeds]
+    usable = [m for m in methods if all((runs_dir / f"{m}-s{s}" / PARTS[part] /
+                                         f"{part}-{m}.predictions.csv").is_file() for s in seeds)]
+    for m in usable:
+        per_seed = [gains_from_runs(runs_dir / f"{ref_name}-s{s}", [runs_dir / f"{m}-s{s}"], part) for s in seeds]
         f1s[m] = sum(p[0][m] for p in per_seed) / len(seeds)
         base_f1s[m] = sum(p[1][m] for p in per_seed) / len(seeds)
         gains[m] = f1s[m] - base_f1s[m]
     combos: dict[str, dict[str, float]] = {}
-    positive = [m for m in methods if gains[m] > 0]
-    import warnings
-
+    positive = [m for m in usable if gains[m] > 0]
     for k in aug.get("top_k", []):
         if k > len(positive):
-            log(f"top-{k}: skipped, only {len(positive)} augmentations improve on the baseline")
+            log(f"top-{k}: skipped, only {len(positive)} augmentations improve on the {ref_name} model")
             continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -295,15 +418,22 @@ def run_study(cfg: dict[str, Any], log=print) -> Path:
     for name, weights in combos.items():
         for seed in seeds:
             run_dir = runs_dir / f"{name}-s{seed}"
-            run_model(run_dir, _train_config(cfg, cache, list(weights), weights, seed), log, reader.digest)
+            run_model(run_dir, config(list(weights), weights, seed), log, reader.digest)
             plan.append({"name": name, "role": "combination", "seed": seed, "run": str(run_dir),
                          "plugins": list(weights), "weights": weights})
     study = {"config": cfg, "runs": plan, "gains": gains, "combined_f1": f1s, "baseline_combined_f1": base_f1s,
              "weights": combos, "cache": str(cache), "split": data["split"], "digest": reader.digest,
+             "cross": cross,
+             "selection": {"set": "validation" if part == "valid" else "test", "reference": reference,
+                           "reference_model": ref_name, "metric": "weighted F1 on clean + the method's own "
+                           "augmented " + ("validation" if part == "valid" else "test") + " set",
+                           "valid_share": study_cfg.get("valid") if part == "valid" else None,
+                           "split_file": split if part == "valid" else None},
              "commit": runs.git_commit(), "versions": runs.versions(), "hardware": runs.hardware(),
              "wall_seconds": time.perf_counter() - t0}
     runs.write_json(runs_dir / "study.json", study)
-    report = Path(cfg["study"].get("report", f"reports/{cfg.get('name', 'study')}.md"))
+    report = Path(study_cfg.get("report") or f"reports/{cfg.get('name', 'study')}.md")
     write_report([runs_dir], report)
     log(f"report: {report}")
     return report
+

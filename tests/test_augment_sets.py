@@ -41,8 +41,9 @@ def test_cli_materializes_test_sets_once_and_identically(small_cache, tmp_path, 
     assert {u.extra["source"] for u in mixed.utterances} == test_ids
     assert set(Counter(u.extra["method"] for u in mixed.utterances)) == {"timestretch", "noise", "specaugment", "ncp"}
     ncp = CacheReader(folder / "test-ncp.h5")
-    for u in ncp.utterances:  # partners of test utterances come from the training split only
-        assert assignment[u.extra["params"]["partner"]] == "train" and u.emotion == u.extra["params"]["label"]
+    for u in ncp.utterances:  # partners of test utterances come from the test part only: no training audio
+        assert assignment[u.extra["params"]["partner"]] == "test" and u.emotion == u.extra["params"]["label"]
+        assert u.extra["partners"] == [u.extra["params"]["partner"]] != [u.extra["source"]]
     # the same sets built elsewhere (another cache copy, other order) hold the very same audio
     copy = tmp_path / "synthetic.h5"
     copy.write_bytes(small_cache.read_bytes())
@@ -79,7 +80,7 @@ def test_materialize_errors(small_cache, cli):
     r = cli("materialize", small_cache, "--plugins", "reverbz", "--split", SPLIT)
     assert r.code == 2 and "unknown augmentation 'reverbz'" in r.err
     r = cli("materialize", small_cache, "--plugins", "noise", "--subset", "valid", "--split", SPLIT)
-    assert r.code == 2 and "--subset must be test or train" in r.err
+    assert r.code == 2 and "--subset 'valid' is not a part of split" in r.err
 
 
 def test_online_augmentation_reproducible_per_epoch(small_cache):

@@ -34,9 +34,26 @@ def study_error(cli, tmp_path, toml: str, preset: str | None = "demo"):
     return cli("study", *args, "--config", cfg, "--save-config", tmp_path / "out.toml")
 
 
+@pytest.fixture(scope="module")
+def small_cache(tmp_path_factory):
+    from ser_toolkit.cache.build import build_cache
+    from ser_toolkit.plugins.synthetic import Synthetic
+
+    path = tmp_path_factory.mktemp("schema-cache") / "synthetic.h5"
+    build_cache(Synthetic(per_emotion=1), None, path, quiet=True)
+    return path
+
+
 @pytest.fixture
-def fake_training(monkeypatch):
-    """``sertk train`` without training: records the TrainConfig it would train with."""
+def fake_training(monkeypatch, tmp_path, small_cache):
+    """``sertk train`` without training (in ``tmp_path``, with a synthetic cache in ``cache/`` and ``c/``):
+    records the TrainConfig it would train with."""
+    import shutil
+
+    for folder in ("cache", "c"):
+        (tmp_path / folder).mkdir()
+        shutil.copy(small_cache, tmp_path / folder / "synthetic.h5")
+    monkeypatch.chdir(tmp_path)
     calls = []
 
     def fake(cfg, run_dir, resume=False, quiet=False, **_):
@@ -134,7 +151,7 @@ def test_save_config_round_trip(cli, tmp_path, args):
     assert first.read_text() == second.read_text()
     written = tomllib.loads(first.read_text())
     assert load_config(None, first) == written == check(written)  # already resolved: loading adds nothing
-    assert set(written) == {"name", "data", "model", "training", "augmentations", "study"}
+    assert set(written) == {"name", "data", "model", "training", "training_sources", "augmentations", "study"}
     assert {"split", "cross", "cache_dir", "options"} <= set(written["data"])
     assert {"seeds", "runs_dir", "report"} <= set(written["study"])
 
@@ -209,7 +226,7 @@ def test_train_config_is_the_declaration():
     assert [f.name for f in fields(TrainConfig)] == [s.name for s in TRAIN_SETTINGS]
     assert asdict(TrainConfig()) == settings.defaults()
     TrainConfig().validate()
-    assert RUNTIME == {"workers", "device", "log_every", "compile"}
+    assert RUNTIME == {"workers", "device", "log_every", "compile", "cross"}
 
 
 def test_precedence_declaration_model_config_command_line():

@@ -55,6 +55,7 @@ class NeutralCopyPaste(Augmentation):
     name = "ncp"
     description = "Neutral CopyPaste: emotional centre pasted into a neutral partner's middle third (label kept)"
     needs_partners = True
+    partner_emotions = ("neutral",)
     params = (
         Param("mode", "reference", "reference: middle third of a neutral partner; concat: random-order concatenation",
               choices=("reference", "concat")),

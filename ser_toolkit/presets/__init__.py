@@ -1,1 +1,1 @@
-"""Study presets: demo.toml and reference.toml (read with ``ser_toolkit.study.load_config``)."""
+"""Study presets: demo.toml, reference.toml and reference-cpu.toml (read with ``ser_toolkit.study.load_config``)."""

@@ -120,7 +120,7 @@ def prepare_data(cfg: TrainConfig, featurize, run_dir: Path | None) -> Prepared:
     from ser_toolkit.augmentations import PartnerPool
     from ser_toolkit.cache.identity import assignment_digest
     from ser_toolkit.cache.reader import CacheReader
-    from ser_toolkit.splits import make_split, speaker_independent, stratified
+    from ser_toolkit.splits import make_split
     from ser_toolkit.training.data import TrainItems
 
     path = resolve_cache(cfg.dataset, cfg.cache_dir)
@@ -130,14 +130,11 @@ def prepare_data(cfg: TrainConfig, featurize, run_dir: Path | None) -> Prepared:
     if "train" not in assignment.values():
         raise SertkError(f"split {cfg.split!r} has no training part", "check --split")
     train_rows = [i for i, uid in enumerate(reader.ids) if assignment[uid] == "train"]
-    valid_rows: list[int] = []
-    if cfg.valid > 0:  # carved from the training data, never from test
-        train_utts = [reader.utterance(i) for i in train_rows]
-        speakers = {u.speaker for u in train_utts}
-        carve = (speaker_independent(train_utts, cfg.valid, cfg.seed) if len(speakers) >= 4
-                 else stratified(train_utts, cfg.valid, cfg.seed))
-        valid_rows = [i for i, u in zip(train_rows, train_utts) if carve[u.id] == "test"]
-        train_rows = [i for i, u in zip(train_rows, train_utts) if carve[u.id] == "train"]
+    valid_rows = [i for i, uid in enumerate(reader.ids) if assignment[uid] == "valid"]  # a split with its own
+    if cfg.valid > 0 and not valid_rows:  # carved from the training data, never from test
+        carve = carve_validation([reader.utterance(i) for i in train_rows], cfg.valid, cfg.seed)
+        valid_rows = [i for i in train_rows if carve[reader.ids[i]] == "valid"]
+        train_rows = [i for i in train_rows if carve[reader.ids[i]] == "train"]
         for i in valid_rows:
             assignment[reader.ids[i]] = "valid"
     readers = [reader]
@@ -177,6 +174,16 @@ def prepare_data(cfg: TrainConfig, featurize, run_dir: Path | None) -> Prepared:
             "split": {"spec": cfg.split, "digest": split_digest},
             "train_valid": assignment_digest(assignment), "augmented": augmented}
     return Prepared(reader, assignment, train, valid_rows, augmentation, summary, data)
+
+
+def carve_validation(train_utts: list, share: float, seed: int) -> dict[str, str]:
+    """Split training utterances into train/valid: speaker-disjoint with >= 4 speakers, else stratified."""
+    from ser_toolkit.splits import speaker_independent, stratified
+
+    speakers = {u.speaker for u in train_utts}
+    carve = (speaker_independent(train_utts, share, seed) if len(speakers) >= 4
+             else stratified(train_utts, share, seed))
+    return {uid: "valid" if part == "test" else "train" for uid, part in carve.items()}
 
 
 def resolve_cache(dataset: str, cache_dir: str | Path) -> Path:

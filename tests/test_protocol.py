@@ -1,0 +1,164 @@
+"""The study protocol (issue 9): leak-free held-out sets, selection on validation, declared cross sets."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers import run_sertk, write_audio
+from ser_toolkit.augment_sets import materialize_heldout, sets_dir
+from ser_toolkit.cache.build import build_cache
+from ser_toolkit.cache.reader import CacheReader
+from ser_toolkit.plugins.synthetic import Synthetic
+from ser_toolkit.splits import make_split
+from ser_toolkit.training.loop import carve_validation
+
+SPLIT = "speaker:test=0.25,seed=42"
+
+
+def one_line_error(r, needle: str) -> None:
+    assert r.code == 2 and needle in r.err, (r.code, r.err)
+    assert len(r.err.strip().splitlines()) == 1 and "Traceback" not in r.err + r.out
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("protocol") / "synthetic.h5"
+    build_cache(Synthetic(per_emotion=2), None, path, quiet=True)
+    reader = CacheReader(path)
+    assignment = make_split(reader.utterances, SPLIT)
+    train = [u for u in reader.utterances if assignment[u.id] == "train"]
+    assignment.update(carve_validation(train, 0.34, 42))
+    return reader, assignment
+
+
+def test_no_held_out_set_holds_training_audio(corpus):
+    reader, assignment = corpus
+    methods = ["ncp", "noise", "timestretch"]
+    for part in ("test", "valid"):
+        made = materialize_heldout(reader, assignment, part, methods, {}, log=print)
+        assert set(made) == {*methods, "mixed"}
+        for name, (path, _) in made.items():
+            rows = CacheReader(path).utterances
+            assert {u.extra["source"] for u in rows} == {uid for uid, p in assignment.items() if p == part}
+            for u in rows:  # every source and every partner is of the same held-out part
+                assert all(assignment[x] == part for x in [u.extra["source"], *u.extra["partners"]]), (name, u)
+            if name == "ncp":
+                assert all(len(u.extra["partners"]) == 1 for u in rows)
+
+
+def test_a_part_without_neutral_partners_skips_the_method(corpus):
+    reader, assignment = corpus
+    drop = {uid: ("train" if p == "valid" and reader.utterance(reader.index(uid)).emotion == "neutral" else p)
+            for uid, p in assignment.items()}
+    said: list[str] = []
+    made = materialize_heldout(reader, drop, "valid", ["ncp", "noise", "specaugment"], {}, log=said.append)
+    assert set(made) == {"noise", "specaugment", "mixed"}
+    assert len(said) == 1 and "valid-ncp skipped" in said[0] and "never filled with training audio" in said[0]
+    mixed = CacheReader(made["mixed"][0])
+    assert {u.extra["method"] for u in mixed.utterances} <= {"noise", "specaugment"}
+    assert not (sets_dir(reader, drop) / "valid-ncp.h5").exists()
+
+
+SMALL = """
+name = "small"
+[data]
+options = {{ per_emotion = 3 }}
+cross = [{cross}]
+[training]
+epochs = 15
+workers = 1
+[augmentations]
+methods = ["noise", "timestretch"]
+top_k = [2]
+[study]
+runs_dir = "runs/small"
+report = "reports/small.md"
+"""
+
+
+def _cremad(root: Path) -> Path:
+    """A tiny corpus in CREMA-D's layout (the example third-party plugin reads it)."""
+    root.mkdir(parents=True)
+    for i, name in enumerate(("1001_DFA_ANG_XX", "1001_IEO_HAP_HI", "1002_DFA_SAD_LO", "1002_TIE_NEU_XX")):
+        write_audio(root / f"{name}.wav", 0.5, freq=180 + 40 * i)
+    return root
+
+
+def _manifest(root: Path) -> Path:
+    root.mkdir(parents=True)
+    rows = []
+    for i, emotion in enumerate(("angry", "sad", "happy", "neutral", "fear")):
+        write_audio(root / f"m{i}.wav", 0.5, freq=150 + 50 * i)
+        rows.append(f"m{i}.wav,{emotion},spk{i % 2}\n")
+    (root / "list.csv").write_text("path,label,speaker\n" + "".join(rows))
+    return root / "list.csv"
+
+
+@pytest.mark.slow
+def test_study_selects_on_validation_and_reports_every_declared_cross_set(tmp_path):
+    pytest.importorskip("sertk_example")
+    manifest, cremad = _manifest(tmp_path / "m"), _cremad(tmp_path / "cremad" / "AudioWAV")
+    cross = ", ".join([
+        '{ dataset = "synthetic-shifted", options = { per_emotion = 1 } }',
+        f'{{ dataset = "manifest", root = "{manifest}", options = {{ corpus = "mycorpus" }} }}',
+        f'{{ dataset = "cremad", root = "{cremad}" }}'])
+    (tmp_path / "s.toml").write_text(SMALL.format(cross=cross))
+    r = run_sertk("study", "--preset", "demo", "--config", tmp_path / "s.toml", cwd=tmp_path, timeout=900)
+    assert r.code == 0, r.err
+    runs = tmp_path / "runs" / "small"
+    study = json.loads((runs / "study.json").read_text())
+    assert study["selection"]["set"] == "validation" and study["selection"]["reference_model"] == "duplicate"
+    # the validation part is carved from training data only, and every run trains without it
+    parts = {row["utterance"]: row["split"] for row in csv.DictReader(open(runs / "split.csv"))}
+    declared = make_split(CacheReader(study["cache"]).utterances, "speaker:test=0.25,seed=42")
+    assert {u for u, p in parts.items() if p == "valid"} <= {u for u, p in declared.items() if p == "train"}
+    assert {u for u, p in parts.items() if p == "test"} == {u for u, p in declared.items() if p == "test"}
+    summary = json.loads((runs / "noise-s42" / "train_summary.json").read_text())
+    assert summary["valid_utterances"] == sum(p == "valid" for p in parts.values())
+    md = (tmp_path / "reports" / "small.md").read_text()
+    for name in ("synthetic-shifted", "mycorpus", "cremad"):
+        assert f"cross-corpus: {name}" in md
+    assert "chosen on the validation" in md
+    for run in runs.glob("*-s42"):  # validation results are never reported as test sets
+        assert not any(p.name.startswith("valid") for p in (run / "eval").iterdir())
+    # selection never looks at test: scrambling every test prediction leaves gains and weights unchanged
+    before = {k: study[k] for k in ("gains", "weights")}
+    rng = np.random.default_rng(0)
+    for path in runs.glob("*-s42/eval/test*.predictions.csv"):
+        rows = list(csv.DictReader(open(path)))
+        for row in rows:
+            row["predicted"] = ["neutral", "happy", "sad", "angry", "fear", "disgust", "surprise"][rng.integers(7)]
+        with open(path, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    r = run_sertk("study", "--preset", "demo", "--config", tmp_path / "s.toml", cwd=tmp_path, timeout=900)
+    assert r.code == 0, r.err
+    after = json.loads((runs / "study.json").read_text())
+    assert {k: after[k] for k in ("gains", "weights")} == before
+
+
+def test_cross_sets_are_declared_never_inferred(tmp_path):
+    cache = tmp_path / "cache"
+    for args in (["synthetic", "--set", "per_emotion=1"], ["synthetic-shifted", "--set", "per_emotion=1"]):
+        assert run_sertk("cache", *args, "--cache-dir", cache, "-q").code == 0
+    fast = ["--cache-dir", cache, "--model", "tiny", "--model-set", "hidden_size=16", "--epochs", "1",
+            "--workers", "0", "--split", "speaker:test=0.25", "-q"]
+    plain, declared = tmp_path / "plain", tmp_path / "declared"
+    assert run_sertk("train", *fast, "--out", plain).code == 0
+    one_line_error(run_sertk("evaluate", plain, "--test", "cross"), "declares no cross-corpus set")
+    r = run_sertk("evaluate", plain, "--json")
+    assert r.code == 0 and set(json.loads(r.out)) == {"test"}  # nothing inferred
+    one_line_error(run_sertk("train", *fast, "--out", tmp_path / "bad", "--cross", "nothing"), "no cache")
+    assert run_sertk("train", *fast, "--out", declared, "--cross", "synthetic-shifted").code == 0
+    cfg = json.loads((declared / "config.json").read_text())["train"]
+    assert cfg["cross"] == [str((cache / "synthetic-shifted.h5").resolve())]
+    r = run_sertk("evaluate", declared, "--json")
+    assert r.code == 0 and set(json.loads(r.out)) == {"test", "cross-synthetic-shifted"}
+    shutil.rmtree(declared)

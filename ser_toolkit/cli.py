@@ -688,6 +688,7 @@ def study(
     config_file: Optional[Path] = typer.Option(None, "--config", help="Study config (TOML); overrides the preset."),
     seeds: Optional[int] = typer.Option(None, "--seeds", help="Repeat every model with N seeds."),
     split_spec: Optional[str] = typer.Option(None, "--split", help="Override the split (e.g. speaker:test=0.2)."),
+    folds: Optional[str] = typer.Option(None, "--folds", help="one, or all: every fold of a kfold/loso split."),
     model: Optional[str] = typer.Option(None, "--model", help="Override the model (plugin name, hub id, folder); "
                                         "the preset's lr, epochs, batch size... are for its own model."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Report path (default from the config)."),
@@ -713,6 +714,8 @@ def study(
         overrides.setdefault("study", {})["seeds"] = seeds
     if split_spec is not None:
         overrides["data"] = {"split": split_spec}
+    if folds is not None:
+        overrides.setdefault("data", {})["folds"] = folds
     if model is not None:
         if model in get_registry().names("model"):
             overrides["model"] = {"name": model, "options": {}}

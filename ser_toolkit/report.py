@@ -37,6 +37,7 @@ class Model:
     weights: dict[str, float] | None = None
     runs: list[Path] = field(default_factory=list)
     seeds: list[int] = field(default_factory=list)
+    folds: list[int | None] = field(default_factory=list)
     evals: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # test set -> per seed metrics
     preds: dict[str, list[tuple[list[str], np.ndarray, np.ndarray]]] = field(default_factory=dict)
 
@@ -61,11 +62,11 @@ def _check_data(models: list["Model"], allow_changed: bool) -> list[str]:
     from ser_toolkit.cache.identity import short
 
     notes: list[str] = []
-    seen: dict[str, dict[str, str]] = {}
+    seen: dict[tuple[str, int | None], dict[str, str]] = {}  # per test set and fold (folds hold other data)
     for m in models:
         for test, evals in m.evals.items():
-            for run, e in zip(m.runs, evals):
-                seen.setdefault(test, {}).setdefault(e["data"]["digest"], str(run))
+            for run, fold, e in zip(m.runs, m.folds, evals):
+                seen.setdefault((test, fold), {}).setdefault(e["data"]["digest"], str(run))
                 if e["data"].get("changed"):
                     problem = (f"run {run} was evaluated on '{test}' after its data changed (trained on "
                                f"{short(e['data'].get('trained_digest'))}, evaluated on "
@@ -73,7 +74,7 @@ def _check_data(models: list["Model"], allow_changed: bool) -> list[str]:
                     if not allow_changed:
                         raise SertkError(problem, "retrain and re-evaluate it, or pass --allow-changed-data")
                     notes.append(problem)
-    for test, digests in seen.items():
+    for (test, _), digests in seen.items():
         if len(digests) > 1:
             (d1, r1), (d2, r2) = list(digests.items())[:2]
             problem = (f"test set '{test}' is different data in different runs ({short(d1)} in {r1}, "
@@ -129,6 +130,7 @@ def collect(paths: Sequence[Path], allow_changed: bool = False,
             raise SertkError(f"run {run} has not been evaluated", f"run: sertk evaluate {run}")
         m.runs.append(run)
         m.seeds.append(e["seed"])
+        m.folds.append(e.get("fold"))
         tests = read_json(summary)
         if not isinstance(tests, dict):
             raise SertkError(f"{summary} is malformed", f"re-evaluate the run: sertk evaluate {run}")
@@ -141,7 +143,35 @@ def collect(paths: Sequence[Path], allow_changed: bool = False,
         raise SertkError("no baseline run (trained without augmentation) among the inputs",
                          "include the baseline run or the study folder")
     study = {**study, "data_notes": _check_data(ordered, allow_changed)}
+    for m in ordered:
+        _pool_folds(m)
     return ordered, study
+
+
+def _pool_folds(m: Model) -> None:
+    """Cross-validation: a test set holds other utterances in each fold, so each seed's folds are pooled
+    into one set of predictions (every utterance once, fold order) for intervals and paired tests. Sets with
+    the same utterances in every fold (cross-corpus) stay one replicate per run, like seeds. Metrics (the
+    table cells) stay per run: mean ± SD over seeds and folds."""
+    if all(f is None for f in m.folds):
+        return
+    for test, preds in m.preds.items():
+        if all(p[0] == preds[0][0] for p in preds):
+            continue
+        by_seed: dict[int, list] = {}
+        for seed, _, p in sorted(zip(m.seeds, m.folds, preds), key=lambda x: (x[0], x[1] or 0)):
+            by_seed.setdefault(seed, []).append(p)
+        m.preds[test] = [([uid for p in ps for uid in p[0]], np.concatenate([p[1] for p in ps]),
+                          np.concatenate([p[2] for p in ps])) for _, ps in sorted(by_seed.items())]
+
+
+def fold_numbers(models: list[Model], numbers: Numbers) -> None:
+    """Every run's metrics with its fold and seed (the per-fold numbers of a cross-validated study)."""
+    for m in models:
+        for test, evals in m.evals.items():
+            for seed, fold, e in zip(m.seeds, m.folds, evals):
+                numbers.add(section="per_run", model=m.name, test=test, seed=seed, fold=fold,
+                            **{k: e[k] for k in ("n", "accuracy", "weighted_f1", "macro_f1", "uar")})
 
 
 def _test_order(models: list[Model]) -> list[str]:
@@ -496,14 +526,18 @@ def write_report(paths: Sequence[Path], output: Path, allow_changed: bool = Fals
     parts = [
         f"# sertk study report: {title}", "",
         f"{len(models)} models × {len(tests)} test sets; seeds per model: "
-        f"{', '.join(sorted({str(len(m.seeds)) for m in models}))}; clean test set: {n_test} utterances"
+        f"{', '.join(sorted({str(len(set(m.seeds))) for m in models}))}"
+        + (f"; folds: {len(set(base.folds))}, clean test set: {sum(e['n'] for sd, e in zip(base.seeds, base.evals[clean]) if sd == base.seeds[0])}"
+           " utterances over all folds" if base.folds and base.folds[0] is not None
+           else f"; clean test set: {n_test} utterances")
         + (f"; split `{study['split']}`" if study.get("split") else "") + ".", "",
         "Models: " + "; ".join(f"**{m.name}** ({m.role}" + (f": {', '.join(f'{k} {v:.2f}' for k, v in m.weights.items())}"
                                                             if m.weights else "") + ")" for m in models) + ".", "",
         *report_warnings(models),
         "## Headline: test set × model", "",
         f"![weighted F1 heatmap]({figs['headline.png']})", "",
-        "Cells: mean over seeds" + (" ± std" if max(len(m.seeds) for m in models) > 1 else "")
+        "Cells: mean over " + ("seeds and folds" if any(f is not None for m in models for f in m.folds)
+                               else "seeds") + (" ± std" if max(len(m.seeds) for m in models) > 1 else "")
         + ", and (in parentheses) the difference to the baseline. Best per row in bold.", "",
         headline(models, tests, numbers),
         "## Per-emotion F1", "", f"![per-emotion F1]({figs['per_emotion_clean.png']})", "",
@@ -519,6 +553,7 @@ def write_report(paths: Sequence[Path], output: Path, allow_changed: bool = Fals
         "## Reproducibility", "", reproducibility(models, study),
         f"Every number above is in `{folder.name}/numbers.csv` and `{folder.name}/numbers.json`.", "",
     ]
+    fold_numbers(models, numbers)
     write_text(folder / "numbers.csv", numbers.csv())
     write_text(folder / "numbers.json", json.dumps(numbers.rows, indent=2, default=float) + "\n")
     write_text(output, "\n".join(parts))

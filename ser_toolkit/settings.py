@@ -360,6 +360,8 @@ def study_schema() -> tuple[Setting, ...]:
     )
     data = (*corpus,
             Setting("split", SETTINGS["split"].default, SETTINGS["split"].help),
+            Setting("folds", "one", "one: the split as given; all: every fold of a kfold or loso split (mean "
+                    "± SD over folds in the report)", choices=("one", "all")),
             Setting("cross", [], "cross-corpus test sets: tables of dataset, root, options and cache options",
                     type="list[table]", entries=corpus + cache_options),
             Setting("cache_dir", SETTINGS["cache_dir"].default, "folder of cache files", type="path"),

@@ -319,10 +319,11 @@ def run_model(run_dir: Path, tcfg, log, digest: str, selection: bool = False) ->
     return state
 
 
-def _study_split(reader, split: str, study: Mapping[str, Any], runs_dir: Path) -> tuple[str, dict[str, str]]:
-    """The split every run of the study uses: the declared split, plus (selection on validation) a
-    validation part carved from its training part, written to ``RUNS_DIR/split.csv`` and used as
-    ``file:`` so that every model, seed and evaluation sees the same parts."""
+def _study_split(reader, split: str, study: Mapping[str, Any], runs_dir: Path,
+                 tag: str = "") -> tuple[str, dict[str, str]]:
+    """The split every run of the study (of one fold) uses: the declared split, plus (selection on
+    validation) a validation part carved from its training part, written to ``RUNS_DIR/split<tag>.csv``
+    and used as ``file:`` so that every model, seed and evaluation sees the same parts."""
     from ser_toolkit import atomic
     from ser_toolkit.splits import make_split, parse_spec
     from ser_toolkit.training.loop import carve_validation
@@ -333,7 +334,7 @@ def _study_split(reader, split: str, study: Mapping[str, Any], runs_dir: Path) -
     train = [u for u in reader.utterances if assignment[u.id] == "train"]
     seed = int(parse_spec(split)[1].get("seed", 42)) if not split.startswith("file:") else 42
     assignment.update(carve_validation(train, float(study.get("valid", 0.2)), seed))
-    path = runs_dir / "split.csv"
+    path = runs_dir / f"split{tag}.csv"
     text = "utterance,split\n" + "".join(f"{u.id},{assignment[u.id]}\n" for u in reader.utterances)
     if not path.is_file() or path.read_text() != text:
         atomic.write_text(path, text)
@@ -358,6 +359,7 @@ def run_study(cfg: dict[str, Any], log=print) -> Path:
     from ser_toolkit.cache.reader import CacheReader
     from ser_toolkit.combination import PARTS, gains_from_runs
     from ser_toolkit.report import write_report
+    from ser_toolkit.splits import fold_specs
     from ser_toolkit.training import runs
 
     t0 = time.perf_counter()
@@ -372,39 +374,50 @@ def run_study(cfg: dict[str, Any], log=print) -> Path:
     cross = [str(_cache(c, cache_dir, workers)) for c in data.get("cross", [])]
     runs_dir.mkdir(parents=True, exist_ok=True)
     reader = CacheReader(cache)
-    split, assignment = _study_split(reader, data["split"], study_cfg, runs_dir)
     methods = list(aug["methods"])
     options = aug.get("options", {})
     part = "valid" if selection == "validation" else "test"
-    log("materialising augmented held-out sets")
-    materialize_heldout(reader, assignment, "test", methods, options, seed=0, log=log)
-    if part == "valid":
-        materialize_heldout(reader, assignment, "valid", methods, options, seed=0, log=log)
+    specs = fold_specs(data["split"], reader.utterances) if data.get("folds") == "all" else [data["split"]]
+    # one entry per fold: (tag for run names, fold index or None, the split file every run of the fold uses)
+    folds = []
+    for f, spec in enumerate(specs):
+        tag = f"-f{f}" if len(specs) > 1 else ""
+        split, assignment = _study_split(reader, spec, study_cfg, runs_dir, tag)
+        log(f"materialising augmented held-out sets{f' (fold {f})' if tag else ''}")
+        materialize_heldout(reader, assignment, "test", methods, options, seed=0, log=log)
+        if part == "valid":
+            materialize_heldout(reader, assignment, "valid", methods, options, seed=0, log=log)
+        folds.append((tag, f if tag else None, split))
 
-    def config(plugins: list[str], weights: dict | None, seed: int):
-        return dataclasses.replace(_train_config(cfg, cache, plugins, weights, seed), split=split, cross=cross)
+    def train_one(name: str, role: str, plugins: list[str], weights: dict | None, seed: int, fold) -> None:
+        tag, index, split = fold
+        run_dir = runs_dir / f"{name}{tag}-s{seed}"
+        tcfg = dataclasses.replace(_train_config(cfg, cache, plugins, weights, seed), split=split, cross=cross)
+        run_model(run_dir, tcfg, log, reader.digest, selection=part == "valid" and role != "combination")
+        plan.append({"name": name, "role": role, "seed": seed, "run": str(run_dir), "plugins": plugins,
+                     **({"weights": weights} if weights else {}), **({"fold": index} if index is not None else {})})
 
     plan: list[dict[str, Any]] = []
     control = aug.get("control", "duplicate")
-    for seed in _seeds(cfg):
-        for role, plugins in [("baseline", []), *[("single", [m]) for m in methods], ("control", [control])]:
-            name = "baseline" if role == "baseline" else plugins[0]
-            run_dir = runs_dir / f"{name}-s{seed}"
-            run_model(run_dir, config(plugins, None, seed), log, reader.digest, selection=part == "valid")
-            plan.append({"name": name, "role": role, "seed": seed, "run": str(run_dir), "plugins": plugins})
-    # gains -> weights, seed-averaged: each method's model against the reference model of the same seed, on
-    # clean + that method's augmented set of the selection part (validation unless the reference mode is asked)
     seeds = _seeds(cfg)
+    for fold in folds:
+        for seed in seeds:
+            for role, plugins in [("baseline", []), *[("single", [m]) for m in methods], ("control", [control])]:
+                train_one("baseline" if role == "baseline" else plugins[0], role, plugins, None, seed, fold)
+    # gains -> weights, averaged over seeds and folds: each method's model against the reference model of the
+    # same seed and fold, on clean + that method's augmented set of the selection part (validation unless the
+    # reference mode is asked)
     ref_name = "baseline" if reference == "baseline" else control
+    pairs = [(f"{tag}-s{s}") for tag, _, _ in folds for s in seeds]
     gains: dict[str, float] = {}
     f1s: dict[str, float] = {}
     base_f1s: dict[str, float] = {}
-    usable = [m for m in methods if all((runs_dir / f"{m}-s{s}" / PARTS[part] /
-                                         f"{part}-{m}.predictions.csv").is_file() for s in seeds)]
+    usable = [m for m in methods if all((runs_dir / f"{m}{p}" / PARTS[part] / f"{part}-{m}.predictions.csv")
+                                        .is_file() for p in pairs)]
     for m in usable:
-        per_seed = [gains_from_runs(runs_dir / f"{ref_name}-s{s}", [runs_dir / f"{m}-s{s}"], part) for s in seeds]
-        f1s[m] = sum(p[0][m] for p in per_seed) / len(seeds)
-        base_f1s[m] = sum(p[1][m] for p in per_seed) / len(seeds)
+        each = [gains_from_runs(runs_dir / f"{ref_name}{p}", [runs_dir / f"{m}{p}"], part) for p in pairs]
+        f1s[m] = sum(e[0][m] for e in each) / len(pairs)
+        base_f1s[m] = sum(e[1][m] for e in each) / len(pairs)
         gains[m] = f1s[m] - base_f1s[m]
     combos: dict[str, dict[str, float]] = {}
     positive = [m for m in usable if gains[m] > 0]
@@ -416,19 +429,17 @@ def run_study(cfg: dict[str, Any], log=print) -> Path:
             warnings.simplefilter("ignore")
             combos[f"top{k}"] = weights_from_gains(0.0, gains, top_k=k)
     for name, weights in combos.items():
-        for seed in seeds:
-            run_dir = runs_dir / f"{name}-s{seed}"
-            run_model(run_dir, config(list(weights), weights, seed), log, reader.digest)
-            plan.append({"name": name, "role": "combination", "seed": seed, "run": str(run_dir),
-                         "plugins": list(weights), "weights": weights})
+        for fold in folds:
+            for seed in seeds:
+                train_one(name, "combination", list(weights), weights, seed, fold)
     study = {"config": cfg, "runs": plan, "gains": gains, "combined_f1": f1s, "baseline_combined_f1": base_f1s,
              "weights": combos, "cache": str(cache), "split": data["split"], "digest": reader.digest,
-             "cross": cross,
+             "cross": cross, "folds": [{"fold": i, "split": s} for _, i, s in folds] if len(folds) > 1 else None,
              "selection": {"set": "validation" if part == "valid" else "test", "reference": reference,
                            "reference_model": ref_name, "metric": "weighted F1 on clean + the method's own "
                            "augmented " + ("validation" if part == "valid" else "test") + " set",
                            "valid_share": study_cfg.get("valid") if part == "valid" else None,
-                           "split_file": split if part == "valid" else None},
+                           "split_files": [s for _, _, s in folds] if part == "valid" else None},
              "commit": runs.git_commit(), "versions": runs.versions(), "hardware": runs.hardware(),
              "wall_seconds": time.perf_counter() - t0}
     runs.write_json(runs_dir / "study.json", study)

@@ -162,3 +162,41 @@ def test_cross_sets_are_declared_never_inferred(tmp_path):
     r = run_sertk("evaluate", declared, "--json")
     assert r.code == 0 and set(json.loads(r.out)) == {"test", "cross-synthetic-shifted"}
     shutil.rmtree(declared)
+
+
+@pytest.mark.slow
+def test_every_fold_of_a_study(tmp_path):
+    (tmp_path / "f.toml").write_text("""
+name = "folds"
+[data]
+options = { per_emotion = 2 }
+split = "kfold:k=2,order=sorted"
+folds = "all"
+cross = []
+[training]
+epochs = 10
+workers = 1
+[augmentations]
+methods = ["noise"]
+top_k = []
+[study]
+runs_dir = "runs/folds"
+report = "reports/folds.md"
+""")
+    r = run_sertk("study", "--preset", "demo", "--config", tmp_path / "f.toml", cwd=tmp_path, timeout=900)
+    assert r.code == 0, r.err
+    runs = tmp_path / "runs" / "folds"
+    study = json.loads((runs / "study.json").read_text())
+    assert [f["fold"] for f in study["folds"]] == [0, 1]
+    assert {p.name for p in runs.glob("*-s42")} == {f"{m}-f{f}-s42" for m in ("baseline", "noise", "duplicate")
+                                                     for f in (0, 1)}
+    tests = [{row["utterance"] for row in csv.DictReader(open(runs / f"split-f{f}.csv")) if row["split"] == "test"}
+             for f in (0, 1)]
+    assert tests[0] and not tests[0] & tests[1]  # every utterance is tested in one fold only
+    numbers = json.loads((tmp_path / "reports" / "folds" / "numbers.json").read_text())
+    per_run = [n for n in numbers if n["section"] == "per_run" and n["model"] == "baseline" and n["test"] == "test"]
+    assert sorted(n["fold"] for n in per_run) == [0, 1]
+    headline = next(n for n in numbers if n["section"] == "headline" and n["model"] == "baseline"
+                    and n["test"] == "test" and n["metric"] == "uar")
+    assert headline["mean"] == pytest.approx(np.mean([n["uar"] for n in per_run]))
+    assert "mean over seeds and folds" in (tmp_path / "reports" / "folds.md").read_text()

@@ -39,9 +39,10 @@ def state(path: Path):
 
 def test_run_folder_contents_and_evaluate(cache_dir, tmp_path, cli):
     run = tmp_path / "run"
-    r = train(cache_dir, run, "--plugins", "specaugment,noise")
+    r = train(cache_dir, run, "--plugins", "specaugment,noise", "--cross", "synthetic-shifted")
     assert r.code == 0, r.err
     cfg = json.loads((run / "config.json").read_text())
+    assert cfg["train"]["cross"] == [str((cache_dir / "synthetic-shifted.h5").resolve())]
     assert cfg["train"]["plugins"] == ["specaugment", "noise"] and cfg["train"]["lr"] == 1e-3
     assert cfg["plugins"]["augmentation:noise"]["distribution"] == "sertk"
     assert {"torch", "transformers", "numpy"} <= set(cfg["versions"]) and cfg["seeds"]["seed"] == 42
@@ -55,7 +56,7 @@ def test_run_folder_contents_and_evaluate(cache_dir, tmp_path, cli):
     r = cli("evaluate", run, "--json")
     assert r.code == 0, r.err
     summary = json.loads(r.out)
-    assert set(summary) == {"test", "cross-synthetic-shifted"}
+    assert set(summary) == {"test", "cross-synthetic-shifted"}  # exactly the declared sets
     detail = json.loads((run / "eval" / "test.json").read_text())
     assert len(detail["confusion"]) == 7 and detail["n"] == summary["test"]["n"]
     preds = (run / "eval" / "test.predictions.csv").read_text().splitlines()

@@ -100,6 +100,7 @@ def _manifest(root: Path) -> Path:
     return root / "list.csv"
 
 
+@pytest.mark.timeout(1900)  # above the subprocess limits inside
 @pytest.mark.slow
 def test_study_selects_on_validation_and_reports_every_declared_cross_set(tmp_path):
     pytest.importorskip("sertk_example")
@@ -164,6 +165,7 @@ def test_cross_sets_are_declared_never_inferred(tmp_path):
     shutil.rmtree(declared)
 
 
+@pytest.mark.timeout(1000)  # above the subprocess limits inside
 @pytest.mark.slow
 def test_every_fold_of_a_study(tmp_path):
     (tmp_path / "f.toml").write_text("""

@@ -28,6 +28,7 @@ report = "reports/small.md"
 """
 
 
+@pytest.mark.timeout(1000)  # above the subprocess limits inside
 @pytest.mark.slow
 def test_demo_preset_end_to_end(tmp_path):
     r = run_sertk("study", "--preset", "demo", cwd=tmp_path, timeout=900)
@@ -43,6 +44,7 @@ def test_demo_preset_end_to_end(tmp_path):
     assert (tmp_path / "reports" / "demo" / "numbers.json").is_file()
 
 
+@pytest.mark.timeout(2200)  # above the subprocess limits inside
 @pytest.mark.slow
 def test_study_resumes_after_kill_and_reruns_changed_configs(tmp_path):
     cfg = tmp_path / "small.toml"
@@ -98,6 +100,7 @@ def test_study_config_errors(tmp_path, cli):
         "superb/hubert-large-superb-er"
 
 
+@pytest.mark.timeout(1300)  # above the subprocess limits inside
 @pytest.mark.slow
 @pytest.mark.shared_data
 def test_reference_protocol_with_the_acoustic_model_on_real_corpora(shared_data, tmp_path):

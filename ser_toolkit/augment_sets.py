@@ -175,10 +175,12 @@ def materialize(reader: CacheReader, assignment: Mapping[str, str], subset: str,
     with exclusive_lock(path.parent / ".lock"):
         if path.exists():
             try:
+                from ser_toolkit.cache.build import verify_cache
+
                 existing = CacheReader(path)
                 same = existing.config.get("augmentation") == config["augmentation"]
                 existing.close()
-                if same:
+                if same and not verify_cache(path)["damaged"]:  # a damaged set is written again
                     return path, False
             except CacheError:
                 pass

@@ -144,12 +144,9 @@ def cache(
 
 def _verify_cache(cache_arg: str, cache_dir: Path, quiet: bool, as_json: bool) -> None:
     """``sertk cache --verify``: every chunk checksum and utterance digest of a cache; exit 2 if damaged."""
-    from ser_toolkit.cache.build import verify_cache
-    from ser_toolkit.cache.identity import check_name
+    from ser_toolkit.cache.build import locate_cache, verify_cache
 
-    path = Path(cache_arg)
-    if not path.exists() and not path.suffix:
-        path = Path(cache_dir) / f"{check_name(cache_arg)}.h5"
+    path = locate_cache(cache_arg, cache_dir)
     result = verify_cache(path, quiet=quiet)
     if as_json:
         typer.echo(json.dumps(result, indent=2))
@@ -162,13 +159,10 @@ def _verify_cache(cache_arg: str, cache_dir: Path, quiet: bool, as_json: bool) -
 
 
 def _cache_path(cache_arg: str) -> Path:
-    """A cache path, or a bare name looked up as ``cache/<name>.h5``."""
-    p = Path(cache_arg)
-    if not p.exists() and not p.suffix:
-        candidate = DEFAULT_CACHE_DIR / f"{cache_arg}.h5"
-        if candidate.exists():
-            return candidate
-    return p
+    """A cache path, or a cache name looked up as ``cache/<name>.h5``."""
+    from ser_toolkit.cache.build import locate_cache
+
+    return locate_cache(cache_arg, DEFAULT_CACHE_DIR)
 
 
 @app.command()

@@ -11,9 +11,10 @@ and excluded from macro F1 and UAR (which average over the emotions present).
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -151,7 +152,7 @@ def test_sets(run_dir: Path, specs: Sequence[str] | None, info: dict[str, Any] |
     The in-corpus sets must be of the data the run trained on (same content
     digest and split), unless ``allow_changed``.
     """
-    from ser_toolkit.augment_sets import sets_dir
+    from ser_toolkit.augment_sets import sets_dir, split_key
     from ser_toolkit.cache.identity import assignment_digest
     from ser_toolkit.cache.reader import CacheReader
     from ser_toolkit.splits import make_split
@@ -188,16 +189,20 @@ def test_sets(run_dir: Path, specs: Sequence[str] | None, info: dict[str, Any] |
             part = "test" if spec == "augmented" else "valid"
             for p in sorted(folder.glob(f"{part}-*.h5")):
                 aug = CacheReader(p)
-                if aug.config.get("augmentation", {}).get("source_digest") != reader.digest:
-                    raise SertkError(f"augmented set {p} was not made from {cache}'s data",
-                                     "delete it; sertk materialize makes it again")
+                key = aug.config.get("augmentation", {})
+                if (key.get("source_digest"), key.get("split"), key.get("subset")) != \
+                        (reader.digest, split_key(assignment), part) or p.stem != f"{part}-{key.get('name')}":
+                    raise SertkError(f"augmented set {p} was not made as the {part} part of this run's split "
+                                     "(renamed, moved or copied?)", "delete it; sertk materialize makes it again")
                 out.append((p.stem, aug, None, {**source, "rows": "all"}))
         elif spec == "cross":
             if not declared and specs:
                 raise SertkError(f"run {run_dir} declares no cross-corpus set",
                                  "train with --cross DATASET_OR_CACHE, or pass --test CACHE")
             for p in map(Path, declared):
-                out.append((f"cross-{p.stem}", CacheReader(p), None, {"rows": "all"}))
+                other = CacheReader(p)
+                _check_disjoint(other, reader, assignment)
+                out.append((f"cross-{p.stem}", other, None, {"rows": "all"}))
         else:
             p = Path(spec)
             if not p.exists() and not p.suffix:
@@ -209,6 +214,15 @@ def test_sets(run_dir: Path, specs: Sequence[str] | None, info: dict[str, Any] |
             out.append((f"cross-{p.stem}" if not same else "all", reader if same else CacheReader(p), None,
                         {**source, "rows": "all"} if same else {"rows": "all"}))
     return out
+
+
+def _check_disjoint(other, reader, assignment: Mapping[str, str]) -> None:
+    """A cross-corpus set must not hold any of the run's training audio (by per-utterance audio digest)."""
+    trained = {d for uid, d in zip(reader.ids, reader.column("audio_digest")) if assignment.get(uid) != "test"}
+    shared = sum(d in trained for d in other.column("audio_digest"))
+    if shared:
+        raise SertkError(f"cross-corpus set {other.path} holds {shared} utterances of the run's own training data "
+                         f"({reader.path})", "declare a cache of another corpus with --cross")
 
 
 def evaluate_run(run_dir: Path, specs: Sequence[str] | None = None, batch_size: int | None = None,
@@ -235,11 +249,12 @@ def evaluate_run(run_dir: Path, specs: Sequence[str] | None = None, batch_size: 
         probs = predict_rows(model, featurize, reader, rows, batch, device, workers)
         y_true = reader.labels[rows]
         metrics = compute_metrics(y_true, probs.argmax(1))
+        table = predictions_csv([reader.ids[i] for i in rows], y_true, probs)
         metrics.update(name=name, cache=str(reader.path), dataset=reader.config["dataset"]["name"],
-                       run_id=info["run_id"], data={"digest": reader.digest, **provenance})
-        runs.write_json(run_dir / folder / f"{name}.json", metrics)
-        write_text(run_dir / folder / f"{name}.predictions.csv",
-                   predictions_csv([reader.ids[i] for i in rows], y_true, probs))
+                       run_id=info["run_id"], data={"digest": reader.digest, **provenance},
+                       predictions_sha256=hashlib.sha256(table.encode()).hexdigest())
+        write_text(run_dir / folder / f"{name}.predictions.csv", table)
+        runs.write_json(run_dir / folder / f"{name}.json", metrics)  # last: it vouches for the CSV
         summary[name] = {k: metrics[k] for k in ("n", "accuracy", "weighted_f1", "macro_f1", "uar",
                                                  "missing_emotions")}
     runs.write_json(run_dir / folder / "summary.json", summary)

@@ -57,6 +57,20 @@ def _read_eval(path: Path, run_id: str) -> dict[str, Any]:
     return metrics
 
 
+def _check_predictions(path: Path, metrics: dict[str, Any]) -> None:
+    """The predictions CSV must be the one its eval JSON was written with."""
+    import hashlib
+
+    expected = metrics.get("predictions_sha256")
+    try:
+        actual = hashlib.sha256(path.read_bytes()).hexdigest()
+    except FileNotFoundError:
+        actual = None
+    if expected is None or actual != expected:
+        raise SertkError(f"{path} is not the predictions its evaluation recorded", "re-evaluate the run "
+                         "(sertk evaluate RUN)")
+
+
 def _check_data(models: list["Model"], allow_changed: bool) -> list[str]:
     """Every test set must be the same data for every run, and in-corpus sets the data each run trained on."""
     from ser_toolkit.cache.identity import short
@@ -67,7 +81,8 @@ def _check_data(models: list["Model"], allow_changed: bool) -> list[str]:
         for test, evals in m.evals.items():
             for run, fold, e in zip(m.runs, m.folds, evals):
                 seen.setdefault((test, fold), {}).setdefault(e["data"]["digest"], str(run))
-                if e["data"].get("changed"):
+                trained, source = e["data"].get("trained_digest"), e["data"].get("source_digest")
+                if e["data"].get("changed") or (trained and source and trained != source):
                     problem = (f"run {run} was evaluated on '{test}' after its data changed (trained on "
                                f"{short(e['data'].get('trained_digest'))}, evaluated on "
                                f"{short(e['data'].get('source_digest'))})")
@@ -135,7 +150,9 @@ def collect(paths: Sequence[Path], allow_changed: bool = False,
         if not isinstance(tests, dict):
             raise SertkError(f"{summary} is malformed", f"re-evaluate the run: sertk evaluate {run}")
         for test in tests:
-            m.evals.setdefault(test, []).append(_read_eval(run / "eval" / f"{test}.json", info["run_id"]))
+            e = _read_eval(run / "eval" / f"{test}.json", info["run_id"])
+            m.evals.setdefault(test, []).append(e)
+            _check_predictions(run / "eval" / f"{test}.predictions.csv", e)
             m.preds.setdefault(test, []).append(read_predictions(run / "eval" / f"{test}.predictions.csv"))
     order = {"baseline": 0, "control": 1, "single": 2, "combination": 3}
     ordered = sorted(models.values(), key=lambda m: (order[m.role], m.name))

@@ -62,13 +62,16 @@ def trained(tmp_path_factory):
     return cache, run
 
 
-def test_recached_corpus_is_refused_by_evaluate_and_report(trained, tmp_path):
-    cache, run = trained
-    cache, run = shutil.copytree(cache, tmp_path / "cache"), shutil.copytree(run, tmp_path / "run")
-    info = json.loads((run / "run.json").read_text())
-    info["data"]["cache"]["path"] = str((cache / "synthetic.h5").resolve())
-    (run / "run.json").write_text(json.dumps(info))
-    assert run_sertk("evaluate", run).code == 0  # same data, another path: fine
+def test_recached_corpus_is_refused_by_evaluate_and_report(tmp_path):
+    cache, run = tmp_path / "cache", tmp_path / "run"
+    assert run_sertk("cache", "synthetic", "--set", "per_emotion=2", "--cache-dir", cache, "-q").code == 0
+    assert run_sertk("train", "--cache-dir", cache, "--out", run, *FAST).code == 0
+    assert run_sertk("evaluate", run).code == 0
+    # a hand-edited run.json (e.g. pointing the run at other data) breaks the seal
+    info_text = (run / "run.json").read_text()
+    (run / "run.json").write_text(info_text.replace('"run_id"', '"run_id" ', 1))
+    one_line_error(run_sertk("evaluate", run), "was changed after the run was sealed")
+    (run / "run.json").write_text(info_text)
     before = CacheReader(cache / "synthetic.h5").digest
     # the same name, other content: re-cached with another option
     assert run_sertk("cache", "synthetic", "--set", "per_emotion=3", "--cache-dir", cache, "-q").code == 0
@@ -307,3 +310,54 @@ def test_augment_refuses_to_overwrite_its_input(tmp_path):
 def test_sertk_errors_pickle_as_one_line():
     err = pickle.loads(pickle.dumps(SertkError("problem", "fix")))
     assert str(err) == "problem; fix"
+
+
+def test_names_with_dots_and_unstorable_strings(tmp_path):
+    cache = tmp_path / "cache"
+    assert run_sertk("cache", "synthetic", "--set", "per_emotion=1", "--name", "a.b", "--cache-dir", cache,
+                     "-q").code == 0
+    (tmp_path / "a.b").mkdir()  # a folder of that name in the working folder does not shadow the cache
+    r = run_sertk("inspect", "a.b", "--json", cwd=tmp_path)
+    assert r.code == 0 and json.loads(r.out)["utterances"] == 56
+    write_audio(tmp_path / "x.wav")
+    (tmp_path / "nul.csv").write_text("path,label,speaker\nx.wav,happy,sp\x00k\n")
+    one_line_error(run_sertk("cache", "manifest", "--root", tmp_path / "nul.csv", "--cache-dir", cache, "-q"),
+                   "NUL byte")
+    assert not (cache / "manifest.h5").exists()
+
+
+def test_a_damaged_resumable_checkpoint_is_refused(trained, tmp_path):
+    cache, run = trained
+    copy = shutil.copytree(run, tmp_path / "run")
+    (copy / "final.json").unlink()
+    ckpt = copy / "checkpoints" / "epoch-001.pt"
+    data = bytearray(ckpt.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    ckpt.write_bytes(bytes(data))
+    r = run_sertk("train", "--cache-dir", cache, "--out", copy, "--resume", "-q", "--workers", "0")
+    one_line_error(r, "fails its checksum")
+
+
+def test_held_out_sets_are_what_their_names_say(trained, tmp_path):
+    cache, run = trained
+    cache = shutil.copytree(cache, tmp_path / "cache")
+    assert run_sertk("materialize", cache / "synthetic.h5", "--plugins", "noise,specaugment",
+                     "--split", "speaker:test=0.25", "-q").code == 0
+    folder = next((cache / "synthetic.aug").iterdir())
+    (folder / "test-noise.h5").rename(folder / "x.h5")
+    (folder / "test-specaugment.h5").rename(folder / "test-noise.h5")
+    runs_copy = shutil.copytree(run, tmp_path / "run")
+    from ser_toolkit.evaluation import test_sets
+    from ser_toolkit.training.runs import run_info
+
+    info = run_info(runs_copy)
+    info["data"]["cache"]["path"] = str(cache / "synthetic.h5")
+    with pytest.raises(SertkError, match="was not made as the test part"):
+        test_sets(runs_copy, ["augmented"], info)
+    # a cross-corpus set holding the run's own training audio is refused, whatever its name
+    from ser_toolkit.cache.build import locate_cache
+
+    assert run_sertk("cache", "synthetic", "--set", "per_emotion=2", "--name", "other-corpus", "--cache-dir",
+                     cache, "-q").code == 0
+    with pytest.raises(SertkError, match="holds .* of the run's own training data"):
+        test_sets(runs_copy, ["cross"], info, cross=[str(locate_cache("other-corpus", cache))])

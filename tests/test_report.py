@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 
@@ -31,9 +32,11 @@ def fake_run(folder, plugins, seed, accuracy, rng):
         ids = [f"u{i}" for i in range(n)]
         probs = np.eye(7)[p]
         m = compute_metrics(y, p)
-        m.update(run_id=run_id, data={"digest": f"digest-of-{t}", "changed": False})
+        table = predictions_csv(ids, y, probs)
+        m.update(run_id=run_id, data={"digest": f"digest-of-{t}", "changed": False},
+                 predictions_sha256=hashlib.sha256(table.encode()).hexdigest())
         (folder / "eval" / f"{t}.json").write_text(json.dumps(m))
-        (folder / "eval" / f"{t}.predictions.csv").write_text(predictions_csv(ids, y, probs))
+        (folder / "eval" / f"{t}.predictions.csv").write_text(table)
         summary[t] = {k: m[k] for k in ("n", "accuracy", "weighted_f1", "macro_f1", "uar", "missing_emotions")}
     (folder / "eval" / "summary.json").write_text(json.dumps(summary))
 

@@ -235,6 +235,10 @@ class _OldAudioDamaged(Exception):
     """The previous cache's audio failed its checksum while being reused."""
 
 
+class _PartDamaged(Exception):
+    """A part file's audio failed its checksum (the part was removed; decode again)."""
+
+
 class _Progress:
     """A rich progress bar (no-op when quiet)."""
 
@@ -303,6 +307,14 @@ def cache_file(cache_dir: str | Path, name: str) -> Path:
     return Path(cache_dir) / f"{check_name(name)}.h5"
 
 
+def locate_cache(arg: str | Path, cache_dir: str | Path) -> Path:
+    """A cache given by path (``*.h5`` or with a folder) or by name (``<cache_dir>/<name>.h5``; dots allowed)."""
+    text = str(arg)
+    if text.endswith(".h5") or "/" in text or os.sep in text:
+        return Path(text)
+    return cache_file(cache_dir, text)
+
+
 def preprocess_for(dataset: Dataset, mono: str | None = None, dtype: str | None = None,
                    resampler: str | None = None, max_seconds: float | None = None) -> Preprocess:
     """The preprocessing of a corpus: given options, else the dataset's own (e.g. its down-mix), else defaults."""
@@ -324,14 +336,34 @@ def build_cache(dataset: Dataset, root: Path | None, path: Path, pre: Preprocess
     if not scan.utterances:
         raise SertkError(f"dataset '{dataset.name}' found no utterances under {root}",
                          "check --root (it should be the corpus's top folder)")
+    _check_strings(scan.utterances)
     _existing(path, pre, _identity(dataset, root), force)
     path.parent.mkdir(parents=True, exist_ok=True)
     waiting = f"another sertk process is building {path}; waiting for it to finish"
     with exclusive_lock(path.with_name(path.name + ".lock"), waiting):
-        try:
-            return _build(dataset, root, scan, path, pre, workers, strict, quiet, force, t0)
-        except _OldAudioDamaged:  # reuse failed mid-assembly: decode everything again
-            return _build(dataset, root, scan, path, pre, workers, strict, quiet, True, t0)
+        for attempt in range(3):  # damaged audio found mid-assembly: decode it again
+            try:
+                return _build(dataset, root, scan, path, pre, workers, strict, quiet, force, t0)
+            except _OldAudioDamaged:
+                force = True
+            except _PartDamaged:
+                pass
+        raise CacheError(f"building {path} keeps finding damaged audio", "check the disk, then rerun")
+
+
+def _check_strings(utts: list[Utterance]) -> None:
+    """Every table string must be storable: UTF-8 text without NUL bytes."""
+    for u in utts:
+        fields = {"id": u.id, "path": u.path or "", "speaker": u.speaker, "corpus": u.corpus,
+                  "gender": u.gender or "", "extra": json.dumps(dict(u.extra), sort_keys=True)}
+        for name, value in fields.items():
+            try:
+                ok = "\x00" not in value and bool(value.encode("utf-8") or True)
+            except UnicodeEncodeError:
+                ok = False
+            if not ok:
+                raise SertkError(f"utterance {u.id.encode('utf-8', 'backslashreplace').decode()!r}: its {name} holds "
+                                 "a NUL byte or an unpaired surrogate", "fix that entry of the corpus or manifest")
 
 
 def _identity(dataset: Dataset, root: Path | None) -> dict[str, Any]:
@@ -460,20 +492,14 @@ def _assemble(path: Path, rows: list[Utterance], fingerprints: dict[str, str],
     summary.hours = float(lengths.sum()) / pre.sample_rate / 3600
     summary.clipped_utterances = sum(1 for c in clipped if c > 0)
     # Where each row's audio comes from, coalesced into contiguous runs: one slice copy per run.
-    # Where each row's audio comes from. Parts (just written) are coalesced into contiguous runs, one slice
-    # copy per run; rows reused from the previous cache are copied one by one and their CRC checked, so
-    # damaged old audio is never carried into the new file.
-    runs: list[list[Any]] = []  # [source, source offset, target offset, length, expected crc or None]
+    # Where each row's audio comes from: the previous cache or a part file. Each row is copied on its own and
+    # its CRC checked, so damaged audio (an old cache's or a part's) is never carried into the new file.
+    runs: list[list[Any]] = []  # [source, source offset, target offset, length, expected crc]
     for u, off, n in zip(rows, offsets, lengths):
         if from_old(u):
             runs.append([None, old[u.id][0], int(off), int(n), old[u.id][5]])
-            continue
-        src, o = parts[u.id][0], parts[u.id][1]
-        last = runs[-1] if runs else None
-        if last is not None and last[0] == src and last[1] + last[3] == o and last[2] + last[3] == off:
-            last[3] += int(n)
         else:
-            runs.append([src, o, int(off), int(n), None])
+            runs.append([parts[u.id][0], parts[u.id][1], int(off), int(n), parts[u.id][6]])
     with atomic_path(path) as tmp:
         previous = h5py.File(path, "r") if old else None
         part, part_file = None, None  # one part open at a time: memory stays flat
@@ -498,11 +524,13 @@ def _assemble(path: Path, rows: list[Utterance], fingerprints: dict[str, str],
                             if src is None:
                                 raise _OldAudioDamaged() from None
                             raise
-                        if crc is not None:
-                            running = zlib.crc32(block, running)
+                        running = zlib.crc32(block, running)
                         audio[off + start:off + start + k] = block
-                    if crc is not None and running != crc:
-                        raise _OldAudioDamaged()
+                    if running != crc:
+                        if src is None:
+                            raise _OldAudioDamaged()
+                        Path(src).unlink(missing_ok=True)  # its utterances are decoded again
+                        raise _PartDamaged()
                 write_table(fh, rows, offsets, lengths, [fingerprints[u.id] for u in rows], clipped, digests, crcs)
                 return finish(fh, config, {"skipped": summary.skipped, "ignored": summary.ignored,
                                            "table_digest": table_digest(rows)})

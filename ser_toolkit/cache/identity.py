@@ -24,7 +24,7 @@ import numpy as np
 from ser_toolkit.emotions import EMOTION_INDEX
 from ser_toolkit.errors import CacheError, SertkError
 
-HASHED_COLUMNS = ("id", "emotion", "speaker", "gender", "corpus", "extra", "length", "audio_digest")
+HASHED_COLUMNS = ("id", "emotion", "speaker", "gender", "corpus", "extra", "length", "audio_digest", "crc32")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
@@ -65,7 +65,10 @@ def short(digest: str | None) -> str:
 
 
 def damaged(path: Path, what: str) -> CacheError:
-    """The one-line error for a cache whose contents fail a check."""
+    """The one-line error for a cache (or materialised set) whose contents fail a check."""
+    if ".aug" in Path(path).parent.parent.name or ".aug" in Path(path).parent.name:
+        return CacheError(f"augmented set {path} is damaged ({what})",
+                          "run 'sertk materialize' (or the study) again: it rewrites a damaged set")
     return CacheError(f"cache {path} is damaged ({what})",
                       f"rebuild it with 'sertk cache DATASET --force' ('sertk cache --verify {path}' lists what "
                       "is damaged)")

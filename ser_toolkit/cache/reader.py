@@ -38,7 +38,7 @@ def _open_hdf5(path: Path, source: str | Path | None = None):
         return h5py.File(source or path, "r")
     except OSError:
         raise CacheError(f"{path} is not an HDF5 file (corrupt or foreign)",
-                         "rebuild it with 'sertk cache DATASET' or pass a sertk cache") from None
+                         "pass a sertk cache, or rebuild it with 'sertk cache DATASET --force'") from None
 
 
 def _header(fh, path: Path) -> dict[str, Any]:

@@ -188,12 +188,10 @@ def carve_validation(train_utts: list, share: float, seed: int) -> dict[str, str
 
 def resolve_cache(dataset: str, cache_dir: str | Path) -> Path:
     """A cache path, or a cache name looked up in ``cache_dir``."""
-    from ser_toolkit.cache.build import cache_file
+    from ser_toolkit.cache.build import locate_cache
 
-    path = Path(dataset)
-    if not path.exists() and not path.suffix:
-        path = cache_file(cache_dir, dataset)
-    if not path.exists():
+    path = locate_cache(dataset, cache_dir)
+    if not path.is_file():
         raise SertkError(f"no cache {path}", f"build it first: sertk cache {path.stem}")
     return path
 

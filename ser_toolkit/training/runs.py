@@ -88,6 +88,8 @@ def read_json(path: Path) -> Any:
 RUN_FILE = "run.json"
 SEAL_FILE = "final.json"
 BEST = "best.safetensors"
+SEALED_FILES = ("config.json", RUN_FILE)
+"""Besides the checkpoints, the seal holds the digests of these: what the run was and what data it trained on."""
 
 
 def new_run_id() -> str:
@@ -119,13 +121,23 @@ def load_checkpoint(path: Path, run_id: str | None = None) -> dict[str, Any]:
     """Resumable state, loaded with ``weights_only=True`` (no code runs); must belong to ``run_id``."""
     import torch
 
+    import zipfile
+
     if not path.is_file():
         raise SertkError(f"checkpoint {path} does not exist", "train the run first (sertk train)")
+    try:
+        with zipfile.ZipFile(path) as archive:  # every member's CRC: a flipped byte is never resumed from
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError):
+        bad = "archive"
+    if bad is not None:
+        raise SertkError(f"checkpoint {path} is damaged ({bad} fails its checksum)",
+                         "delete it to resume from the one before, or retrain the run")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a corrupt or crafted file must not show a traceback, nor run code
         raise SertkError(f"checkpoint {path} cannot be read safely ({type(exc).__name__})",
-                         "retrain, or resume from an earlier checkpoint") from None
+                         "delete it to resume from the one before, or retrain the run") from None
     if run_id is not None and (not isinstance(state, dict) or state.get("run_id") != run_id):
         raise SertkError(f"checkpoint {path} belongs to another run", "remove it, or retrain this run")
     return state
@@ -176,7 +188,8 @@ def seal(run_dir: Path, run_id: str) -> dict[str, Any]:
 
     digests = {p.name: file_digest(p) for p in sorted((run_dir / "checkpoints").glob("*")) if p.is_file()
                and ".tmp-" not in p.name}
-    record = {"run_id": run_id, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "checkpoints": digests}
+    record = {"run_id": run_id, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "checkpoints": digests,
+              "files": {name: file_digest(run_dir / name) for name in SEALED_FILES}}
     write_json(run_dir / SEAL_FILE, record)
     return record
 
@@ -213,6 +226,16 @@ def check_run(run_dir: Path, allow_unfinished: bool = False) -> dict[str, Any]:
     recorded = final.get("checkpoints", {}).get(BEST)
     if not best.is_file() or recorded is None or file_digest(best) != recorded:
         raise SertkError(f"{best} is missing or is not the file this run sealed", "retrain the run")
+    for name in SEALED_FILES:
+        if final.get("files", {}).get(name) != file_digest(run_dir / name):
+            raise SertkError(f"{run_dir / name} was changed after the run was sealed",
+                             "restore it, or retrain the run")
+    from safetensors import safe_open
+
+    with safe_open(str(best), framework="pt") as fh:
+        owner = (fh.metadata() or {}).get("run_id")
+    if owner != info["run_id"]:
+        raise SertkError(f"weights {best} belong to another run", "copy no checkpoints between runs; retrain")
     return info
 
 

@@ -683,6 +683,8 @@ def study(
     seeds: Optional[int] = typer.Option(None, "--seeds", help="Repeat every model with N seeds."),
     split_spec: Optional[str] = typer.Option(None, "--split", help="Override the split (e.g. speaker:test=0.2)."),
     folds: Optional[str] = typer.Option(None, "--folds", help="one, or all: every fold of a kfold/loso split."),
+    cross_matrix: bool = typer.Option(False, "--cross-matrix", help="Train on every corpus in turn ([data] and "
+                                      "each cross entry) and report the train x test corpus matrix."),
     model: Optional[str] = typer.Option(None, "--model", help="Override the model (plugin name, hub id, folder); "
                                         "the preset's lr, epochs, batch size... are for its own model."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Report path (default from the config)."),
@@ -698,7 +700,7 @@ def study(
     values (lr, epochs, batch size...) are dropped when another model is chosen.
     """
     from ser_toolkit.registry import get_registry
-    from ser_toolkit.study import load_config, run_study
+    from ser_toolkit.study import load_config, run_study, with_cross_matrix
 
     if preset is None and config_file is None:
         preset = "demo"
@@ -723,6 +725,8 @@ def study(
     if runs_dir is not None:
         overrides.setdefault("study", {})["runs_dir"] = str(runs_dir)
     cfg = load_config(preset, config_file, overrides)
+    if cross_matrix:
+        cfg = with_cross_matrix(cfg)
     if save_config is not None:
         from ser_toolkit import atomic
 

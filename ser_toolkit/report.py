@@ -210,6 +210,20 @@ def label(test: str) -> str:
     return test
 
 
+def absent_emotions(models: list[Model], tests: list[str]) -> list[str]:
+    """A sentence naming the emotions each test set lacks (its metrics are over the emotions it has)."""
+    notes = []
+    for t in tests:
+        evals = [ev for m in models for ev in m.evals.get(t, [])]
+        lacks = sorted(set.intersection(*(set(ev.get("missing_emotions") or []) for ev in evals))) if evals else []
+        if lacks:
+            notes.append(f"{label(t)} lacks {', '.join(lacks)}")
+    if not notes:
+        return []
+    return ["Metrics on a test set that lacks some emotions are computed over the emotions it has: "
+            + "; ".join(notes) + ".", ""]
+
+
 def _fmt(x: float | None, digits: int = 3) -> str:
     return "–" if x is None else f"{x:.{digits}f}"
 
@@ -530,6 +544,14 @@ def write_report(paths: Sequence[Path], output: Path, allow_changed: bool = Fals
     from ser_toolkit.atomic import write_text
     from ser_toolkit.diagnostics import report_warnings
 
+    from ser_toolkit.cross_matrix import is_matrix_study, write_matrix_report
+
+    matrix = [p for p in map(Path, paths) if is_matrix_study(p)]
+    if matrix:
+        if len(paths) > 1:
+            raise SertkError(f"{matrix[0]} is a study over several training corpora: it is reported alone",
+                             f"run: sertk report {matrix[0]}")
+        return write_matrix_report(matrix[0], output, allow_changed, allow_unfinished)
     models, study = collect(paths, allow_changed, allow_unfinished)
     tests = _test_order(models)
     numbers = Numbers()
@@ -551,6 +573,7 @@ def write_report(paths: Sequence[Path], output: Path, allow_changed: bool = Fals
         "Models: " + "; ".join(f"**{m.name}** ({m.role}" + (f": {', '.join(f'{k} {v:.2f}' for k, v in m.weights.items())}"
                                                             if m.weights else "") + ")" for m in models) + ".", "",
         *report_warnings(models),
+        *absent_emotions(models, tests),
         "## Headline: test set × model", "",
         f"![weighted F1 heatmap]({figs['headline.png']})", "",
         "Cells: mean over " + ("seeds and folds" if any(f is not None for m in models for f in m.folds)

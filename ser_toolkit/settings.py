@@ -364,6 +364,14 @@ def study_schema() -> tuple[Setting, ...]:
                     "± SD over folds in the report)", choices=("one", "all")),
             Setting("cross", [], "cross-corpus test sets: tables of dataset, root, options and cache options",
                     type="list[table]", entries=corpus + cache_options),
+            Setting("train", [], "more training corpora (tables like a cross entry, plus split and folds): the "
+                    "study runs on [data] and on each of these in turn, every training corpus is a cross-corpus "
+                    "set of the others, and the report gives the train x test corpus matrix; an entry without "
+                    "split/folds takes [data]'s (a file: split is the declared default's: it names one corpus's "
+                    "files)", type="list[table]", entries=corpus + (
+                        Setting("split", None, SETTINGS["split"].help),
+                        Setting("folds", None, "one or all (see [data] folds)", choices=("one", "all")),
+                    ) + cache_options),
             Setting("cache_dir", SETTINGS["cache_dir"].default, "folder of cache files", type="path"),
             *cache_options)
     model = (Setting("name", None, "model plugin name, or hubert with options.checkpoint", required=True),

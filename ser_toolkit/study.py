@@ -152,7 +152,8 @@ def check(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
     out = check_study(cfg)
     data, aug = out["data"], out["augmentations"]
-    for where, entry in [("[data]", data), *((f"[data] cross[{i}]", c) for i, c in enumerate(data["cross"]))]:
+    for where, entry in [("[data]", data), *((f"[data] cross[{i}]", c) for i, c in enumerate(data["cross"])),
+                         *((f"[data] train[{i}]", c) for i, c in enumerate(data["train"]))]:
         ds = get("dataset", entry["dataset"]).obj(**entry["options"])  # validates the options
         if ds.needs_root and "root" not in entry:
             raise SertkError(f"{where} dataset '{entry['dataset']}' needs a root (the corpus folder)",
@@ -222,6 +223,74 @@ def _cache(entry: Mapping[str, Any], cache_dir: Path, workers: int) -> Path:
     pre = preprocess_for(ds, entry.get("mono"), entry.get("dtype"), entry.get("resampler"), entry.get("max_seconds"))
     build_cache(ds, root_path, path, pre, workers=workers, quiet=True)
     return path.resolve()
+
+
+CORPUS_KEYS = ("dataset", "root", "options", "mono", "dtype", "resampler", "max_seconds")
+"""The keys of a corpus entry that say which cache it is (a cross entry has these only)."""
+
+
+def _cache_name(entry: Mapping[str, Any]) -> str:
+    from ser_toolkit.registry import get
+
+    return get("dataset", entry["dataset"]).obj(**entry.get("options", {})).cache_name()
+
+
+def corpus_studies(cfg: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """One study config per training corpus: ``[data]`` and each ``[data] train`` entry, in turn.
+
+    Empty when the study trains on ``[data]`` only. Each study's cross-corpus sets
+    are the other training corpora (whole) and the declared ``cross`` entries; its
+    runs go to ``RUNS_DIR/<cache name>/`` and its report next to the study's
+    (``<report stem>-<cache name>.md``). An entry naming the same cache as an
+    earlier one is the same corpus (listed once). A ``train`` entry without
+    ``split``/``folds`` takes ``[data]``'s, except a ``file:`` split, which names one
+    corpus's files: it takes the declared default split.
+    """
+    from ser_toolkit.settings import SETTINGS
+
+    data = cfg["data"]
+    if not data.get("train"):
+        return []
+    corpora: dict[str, dict[str, Any]] = {}
+    for i, entry in enumerate([data, *data["train"]]):
+        name = _cache_name(entry)
+        if name in corpora:
+            if i and {k: entry.get(k) for k in CORPUS_KEYS} != {k: corpora[name].get(k) for k in CORPUS_KEYS}:
+                raise SertkError(f"[data] train[{i - 1}] names the cache '{name}' of another training corpus "
+                                 "with other settings", "list each corpus once")
+            continue
+        split = entry.get("split") or (data["split"] if not str(data["split"]).startswith("file:")
+                                       else SETTINGS["split"].default)
+        corpora[name] = {**{k: entry[k] for k in CORPUS_KEYS if k in entry}, "split": split,
+                         "folds": entry.get("folds") or data["folds"]}
+    if len(corpora) == 1:
+        return []
+    cross_only = [c for c in data["cross"] if _cache_name(c) not in corpora]
+    runs_dir = Path(cfg["study"]["runs_dir"])
+    report = Path(cfg["study"]["report"])
+    out = []
+    for name, entry in corpora.items():
+        sub = copy.deepcopy(dict(cfg))
+        others = [{k: v for k, v in e.items() if k in CORPUS_KEYS} for n, e in corpora.items() if n != name]
+        sub["name"] = f"{cfg['name']}-{name}"
+        sub["data"] = {**entry, "cross": others + copy.deepcopy(cross_only), "train": [],
+                       "cache_dir": data["cache_dir"]}
+        sub["study"] = {**cfg["study"], "runs_dir": str(runs_dir / name),
+                        "report": str(report.with_name(f"{report.stem}-{name}{report.suffix}"))}
+        out.append((name, sub))
+    return out
+
+
+def with_cross_matrix(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """``cfg`` training on every corpus in turn: each ``[data] cross`` entry becomes a ``train`` entry too
+    (``sertk study --cross-matrix``)."""
+    out = copy.deepcopy(dict(cfg))
+    data = out["data"]
+    if not data["cross"] and not data["train"]:
+        raise SertkError("--cross-matrix needs more corpora than [data]",
+                         "declare them in [data] cross (or train) in the study config")
+    data["train"] = [*data["train"], *(copy.deepcopy(c) for c in data["cross"])]
+    return check(out)
 
 
 def _seeds(cfg: Mapping[str, Any]) -> list[int]:
@@ -343,6 +412,34 @@ def _study_split(reader, split: str, study: Mapping[str, Any], runs_dir: Path,
 
 def run_study(cfg: dict[str, Any], log=print) -> Path:
     """Run (or resume) the study described by ``cfg``; returns the report path.
+
+    With more training corpora (``[data] train``) the protocol of :func:`run_protocol`
+    runs on each in turn (:func:`corpus_studies`), and the report is the train x test
+    corpus matrix (:mod:`ser_toolkit.cross_matrix`) with a link to each corpus's report.
+    """
+    from ser_toolkit.cross_matrix import write_matrix_report
+    from ser_toolkit.training import runs
+
+    studies = corpus_studies(cfg)
+    if not studies:
+        return run_protocol(cfg, log)
+    t0 = time.perf_counter()
+    runs_dir = Path(cfg["study"]["runs_dir"])
+    done = []
+    for name, sub in studies:
+        log(f"training corpus {name} ({len(done) + 1} of {len(studies)})")
+        done.append({"corpus": name, "runs_dir": sub["study"]["runs_dir"], "report": str(run_protocol(sub, log).resolve())})
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    runs.write_json(runs_dir / "study.json", {
+        "config": cfg, "matrix": done, "commit": runs.git_commit(), "versions": runs.versions(),
+        "hardware": runs.hardware(), "wall_seconds": time.perf_counter() - t0})
+    report = write_matrix_report(runs_dir, Path(cfg["study"]["report"]))
+    log(f"report: {report}")
+    return report
+
+
+def run_protocol(cfg: dict[str, Any], log=print) -> Path:
+    """Run (or resume) the protocol on the one training corpus ``[data]``; returns the report path.
 
     Selection never touches test (unless ``[study] selection = "test"``, the
     reference study's biased choice, flagged in the report): gains, weights and

@@ -203,3 +203,82 @@ report = "reports/folds.md"
                     and n["test"] == "test" and n["metric"] == "uar")
     assert headline["mean"] == pytest.approx(np.mean([n["uar"] for n in per_run]))
     assert "mean over seeds and folds" in (tmp_path / "reports" / "folds.md").read_text()
+
+
+def _cfg(data: dict) -> dict:
+    from ser_toolkit.study import check
+
+    return check({"name": "m", "data": data, "model": {"name": "acoustic"},
+                  "augmentations": {"methods": ["noise"]}})
+
+
+def test_corpus_studies_train_on_each_corpus_with_the_others_as_cross_sets(tmp_path):
+    from ser_toolkit.study import corpus_studies, with_cross_matrix
+
+    assert corpus_studies(_cfg({"dataset": "synthetic"})) == []  # one training corpus: the plain protocol
+    shifted = {"dataset": "synthetic-shifted", "options": {"per_emotion": 1}}
+    manifest = {"dataset": "manifest", "root": str(_manifest(tmp_path / "m")), "options": {"corpus": "mine"}}
+    cfg = _cfg({"dataset": "synthetic", "split": "file:split.csv", "cross": [shifted, manifest],
+                "train": [{"dataset": "synthetic"}, {**shifted, "split": "speaker:test=0.5"}]})
+    studies = dict(corpus_studies(cfg))
+    assert list(studies) == ["synthetic", "synthetic-shifted"]  # [data] listed again in train: one corpus
+    own, other = studies["synthetic"]["data"], studies["synthetic-shifted"]["data"]
+    assert own["split"] == "file:split.csv" and other["split"] == "speaker:test=0.5"
+    assert own["cross"] == [shifted, manifest] and other["cross"] == [{"dataset": "synthetic", "options": {}},
+                                                                       manifest]
+    assert studies["synthetic"]["study"]["runs_dir"] == str(Path("runs/m/synthetic"))
+    assert studies["synthetic-shifted"]["study"]["report"] == str(Path("reports/m-synthetic-shifted.md"))
+    # --cross-matrix: every cross entry trains too; a file: split names one corpus's files, so it is not inherited
+    studies = dict(corpus_studies(with_cross_matrix(_cfg({"dataset": "synthetic", "split": "file:s.csv",
+                                                          "cross": [shifted, manifest]}))))
+    assert list(studies) == ["synthetic", "synthetic-shifted", "mine"]
+    assert studies["mine"]["data"]["split"] == "stratified:test=0.2,seed=42"
+    assert [c["dataset"] for c in studies["mine"]["data"]["cross"]] == ["synthetic", "synthetic-shifted"]
+    with pytest.raises(Exception, match="another training corpus with other settings"):
+        corpus_studies(_cfg({"dataset": "synthetic", "train": [{"dataset": "synthetic", "mono": "first"}]}))
+    with pytest.raises(Exception, match="needs more corpora"):
+        with_cross_matrix(_cfg({"dataset": "synthetic"}))
+
+
+@pytest.mark.timeout(1000)  # above the subprocess limits inside
+@pytest.mark.slow
+def test_cross_matrix_study_reports_train_by_test_corpus(tmp_path):
+    (tmp_path / "x.toml").write_text("""
+name = "mx"
+[data]
+options = { per_emotion = 3 }
+cross = [{ dataset = "synthetic-shifted", options = { per_emotion = 3 } }]
+[training]
+epochs = 6
+workers = 1
+[augmentations]
+methods = ["noise"]
+top_k = []
+[study]
+runs_dir = "runs/mx"
+report = "reports/mx.md"
+""")
+    r = run_sertk("study", "--preset", "demo", "--config", tmp_path / "x.toml", "--cross-matrix", cwd=tmp_path,
+                  timeout=900)
+    assert r.code == 0, r.err
+    runs = tmp_path / "runs" / "mx"
+    sizes = {n: len(CacheReader(tmp_path / "cache" / f"{n}.h5").ids) for n in ("synthetic", "synthetic-shifted")}
+    numbers = json.loads((tmp_path / "reports" / "mx" / "numbers.json").read_text())
+    cells = {(n["model"], n["train"], n["test"]): n for n in numbers if n["metric"] == "weighted_f1"}
+    assert {k[1:] for k in cells} == {(a, b) for a in sizes for b in sizes}
+    for train in sizes:
+        summary = json.loads((runs / train / "baseline-s42" / "train_summary.json").read_text())
+        assert sum(summary["train_emotions"].values()) == summary["train_utterances"]
+        for test in sizes:
+            name = "test" if test == train else f"cross-{test}"
+            e = json.loads((runs / train / "baseline-s42" / "eval" / f"{name}.json").read_text())
+            assert cells[("baseline", train, test)]["mean"] == pytest.approx(e["weighted_f1"])
+            assert cells[("baseline", train, test)]["in_corpus"] == (test == train)
+            assert (e["n"] == sizes[test]) == (test != train)  # another corpus is tested whole
+    md = (tmp_path / "reports" / "mx.md").read_text()
+    assert "train \\ test" in md and "[report](mx-synthetic-shifted.md)" in md
+    assert "chosen on the validation part" in md
+    assert (tmp_path / "reports" / "mx-synthetic.md").is_file()
+    # the matrix folder is reported alone, again identically
+    assert run_sertk("report", runs, "-o", tmp_path / "again.md", cwd=tmp_path).code == 0
+    one_line_error(run_sertk("report", runs, runs / "synthetic", cwd=tmp_path), "reported alone")

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -168,7 +169,8 @@ def prepare_data(cfg: TrainConfig, featurize, run_dir: Path | None) -> Prepared:
                        max_samples, cfg.seed)
     summary = {"cache": str(path), "train_utterances": len(train_rows), "valid_utterances": len(valid_rows),
                "test_utterances": sum(1 for s in assignment.values() if s == "test"),
-               "train_items_per_epoch": len(items)}
+               "train_items_per_epoch": len(items),
+               "train_emotions": {EMOTIONS[k]: int(n) for k, n in sorted(Counter(reader.labels[train_rows]).items())}}
     data = {"cache": {"path": str(path.resolve()), "digest": reader.digest,
                       "preprocess": reader.config["preprocess"]},
             "split": {"spec": cfg.split, "digest": split_digest},

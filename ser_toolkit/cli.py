@@ -690,6 +690,7 @@ def study(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Report path (default from the config)."),
     runs_dir: Optional[Path] = typer.Option(None, "--runs-dir", help="Where the study's runs go."),
     save_config: Optional[Path] = typer.Option(None, "--save-config", help="Write the resolved config and stop."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only errors and the report path."),
     **settings_given: object,
 ) -> None:
     """Run the whole augmentation study, resumably, and write its report.
@@ -698,7 +699,14 @@ def study(
     training options are the study's [training] settings (declared once in
     ser_toolkit/settings.py, like those of 'sertk train'); a preset's model-dependent
     values (lr, epochs, batch size...) are dropped when another model is chosen.
+
+    Progress: the phase, model k of N, the epochs, elapsed and estimated time
+    left, then a table of every model (live bars on a terminal, one line per
+    event otherwise).
     """
+    from rich.markup import escape
+
+    from ser_toolkit.progress import for_console
     from ser_toolkit.registry import get_registry
     from ser_toolkit.study import load_config, run_study, with_cross_matrix
 
@@ -734,8 +742,8 @@ def study(
         _console().print(f"wrote {save_config}")
         return
     con = _console()
-    report_path = run_study(cfg, log=lambda msg: con.print(msg))
-    con.print(f"[bold]{report_path}[/bold] written")
+    report_path = run_study(cfg, log=for_console(con, quiet=quiet))
+    con.print(f"[bold]{escape(str(report_path))}[/bold] written", soft_wrap=True)
 
 
 def _toml(cfg: dict) -> str:
@@ -754,10 +762,10 @@ def report(
     allow_unfinished: bool = typer.Option(False, "--allow-unfinished", help="Include runs that did not finish."),
 ) -> None:
     """Write a markdown report (with figures, CSV and JSON) comparing models across test sets."""
-    from ser_toolkit.report import write_report
+    from ser_toolkit.report import files_of, write_report
 
     path = write_report(inputs, output, allow_changed=allow_changed_data, allow_unfinished=allow_unfinished)
-    _console().print(f"[bold]{path}[/bold] written (figures and numbers in {path.with_suffix('')}/)")
+    _console().print(f"[bold]{path}[/bold] written (figures and numbers in {files_of(path)}/)")
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -88,13 +88,28 @@ def evaluate_rows(model, featurize, reader, rows: Sequence[int], batch_size: int
     return compute_metrics(reader.labels[list(rows)], probs.argmax(1))
 
 
-def predictions_csv(ids: Sequence[str], y_true: Sequence[int], probs: np.ndarray) -> str:
+def predictions_csv(ids: Sequence[str], y_true: Sequence[int], probs: np.ndarray,
+                    speakers: Sequence[str] | None = None) -> str:
+    """Per-utterance predictions: id, true and predicted emotion, class probabilities, and the speaker
+    (the report's resampling unit) when known."""
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["utterance", "true", "predicted", *[f"p_{e}" for e in EMOTIONS]])
-    for uid, t, p in zip(ids, y_true, probs):
-        w.writerow([uid, EMOTIONS[int(t)], EMOTIONS[int(p.argmax())], *[f"{v:.6f}" for v in p]])
+    w.writerow(["utterance", "true", "predicted", *[f"p_{e}" for e in EMOTIONS], *(["speaker"] if speakers else [])])
+    for k, (uid, t, p) in enumerate(zip(ids, y_true, probs)):
+        w.writerow([uid, EMOTIONS[int(t)], EMOTIONS[int(p.argmax())], *[f"{v:.6f}" for v in p],
+                    *([speakers[k]] if speakers else [])])
     return buf.getvalue()
+
+
+def read_speakers(path: Path) -> list[str] | None:
+    """The speaker of every row of a predictions CSV; None when it has no speaker column or one is empty."""
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return None
+    speakers = [r.get("speaker") or "" for r in rows]
+    return speakers if rows and all(speakers) else None
 
 
 def read_predictions(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -249,7 +264,8 @@ def evaluate_run(run_dir: Path, specs: Sequence[str] | None = None, batch_size: 
         probs = predict_rows(model, featurize, reader, rows, batch, device, workers)
         y_true = reader.labels[rows]
         metrics = compute_metrics(y_true, probs.argmax(1))
-        table = predictions_csv([reader.ids[i] for i in rows], y_true, probs)
+        speakers = reader.column("speaker")
+        table = predictions_csv([reader.ids[i] for i in rows], y_true, probs, [speakers[i] for i in rows])
         metrics.update(name=name, cache=str(reader.path), dataset=reader.config["dataset"]["name"],
                        run_id=info["run_id"], data={"digest": reader.digest, **provenance},
                        predictions_sha256=hashlib.sha256(table.encode()).hexdigest())

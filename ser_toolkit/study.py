@@ -17,7 +17,7 @@ import copy
 import shutil
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
@@ -348,11 +348,15 @@ def run_model(run_dir: Path, tcfg, log, digest: str, selection: bool = False) ->
 
     Test and the declared cross sets go to ``RUN/eval/``; with ``selection`` the validation part and its
     augmented versions go to ``RUN/selection/`` (used for gains and weights, never reported as test).
+    ``log``: a :class:`ser_toolkit.progress.StudyProgress` (it gets the epochs and the evaluation; its
+    ``model_end`` says what happened), or a plain function (it gets ``RUN: STATE``).
     """
     from ser_toolkit.evaluation import evaluate_run
+    from ser_toolkit.progress import StudyProgress, as_reporter
     from ser_toolkit.training import runs
     from ser_toolkit.training.loop import train
 
+    progress = as_reporter(log)
     wanted = asdict(tcfg)
     state = "trained"
     if (run_dir / "config.json").is_file():
@@ -377,14 +381,16 @@ def run_model(run_dir: Path, tcfg, log, digest: str, selection: bool = False) ->
                 "seeds": {"seed": tcfg.seed, "split": tcfg.split},
                 "data": {"cache": tcfg.dataset}})
         t = time.perf_counter()
-        train(tcfg, run_dir, resume=resume, quiet=True)
+        train(tcfg, run_dir, resume=resume, quiet=True, on_epoch=progress.epoch)
         runs.write_json(run_dir / "wall_time.json", {"train_seconds": time.perf_counter() - t})
     if state != "reused" or not _evaluated(run_dir, None, tcfg.cross):
+        progress.evaluating()
         evaluate_run(run_dir, workers=max(1, tcfg.workers), cross=tcfg.cross)
     selection_sets = ["valid", "valid-augmented"]
     if selection and (state != "reused" or not _evaluated(run_dir, selection_sets, [], "selection")):
         evaluate_run(run_dir, selection_sets, workers=max(1, tcfg.workers), cross=[], folder="selection")
-    log(f"{run_dir.name}: {state}")
+    if not isinstance(log, StudyProgress):
+        log(f"{run_dir.name}: {state}")
     return state
 
 
@@ -410,32 +416,94 @@ def _study_split(reader, split: str, study: Mapping[str, Any], runs_dir: Path,
     return f"file:{path.resolve()}", assignment
 
 
+def _wall_times(study_json: Path, seconds: float, counts: Mapping[str, int]) -> dict[str, Any]:
+    """study.json's wall-time keys for this invocation (``seconds``, ``counts`` of its runs by state),
+    keeping what an earlier invocation recorded in ``study_json``.
+
+    ``wall_seconds``: the latest invocation that trained (trained, resumed or retrained a run); one that
+    reused every run keeps the recorded value. ``wall_seconds_first``: the first recorded invocation's;
+    ``wall_seconds_last``: this one's; ``invocations``: every invocation (finished, seconds, counts).
+    """
+    import datetime
+    import json
+
+    try:
+        old = json.loads(study_json.read_text())
+        old = old if isinstance(old, dict) else {}
+    except (OSError, ValueError):
+        old = {}
+    history = [i for i in old.get("invocations") or [] if isinstance(i, dict)]
+    if not history and isinstance(old.get("wall_seconds"), (int, float)):
+        history = [{"finished": None, "seconds": old["wall_seconds"]}]  # a study.json from before the history
+    history.append({"finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                    "seconds": seconds, **counts})
+    trained = counts.get("runs", 0) > counts.get("reused", 0)
+    wall = old.get("wall_seconds")
+    return {"wall_seconds": seconds if trained or not isinstance(wall, (int, float)) else wall,
+            "wall_seconds_first": history[0]["seconds"], "wall_seconds_last": seconds, "invocations": history}
+
+
 def run_study(cfg: dict[str, Any], log=print) -> Path:
     """Run (or resume) the study described by ``cfg``; returns the report path.
 
     With more training corpora (``[data] train``) the protocol of :func:`run_protocol`
     runs on each in turn (:func:`corpus_studies`), and the report is the train x test
-    corpus matrix (:mod:`ser_toolkit.cross_matrix`) with a link to each corpus's report.
+    corpus matrix (:mod:`ser_toolkit.report.matrix`) with a link to each corpus's report.
+    Every corpus is cached and its held-out sets made first, so that the number of runs
+    is known before the first one trains.
+
+    ``log``: a :class:`ser_toolkit.progress.StudyProgress` (``sertk study``'s), or a plain
+    function that gets one line per event (default: print); a table of every model ends it.
     """
-    from ser_toolkit.cross_matrix import write_matrix_report
+    from ser_toolkit.progress import as_reporter
+
+    progress = as_reporter(log)
+    try:
+        report = _run_study(cfg, progress)
+    except BaseException:
+        progress.close()
+        raise
+    progress.print_table()
+    return report
+
+
+def _run_study(cfg: dict[str, Any], progress) -> Path:
+    from ser_toolkit.report.matrix import write_matrix_report
     from ser_toolkit.training import runs
 
+    t0 = time.perf_counter()
     studies = corpus_studies(cfg)
     if not studies:
-        return run_protocol(cfg, log)
-    t0 = time.perf_counter()
-    runs_dir = Path(cfg["study"]["runs_dir"])
+        prepared = _prepare(cfg, progress)
+        _phase_train(progress)
+        return _execute(prepared, progress)
+    preps = []
+    for i, (name, sub) in enumerate(studies):
+        progress.training_corpus(name, i + 1, len(studies), announce=False)
+        preps.append(_prepare(sub, progress))
+    progress.training_corpus(None, 0, len(studies), announce=False)
+    _phase_train(progress)
     done = []
-    for name, sub in studies:
-        log(f"training corpus {name} ({len(done) + 1} of {len(studies)})")
-        done.append({"corpus": name, "runs_dir": sub["study"]["runs_dir"], "report": str(run_protocol(sub, log).resolve())})
+    for i, ((name, sub), prepared) in enumerate(zip(studies, preps)):
+        progress.training_corpus(name, i + 1, len(studies))
+        done.append({"corpus": name, "runs_dir": sub["study"]["runs_dir"],
+                     "report": str(_execute(prepared, progress).resolve())})
+    progress.training_corpus(None, 0, len(studies), announce=False)
+    runs_dir = Path(cfg["study"]["runs_dir"])
     runs_dir.mkdir(parents=True, exist_ok=True)
     runs.write_json(runs_dir / "study.json", {
         "config": cfg, "matrix": done, "commit": runs.git_commit(), "versions": runs.versions(),
-        "hardware": runs.hardware(), "wall_seconds": time.perf_counter() - t0})
+        "hardware": runs.hardware(),
+        **_wall_times(runs_dir / "study.json", time.perf_counter() - t0, progress.counts())})
+    progress.phase("report", f"writing the matrix report {cfg['study']['report']}")
     report = write_matrix_report(runs_dir, Path(cfg["study"]["report"]))
-    log(f"report: {report}")
+    progress.report(report)
     return report
+
+
+def _phase_train(progress) -> None:
+    progress.phase("train", f"{progress.planned} models planned" + (
+        " (+ the top-k models, chosen after the single-method gains)" if progress.pending_topk else ""))
 
 
 def run_protocol(cfg: dict[str, Any], log=print) -> Path:
@@ -447,17 +515,37 @@ def run_protocol(cfg: dict[str, Any], log=print) -> Path:
     the reference model (``control`` by default: the clean x2 model with as many
     steps) on clean + its own augmented validation set. Test and the declared
     cross-corpus sets are evaluated for every model and used for nothing else.
+    ``log``: as for :func:`run_study`.
     """
-    import dataclasses
-    import warnings
+    from ser_toolkit.progress import as_reporter
 
+    progress = as_reporter(log)
+    prepared = _prepare(cfg, progress)
+    _phase_train(progress)
+    return _execute(prepared, progress)
+
+
+@dataclass
+class _Prepared:
+    """A training corpus's protocol, ready to train: its caches, held-out sets and folds (:func:`_prepare`)."""
+
+    cfg: dict[str, Any]
+    corpus: str | None  # the training corpus's name when the study has several
+    cache: Path
+    cross: list[str]
+    reader: Any
+    runs_dir: Path
+    part: str  # the selection part: valid or test
+    folds: list[tuple[str, int | None, str]]  # (tag for run names, fold index or None, the fold's split)
+    seeds: list[int]
+    seconds: float  # spent preparing
+
+
+def _prepare(cfg: dict[str, Any], progress) -> _Prepared:
+    """Cache the corpora and materialise the held-out sets of one training corpus; plan its runs."""
     from ser_toolkit.augment_sets import materialize_heldout
-    from ser_toolkit.augmentations import weights_from_gains
     from ser_toolkit.cache.reader import CacheReader
-    from ser_toolkit.combination import PARTS, gains_from_runs
-    from ser_toolkit.report import write_report
     from ser_toolkit.splits import fold_specs
-    from ser_toolkit.training import runs
 
     t0 = time.perf_counter()
     data, aug, study_cfg = cfg["data"], cfg["augmentations"], cfg["study"]
@@ -465,8 +553,8 @@ def run_protocol(cfg: dict[str, Any], log=print) -> Path:
     workers = int(cfg.get("training", {}).get("workers", 2))
     runs_dir = Path(study_cfg.get("runs_dir") or f"runs/{cfg.get('name', 'study')}")
     selection = study_cfg.get("selection", "validation")
-    reference = study_cfg.get("reference", "control")
-    log("caching corpora")
+    progress.phase("cache", "caching corpora (" + ", ".join(
+        _cache_name(e) for e in [data, *data.get("cross", [])]) + ")")
     cache = _cache(data, cache_dir, workers)
     cross = [str(_cache(c, cache_dir, workers)) for c in data.get("cross", [])]
     runs_dir.mkdir(parents=True, exist_ok=True)
@@ -475,28 +563,51 @@ def run_protocol(cfg: dict[str, Any], log=print) -> Path:
     options = aug.get("options", {})
     part = "valid" if selection == "validation" else "test"
     specs = fold_specs(data["split"], reader.utterances) if data.get("folds") == "all" else [data["split"]]
-    # one entry per fold: (tag for run names, fold index or None, the split file every run of the fold uses)
     folds = []
     for f, spec in enumerate(specs):
         tag = f"-f{f}" if len(specs) > 1 else ""
         split, assignment = _study_split(reader, spec, study_cfg, runs_dir, tag)
-        log(f"materialising augmented held-out sets{f' (fold {f})' if tag else ''}")
-        materialize_heldout(reader, assignment, "test", methods, options, seed=0, log=log)
+        progress.phase("materialise", f"augmented held-out sets{f' (fold {f})' if tag else ''}")
+        materialize_heldout(reader, assignment, "test", methods, options, seed=0, log=progress)
         if part == "valid":
-            materialize_heldout(reader, assignment, "valid", methods, options, seed=0, log=log)
+            materialize_heldout(reader, assignment, "valid", methods, options, seed=0, log=progress)
         folds.append((tag, f if tag else None, split))
+    seeds = _seeds(cfg)
+    progress.plan(len(folds) * len(seeds) * (len(methods) + 2), topk_pending=bool(aug.get("top_k")))
+    return _Prepared(cfg, progress.corpus if progress.corpora > 1 else None, cache, cross, reader, runs_dir,
+                     part, folds, seeds, time.perf_counter() - t0)
+
+
+def _execute(prepared: _Prepared, progress) -> Path:
+    """Train and evaluate a prepared training corpus's models, choose its Top-k, write its study.json and report."""
+    import dataclasses
+    import warnings
+
+    from ser_toolkit.augmentations import weights_from_gains
+    from ser_toolkit.combination import PARTS, gains_from_runs
+    from ser_toolkit.report import write_report
+    from ser_toolkit.training import runs
+
+    t0 = time.perf_counter() - prepared.seconds
+    cfg, cache, cross, reader, runs_dir, part, folds, seeds = (
+        prepared.cfg, prepared.cache, prepared.cross, prepared.reader, prepared.runs_dir, prepared.part,
+        prepared.folds, prepared.seeds)
+    data, aug, study_cfg = cfg["data"], cfg["augmentations"], cfg["study"]
+    methods = list(aug["methods"])
+    reference = study_cfg.get("reference", "control")
 
     def train_one(name: str, role: str, plugins: list[str], weights: dict | None, seed: int, fold) -> None:
         tag, index, split = fold
         run_dir = runs_dir / f"{name}{tag}-s{seed}"
         tcfg = dataclasses.replace(_train_config(cfg, cache, plugins, weights, seed), split=split, cross=cross)
-        run_model(run_dir, tcfg, log, reader.digest, selection=part == "valid" and role != "combination")
+        progress.model_start(run_dir.name, name, seed, index)
+        state = run_model(run_dir, tcfg, progress, reader.digest, selection=part == "valid" and role != "combination")
+        progress.model_end(state)
         plan.append({"name": name, "role": role, "seed": seed, "run": str(run_dir), "plugins": plugins,
                      **({"weights": weights} if weights else {}), **({"fold": index} if index is not None else {})})
 
     plan: list[dict[str, Any]] = []
     control = aug.get("control", "duplicate")
-    seeds = _seeds(cfg)
     for fold in folds:
         for seed in seeds:
             for role, plugins in [("baseline", []), *[("single", [m]) for m in methods], ("control", [control])]:
@@ -509,6 +620,8 @@ def run_protocol(cfg: dict[str, Any], log=print) -> Path:
     gains: dict[str, float] = {}
     f1s: dict[str, float] = {}
     base_f1s: dict[str, float] = {}
+    progress.phase("gains", f"single-method gains against the {ref_name} model on the "
+                            f"{'validation' if part == 'valid' else 'test'} part")
     usable = [m for m in methods if all((runs_dir / f"{m}{p}" / PARTS[part] / f"{part}-{m}.predictions.csv")
                                         .is_file() for p in pairs)]
     for m in usable:
@@ -520,11 +633,16 @@ def run_protocol(cfg: dict[str, Any], log=print) -> Path:
     positive = [m for m in usable if gains[m] > 0]
     for k in aug.get("top_k", []):
         if k > len(positive):
-            log(f"top-{k}: skipped, only {len(positive)} augmentations improve on the {ref_name} model")
+            progress(f"top-{k}: skipped, only {len(positive)} augmentations improve on the {ref_name} model")
             continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             combos[f"top{k}"] = weights_from_gains(0.0, gains, top_k=k)
+    if aug.get("top_k"):
+        progress.topk_known(len(combos) * len(folds) * len(seeds))
+        more = len(combos) * len(folds) * len(seeds)
+        progress(f"top-k models: {', '.join(combos) or 'none'}; {more} more run{'' if more == 1 else 's'}, "
+                 f"{progress.planned} planned")
     for name, weights in combos.items():
         for fold in folds:
             for seed in seeds:
@@ -538,10 +656,10 @@ def run_protocol(cfg: dict[str, Any], log=print) -> Path:
                            "valid_share": study_cfg.get("valid") if part == "valid" else None,
                            "split_files": [s for _, _, s in folds] if part == "valid" else None},
              "commit": runs.git_commit(), "versions": runs.versions(), "hardware": runs.hardware(),
-             "wall_seconds": time.perf_counter() - t0}
+             **_wall_times(runs_dir / "study.json", time.perf_counter() - t0, progress.counts(prepared.corpus))}
     runs.write_json(runs_dir / "study.json", study)
     report = Path(study_cfg.get("report") or f"reports/{cfg.get('name', 'study')}.md")
+    progress.phase("report", f"writing {report}")
     write_report([runs_dir], report)
-    log(f"report: {report}")
+    progress.report(report)
     return report
-

@@ -17,6 +17,7 @@ from ser_toolkit.cache.reader import CacheReader
 from ser_toolkit.plugins.synthetic import Synthetic
 from ser_toolkit.splits import make_split
 from ser_toolkit.training.loop import carve_validation
+from ser_toolkit.report import files_of
 
 SPLIT = "speaker:test=0.25,seed=42"
 
@@ -196,13 +197,13 @@ report = "reports/folds.md"
     tests = [{row["utterance"] for row in csv.DictReader(open(runs / f"split-f{f}.csv")) if row["split"] == "test"}
              for f in (0, 1)]
     assert tests[0] and not tests[0] & tests[1]  # every utterance is tested in one fold only
-    numbers = json.loads((tmp_path / "reports" / "folds" / "numbers.json").read_text())
+    numbers = json.loads((files_of(tmp_path / "reports" / "folds.md") / "numbers.json").read_text())
     per_run = [n for n in numbers if n["section"] == "per_run" and n["model"] == "baseline" and n["test"] == "test"]
     assert sorted(n["fold"] for n in per_run) == [0, 1]
     headline = next(n for n in numbers if n["section"] == "headline" and n["model"] == "baseline"
                     and n["test"] == "test" and n["metric"] == "uar")
     assert headline["mean"] == pytest.approx(np.mean([n["uar"] for n in per_run]))
-    assert "mean over seeds and folds" in (tmp_path / "reports" / "folds.md").read_text()
+    assert "mean ± sample SD over seeds and folds" in (tmp_path / "reports" / "folds.md").read_text()
 
 
 def _cfg(data: dict) -> dict:
@@ -263,7 +264,7 @@ report = "reports/mx.md"
     assert r.code == 0, r.err
     runs = tmp_path / "runs" / "mx"
     sizes = {n: len(CacheReader(tmp_path / "cache" / f"{n}.h5").ids) for n in ("synthetic", "synthetic-shifted")}
-    numbers = json.loads((tmp_path / "reports" / "mx" / "numbers.json").read_text())
+    numbers = json.loads((files_of(tmp_path / "reports" / "mx.md") / "numbers.json").read_text())
     cells = {(n["model"], n["train"], n["test"]): n for n in numbers if n["metric"] == "weighted_f1"}
     assert {k[1:] for k in cells} == {(a, b) for a in sizes for b in sizes}
     for train in sizes:

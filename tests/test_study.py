@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import time
 import pytest
 
 from helpers import run_sertk
+from ser_toolkit.report import files_of
 
 SMALL = """
 name = "small"
@@ -36,12 +38,12 @@ def test_demo_preset_end_to_end(tmp_path):
     md = (tmp_path / "reports" / "demo.md").read_text()
     for model in ("baseline", "duplicate", "specaugment", "timestretch", "ncp", "noise"):
         assert f"| {model} |" in md or f" {model} |" in md
-    for heading in ("## Headline", "## Per-emotion F1", "## Best model per emotion", "## Augmentation gains",
-                    "## Confusion matrices", "## Each model against the baseline", "## The control",
-                    "## Reproducibility"):
+    for heading in ("## Summary", "**Findings**", "## Results", "## Differences to the baseline and the control",
+                    "## Per emotion", "## Best model per emotion", "## Augmentation gains", "## Confusion matrices",
+                    "## Learning curves", "## The control", "## Data", "## Reproducibility"):
         assert heading in md
     assert "cross-corpus: synthetic-shifted" in md
-    assert (tmp_path / "reports" / "demo" / "numbers.json").is_file()
+    assert (files_of(tmp_path / "reports" / "demo.md") / "numbers.json").is_file()
 
 
 @pytest.mark.timeout(2200)  # above the subprocess limits inside
@@ -118,14 +120,17 @@ epochs = 60
 batch_size = 32
 lr = 1e-3
 workers = 2
+[augmentations]
+top_k = [2]
 """)
     r = run_sertk("study", "--preset", "reference", "--config", cfg, cwd=tmp_path, timeout=1200)
     assert r.code == 0, r.err
     md = (tmp_path / "reports" / "reference.md").read_text()
-    assert "clean test set: 250 utterances" in md and "cross-corpus: savee-reference" in md
+    assert "| ravdess | test | 250 | 24 |" in md and "cross-corpus: savee-reference" in md
+    assert re.search(r"\| cross-corpus: savee-reference \| cross-corpus \| 420 \| 4 \|", md)  # speakers known
     import json
 
-    numbers = json.loads((tmp_path / "reports" / "reference" / "numbers.json").read_text())
+    numbers = json.loads((files_of(tmp_path / "reports" / "reference.md") / "numbers.json").read_text())
     base = next(n for n in numbers if n["section"] == "headline" and n["metric"] == "weighted_f1"
                 and n["test"] == "test" and n["model"] == "baseline")
     assert base["mean"] >= 0.55  # the acoustic model's target on the reference split

@@ -22,7 +22,7 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -225,8 +225,14 @@ def _class_weights(labels: np.ndarray, mode: str):
 
 
 def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = False,
-          provenance: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Train (or resume) the run in ``run_dir``; returns the final summary."""
+          provenance: dict[str, Any] | None = None, *,
+          on_epoch: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Train (or resume) the run in ``run_dir``; returns the final summary.
+
+    ``on_epoch`` (main process only) gets each epoch's history row (``epoch``,
+    ``train_loss``, ``seconds``, ``valid_*`` with validation...) plus ``epochs``
+    (``cfg.epochs``), once that epoch's checkpoint is written.
+    """
     import torch
 
     from ser_toolkit.evaluation import evaluate_rows
@@ -250,6 +256,8 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = F
     plugin = get("model", cfg.model).obj(**cfg.model_options)
     torch.manual_seed(cfg.seed)
     model = plugin.build(len(EMOTIONS), run_dir if main_process else None)
+    parameters = {"total": sum(p.numel() for p in model.parameters()),
+                  "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     featurize = model.featurizer()
     data = prepare_data(cfg, featurize, run_dir)
     train_items = data.train
@@ -380,13 +388,16 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = F
                                                                                for e, j, v in step_log))
             if task is not None:
                 progress.remove_task(task)
+            if on_epoch is not None and main_process:
+                on_epoch({**row, "epochs": cfg.epochs})
             patience_left = cfg.early_stopping if improved else patience_left - 1
             if cfg.early_stopping and patience_left <= 0 and data.valid_rows:
                 break
     finally:
         if progress is not None:
             progress.stop()
-    summary = {"epochs_run": len(history), "best": best, "history": history, **data.summary}
+    summary = {"epochs_run": len(history), "best": best, "history": history, "parameters": parameters,
+               **data.summary}
     if main_process:
         runs.write_json(run_dir / "train_summary.json", summary)
         runs.seal(run_dir, run_id)  # last: only now is the run finished

@@ -5,7 +5,7 @@ protocol on each training corpus in turn (:func:`ser_toolkit.study.corpus_studie
 its ``study.json`` lists those per-corpus studies under ``matrix``. Row: the
 training corpus; column: the test corpus; the diagonal is the training corpus's
 own (in-corpus) test split, every other cell the whole other corpus. Each
-per-corpus study is read (and checked) like any study (:func:`ser_toolkit.report.collect`).
+per-corpus study is read (and checked) like any study (:func:`ser_toolkit.report.collect.collect`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,10 @@ from typing import Any
 import numpy as np
 
 from ser_toolkit.errors import SertkError
-from ser_toolkit.report import METRIC_NAMES, Model, Numbers, collect, selection_sentence
+from ser_toolkit.stats import sample_sd
+from ser_toolkit.report.publish import publish
+from ser_toolkit.report.collect import METRIC_NAMES, Model, Numbers, collect
+from ser_toolkit.report.tables import selection_sentence
 
 
 def is_matrix_study(path: Path) -> bool:
@@ -68,7 +71,7 @@ def write_matrix_report(study_dir: Path, output: Path, allow_changed: bool = Fal
     def fmt(vals: list[float]) -> str:
         if not vals:
             return "–"
-        return f"{np.mean(vals):.3f}" + (f" ± {np.std(vals):.3f}" if multi and len(vals) > 1 else "")
+        return f"{np.mean(vals):.3f}" + (f" ± {sample_sd(vals):.3f}" if multi and len(vals) > 1 else "")
 
     cfg = study.get("config", {})
     parts = [f"# sertk study report: {cfg.get('name', output.stem)} (train corpus × test corpus)", "",
@@ -76,7 +79,7 @@ def write_matrix_report(study_dir: Path, output: Path, allow_changed: bool = Fal
                  f"**{c}** ([report]({_link(e['report'], output)}))" for c, e in zip(corpora, entries)) + ". "
              "Rows: the training corpus; columns: the test corpus. The diagonal (bold) is the training corpus's "
              "own test split (in-corpus); every other cell is the whole other corpus (cross-corpus). Cells: mean"
-             + (" ± SD over seeds (and folds)" if multi else "") + ".", ""]
+             + (" ± sample SD over seeds (and folds)" if multi else "") + ".", ""]
     sentences = {selection_sentence(sub) for _, sub in per.values()}
     parts += [*sorted(sentences), ""]
     missing: dict[str, set[str]] = {}
@@ -119,7 +122,7 @@ def write_matrix_report(study_dir: Path, output: Path, allow_changed: bool = Fal
                     if vals:
                         numbers.add(section="matrix", model=name, train=train, test=column,
                                     in_corpus=column == train, metric=metric, mean=float(np.mean(vals)),
-                                    std=float(np.std(vals)), runs=len(vals),
+                                    sd=float(sample_sd(vals)), runs=len(vals),
                                     delta_to_baseline=float(np.mean(vals) - np.mean(bvals)) if bvals else None)
                 vals, bvals = _cell(m, test, "weighted_f1"), _cell(base, test, "weighted_f1")
                 cell = fmt(vals)
@@ -128,17 +131,18 @@ def write_matrix_report(study_dir: Path, output: Path, allow_changed: bool = Fal
                 cells.append(f"**{cell}**" if column == train and vals else cell)
             weights = f" ({', '.join(f'{k} {v:.2f}' for k, v in m.weights.items())})" if m.weights else ""
             parts.append(f"| {name}{weights} | {train} | " + " | ".join(cells) + " |")
-    folder = output.with_suffix("")
     parts += ["", "Top-k models are chosen per training corpus (their weights are in parentheses) and may combine "
               "different augmentations.", "",
               "## Reproducibility", "",
               f"- sertk commit: `{study.get('commit')}`",
               "- versions: " + ", ".join(f"{k} {v}" for k, v in (study.get("versions") or {}).items()),
-              *(f"- last `sertk study` invocation: {study['wall_seconds']:.0f} s" for _ in [0]
-                if study.get("wall_seconds")),
-              "", f"Every number above is in `{folder.name}/numbers.csv` and `{folder.name}/numbers.json`; "
-              "each corpus's report has the per-emotion, paired and control analyses.", ""]
-    write_text(folder / "numbers.csv", numbers.csv())
-    write_text(folder / "numbers.json", json.dumps(numbers.rows, indent=2, default=float) + "\n")
-    write_text(output, "\n".join(parts))
-    return output
+              *(f"- `sertk study` wall time (the invocation that trained): {study['wall_seconds']:.0f} s"
+                for _ in [0] if study.get("wall_seconds")), ""]
+
+    def render(folder: Path, prefix: str) -> str:
+        write_text(folder / "numbers.csv", numbers.csv())
+        write_text(folder / "numbers.json", json.dumps(numbers.rows, indent=2, default=float) + "\n")
+        return "\n".join(parts + [f"Every number above is in `{prefix}/numbers.csv` and `{prefix}/numbers.json`; "
+                                  "each corpus's report has the per-emotion, paired and control analyses.", ""])
+
+    return publish(output, render)

@@ -1,0 +1,190 @@
+"""The report's figures (matplotlib, PNG): titled, labelled axes, colour bars.
+
+- ``difference.png``: model − control (or baseline) per test set, significance marked (adjusted p);
+- ``per_emotion.png``: per-emotion F1 on the clean test set with 95 % intervals;
+- ``confusion_<set>.png``: one grid per test set, a panel per model, counts, row-normalised colour;
+- ``learning_curves.png``: training loss and validation metric per epoch of every run;
+- ``gains.png``: each method's selection gain and its weight in every Top-k model.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ser_toolkit.emotions import EMOTIONS
+from ser_toolkit.report.analysis import Comparison, per_emotion_interval
+from ser_toolkit.report.collect import METRIC_NAMES, Model, label
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _slug(test: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", test)
+
+
+def figures(models: list[Model], tests: list[str], comps: list[Comparison], study: dict[str, Any],
+            folder: Path, metric: str = "uar") -> dict[str, str]:
+    """Draw every figure into ``folder``; returns {name: path relative to the report}."""
+    plt = _plt()
+    folder.mkdir(parents=True, exist_ok=True)
+    out: dict[str, str] = {}
+
+    def save(fig, name: str) -> None:
+        fig.savefig(folder / name, format="png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        out[name] = f"{folder.name}/{name}"
+
+    # difference heatmap against the control (the baseline when there is none)
+    refs = [m for m in models if m.role == "control"] or [m for m in models if m.role == "baseline"]
+    ref = refs[0]
+    others = [m for m in models if m is not ref and any(c.model == m.name and c.reference == ref.name
+                                                         and c.metric == metric for c in comps)]
+    grid = np.full((len(tests), len(others)), np.nan)
+    marks = np.zeros_like(grid, dtype=bool)
+    for j, m in enumerate(others):
+        for i, t in enumerate(tests):
+            c = next((c for c in comps if c.model == m.name and c.reference == ref.name and c.test == t
+                      and c.metric == metric), None)
+            if c is not None:
+                grid[i, j], marks[i, j] = c.delta, c.significant
+    if np.isfinite(grid).any():
+        lim = float(np.nanmax(np.abs(grid))) or 0.01
+        fig, ax = plt.subplots(figsize=(1.1 * len(others) + 3, 0.5 * len(tests) + 2))
+        im = ax.imshow(grid, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
+        ax.set_xticks(range(len(others)), [m.name for m in others], rotation=35, ha="right")
+        ax.set_yticks(range(len(tests)), [label(t) for t in tests])
+        for i in range(len(tests)):
+            for j in range(len(others)):
+                if np.isfinite(grid[i, j]):
+                    ax.text(j, i, f"{grid[i, j]:+.3f}" + ("*" if marks[i, j] else ""), ha="center", va="center",
+                            fontsize=8, color="white" if abs(grid[i, j]) > 0.6 * lim else "black")
+        fig.colorbar(im, ax=ax, label=f"Δ {METRIC_NAMES[metric]} (model − {ref.name})")
+        ax.set_xlabel("model")
+        ax.set_ylabel("test set")
+        ax.set_title(f"{METRIC_NAMES[metric]} difference to the {ref.role} ({ref.name}); * significant (adjusted p)")
+        save(fig, "difference.png")
+
+    # per-emotion F1 with intervals on the clean test set
+    clean = "test" if "test" in tests else tests[0]
+    base = next(m for m in models if m.role == "baseline")
+    present = [e for e in EMOTIONS if base.evals.get(clean) and base.evals[clean][0]["per_emotion"][e]["support"]]
+    fig, ax = plt.subplots(figsize=(max(7, 1.3 * len(present)), 4))
+    width = 0.8 / len(models)
+    for j, m in enumerate(models):
+        if not m.evals.get(clean):
+            continue
+        idx = [EMOTIONS.index(e) for e in present]
+        vals = np.array([np.mean([ev["per_emotion"][e]["f1"] for ev in m.evals[clean]]) for e in present])
+        iv = per_emotion_interval(m, clean, "f1")
+        err = None
+        if iv is not None:
+            lo, hi = iv[0][idx], iv[1][idx]
+            err = np.vstack([np.clip(vals - lo, 0, None), np.clip(hi - vals, 0, None)])
+        ax.bar(np.arange(len(present)) + j * width, vals, width, yerr=err, capsize=2, label=m.name)
+    ax.set_xticks(np.arange(len(present)) + 0.4 - width / 2, present)
+    ax.set_xlabel("emotion")
+    ax.set_ylabel("F1")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"Per-emotion F1 on the {label(clean)} test set (95 % hierarchical intervals)")
+    ax.legend(fontsize=7, ncol=3)
+    save(fig, "per_emotion.png")
+
+    # one confusion grid per test set
+    for t in tests:
+        shown = [m for m in models if m.evals.get(t)]
+        if not shown:
+            continue
+        cols = min(len(shown), 3)
+        rows_n = -(-len(shown) // cols)
+        fig, axes = plt.subplots(rows_n, cols, figsize=(4.3 * cols + 1, 4.1 * rows_n), squeeze=False)
+        im = None
+        for ax, m in zip(axes.flat, shown):
+            cm = np.sum([np.array(e["confusion"], float) for e in m.evals[t]], axis=0)
+            rows = cm.sum(1, keepdims=True)
+            norm = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
+            im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+            ax.set_xticks(range(len(EMOTIONS)), [e[:3] for e in EMOTIONS], rotation=45)
+            ax.set_yticks(range(len(EMOTIONS)), [e[:3] for e in EMOTIONS])
+            for i in range(len(EMOTIONS)):
+                for k in range(len(EMOTIONS)):
+                    if rows[i, 0] > 0 and cm[i, k] > 0:
+                        ax.text(k, i, f"{int(cm[i, k])}", ha="center", va="center", fontsize=6,
+                                color="white" if norm[i, k] > 0.5 else "black")
+            ax.set_title(m.name, fontsize=9)
+            ax.set_xlabel("predicted")
+            ax.set_ylabel("true", labelpad=1)
+        for ax in list(axes.flat)[len(shown):]:
+            ax.axis("off")
+        fig.subplots_adjust(wspace=0.45, hspace=0.45)
+        fig.colorbar(im, ax=axes.ravel().tolist(), label="share of the true emotion (row-normalised)", shrink=0.8)
+        fig.suptitle(f"Confusion matrices, {label(t)} (counts summed over runs)")
+        save(fig, f"confusion_{_slug(t)}.png")
+
+    # learning curves
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    valid_key = None
+    for j, m in enumerate(models):
+        for k, run in enumerate(m.runs):
+            try:
+                with open(run / "curves.csv", newline="") as fh:
+                    rows = list(csv.DictReader(fh))
+            except OSError:
+                continue
+            epochs = [int(r["epoch"]) for r in rows]
+            kw = {"color": colors[j % len(colors)], "alpha": 0.8, "label": m.name if k == 0 else None}
+            ax1.plot(epochs, [float(r["train_loss"]) for r in rows], **kw)
+            key = f"valid_{metric}" if rows and f"valid_{metric}" in rows[0] else None
+            if key and all(r.get(key) for r in rows):
+                valid_key = key
+                ax2.plot(epochs, [float(r[key]) for r in rows], **kw)
+    ax1.set_xlabel("epoch")
+    ax1.set_ylabel("training loss")
+    ax1.set_title("Training loss (every run)")
+    if ax1.get_legend_handles_labels()[0]:
+        ax1.legend(fontsize=7, ncol=2)
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel(f"validation {METRIC_NAMES[metric]}" if valid_key else "")
+    ax2.set_title("Validation " + METRIC_NAMES[metric] if valid_key else "No validation part in these runs")
+    save(fig, "learning_curves.png")
+
+    # gains and weights
+    gains = study.get("gains") or {}
+    if gains:
+        methods = sorted(gains, key=lambda m: -gains[m])
+        combos = study.get("weights") or {}
+        fig, axes = plt.subplots(1, 1 + bool(combos), figsize=(5 + 4 * bool(combos), 3.5), squeeze=False)
+        ax = axes[0][0]
+        ax.bar(methods, [gains[m] for m in methods], color=["tab:green" if gains[m] > 0 else "tab:red"
+                                                              for m in methods])
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_xlabel("augmentation")
+        sel = study.get("selection") or {}
+        ax.set_ylabel(f"gain in weighted F1 vs {sel.get('reference_model', 'baseline')}")
+        ax.set_title(f"Selection gains ({sel.get('set', 'test')} set)")
+        ax.tick_params(axis="x", rotation=30)
+        if combos:
+            ax = axes[0][1]
+            bottom = np.zeros(len(combos))
+            for m in methods:
+                w = np.array([combos[c].get(m, 0.0) for c in combos])
+                ax.bar(list(combos), w, bottom=bottom, label=m)
+                bottom += w
+            ax.set_xlabel("combination")
+            ax.set_ylabel("weight")
+            ax.set_title("Weights of the Top-k models")
+            ax.legend(fontsize=7)
+        save(fig, "gains.png")
+    return out

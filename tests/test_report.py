@@ -132,6 +132,10 @@ def test_every_section_and_figure(runs, tmp_path):
 def test_one_seed_says_training_variance_is_unmeasured(runs, tmp_path):
     md = write_report([r for r in runs if r.name.endswith("-s1")], tmp_path / "r.md").read_text()
     assert "training variance is unmeasured" in md
+    # one seed cannot tell an effect from seed luck: nothing is marked, the summary says why
+    assert "One seed: differences to the baseline are not tested" in md
+    paired = table(md, "## Differences", "### UAR", "#### against baseline")
+    assert not any(cell.startswith("**") for row in paired[2:] for cell in row[1:])
 
 
 def test_control_share_for_every_sign_combination():

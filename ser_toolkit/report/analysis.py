@@ -57,10 +57,12 @@ class Comparison:
     hi: float
     p: float
     p_adj: float = float("nan")  # adjusted over the comparisons of its table (CORRECTION)
+    replicates: int = 1
 
     @property
     def significant(self) -> bool:
-        return bool(self.p_adj < ALPHA)
+        """Adjusted p below ALPHA, with at least two seeds (one seed cannot tell an effect from seed luck)."""
+        return bool(self.p_adj < ALPHA and self.replicates >= 2)
 
 
 def statistic(metric: str):
@@ -131,7 +133,7 @@ def compare(m: Model, ref: Model, test: str, metric: str, seed: int = 1) -> Comp
     b = [m.preds[test][m.keys[test].index(k)][2] for k in common]
     r = paired_test(ref.preds[test][0][1], a, b, m.groups(test), statistic(metric), TEST_ROUNDS, seed)
     return Comparison(m.name, ref.name, test, metric, float(r["delta"]), float(r["ci_low"]), float(r["ci_high"]),
-                      float(r["p"]))
+                      float(r["p"]), replicates=int(r["n_replicates"]))
 
 
 def references(models: list[Model]) -> list[Model]:

@@ -13,6 +13,10 @@ from ser_toolkit.report.collect import Model, label
 
 SMALL_TEST = 100
 """Fewer test utterances than this: intervals are wide, say so."""
+MAX_FINDINGS = 6
+"""At most this many significant differences per reference are told in sentences (the tables have all)."""
+FEW_SPEAKERS = 5
+"""Fewer test speakers than this: the speaker bootstrap is unreliable, say so."""
 FEW_SEEDS = 5
 """Fewer seeds than this: say that the tests have little power."""
 COLLAPSE_SHARE = 0.5
@@ -84,11 +88,19 @@ def findings(models: list[Model], tests: list[str], comps: list[Comparison], met
     for ref in dict.fromkeys(c.reference for c in ours):
         what = "the baseline" if ref == base.name else "the control"
         here = [c for c in ours if c.reference == ref]
-        sig = sorted((c for c in here if c.significant), key=lambda c: (tests.index(c.test), -c.delta))
-        for c in sig:
+        if max(c.replicates for c in here) < 2:
+            big = sorted(here, key=lambda c: -abs(c.delta))[:MAX_FINDINGS // 2]
+            out.append(f"One seed: differences to {what} are not tested (seed-to-seed variation is unmeasured); "
+                       "the largest: " + "; ".join(f"{c.model} on {label(c.test)} {c.delta:+.3f} "
+                                                   f"[{c.lo:+.3f}, {c.hi:+.3f}]" for c in big) + ".")
+            continue
+        sig = sorted((c for c in here if c.significant), key=lambda c: -abs(c.delta))
+        for c in sig[:MAX_FINDINGS]:
             verb = "improves" if c.delta > 0 else "lowers"
             out.append(f"{c.model} {verb} {label(c.test)} {name} by {c.delta:+.3f} [{c.lo:+.3f}, {c.hi:+.3f}] "
                        f"over {what} (adjusted p = {c.p_adj:.2g}).")
+        if len(sig) > MAX_FINDINGS:
+            out.append(f"{len(sig) - MAX_FINDINGS} more significant differences to {what} are in the tables below.")
         rest = [c for c in here if not c.significant]
         if rest:
             smallest = min(rest, key=lambda c: c.p_adj)
@@ -138,6 +150,11 @@ def caveats(models: list[Model], tests: list[str]) -> list[str]:
              if base.evals.get(t) and base.evals[t][0]["n"] < SMALL_TEST]
     if small:
         out.append(f"Small test sets (< {SMALL_TEST} utterances), wide intervals: " + ", ".join(small) + ".")
+    few = [f"{label(t)} ({len(set(base.groups(t).tolist()))})" for t in tests
+           if base.preds.get(t) and base.groups(t) is not None and len(set(base.groups(t).tolist())) < FEW_SPEAKERS]
+    if few:
+        out.append(f"Test sets with fewer than {FEW_SPEAKERS} speakers: resampling so few speakers cannot show how "
+                   "results vary over speakers, so their intervals are unreliable: " + ", ".join(few) + ".")
     unknown = [label(t) for t in tests if base.preds.get(t) and base.groups(t) is None]
     if unknown:
         out.append("Speakers unknown (utterances resampled; intervals too narrow if speakers repeat): "

@@ -132,32 +132,44 @@ def figures(models: list[Model], tests: list[str], comps: list[Comparison], stud
         fig.suptitle(f"Confusion matrices, {label(t)} (counts summed over runs)")
         save(fig, f"confusion_{_slug(t)}.png")
 
-    # learning curves
+    # learning curves: per model, the mean over its runs and (several runs) their range
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     valid_key = None
+    several = False
     for j, m in enumerate(models):
-        for k, run in enumerate(m.runs):
+        curves = []
+        for run in m.runs:
             try:
                 with open(run / "curves.csv", newline="") as fh:
-                    rows = list(csv.DictReader(fh))
+                    curves.append(list(csv.DictReader(fh)))
             except OSError:
                 continue
-            epochs = [int(r["epoch"]) for r in rows]
-            kw = {"color": colors[j % len(colors)], "alpha": 0.8, "label": m.name if k == 0 else None}
-            ax1.plot(epochs, [float(r["train_loss"]) for r in rows], **kw)
-            key = f"valid_{metric}" if rows and f"valid_{metric}" in rows[0] else None
-            if key and all(r.get(key) for r in rows):
+        curves = [c for c in curves if c]
+        if not curves:
+            continue
+        length = min(len(c) for c in curves)  # early stopping: the epochs every run has
+        epochs = [int(r["epoch"]) for r in curves[0][:length]]
+        key = f"valid_{metric}"
+        panels = [(ax1, "train_loss")] + ([(ax2, key)] if all(r.get(key) for c in curves for r in c[:length]) else [])
+        for ax, column in panels:
+            values = np.array([[float(r[column]) for r in c[:length]] for c in curves])
+            ax.plot(epochs, values.mean(0), color=colors[j % len(colors)], label=m.name)
+            if len(values) > 1:
+                several = True
+                ax.fill_between(epochs, values.min(0), values.max(0), color=colors[j % len(colors)], alpha=0.15)
+            if column == key:
                 valid_key = key
-                ax2.plot(epochs, [float(r[key]) for r in rows], **kw)
+    spread = " (line: mean over runs; band: their range)" if several else ""
     ax1.set_xlabel("epoch")
     ax1.set_ylabel("training loss")
-    ax1.set_title("Training loss (every run)")
+    ax1.set_title("Training loss" + spread, fontsize=10)
     if ax1.get_legend_handles_labels()[0]:
         ax1.legend(fontsize=7, ncol=2)
     ax2.set_xlabel("epoch")
     ax2.set_ylabel(f"validation {METRIC_NAMES[metric]}" if valid_key else "")
-    ax2.set_title("Validation " + METRIC_NAMES[metric] if valid_key else "No validation part in these runs")
+    ax2.set_title(("Validation " + METRIC_NAMES[metric] + spread) if valid_key else "No validation part in these runs",
+                  fontsize=10)
     save(fig, "learning_curves.png")
 
     # gains and weights

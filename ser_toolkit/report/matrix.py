@@ -20,6 +20,7 @@ import numpy as np
 from ser_toolkit.errors import SertkError
 from ser_toolkit.stats import sample_sd
 from ser_toolkit.report.publish import publish
+from ser_toolkit.report.analysis import estimate
 from ser_toolkit.report.collect import METRIC_NAMES, Model, Numbers, collect
 from ser_toolkit.report.tables import selection_sentence
 
@@ -79,7 +80,8 @@ def write_matrix_report(study_dir: Path, output: Path, allow_changed: bool = Fal
                  f"**{c}** ([report]({_link(e['report'], output)}))" for c, e in zip(corpora, entries)) + ". "
              "Rows: the training corpus; columns: the test corpus. The diagonal (bold) is the training corpus's "
              "own test split (in-corpus); every other cell is the whole other corpus (cross-corpus). Cells: mean"
-             + (" ± sample SD over seeds (and folds)" if multi else "") + ".", ""]
+             + (" ± sample SD over seeds (and folds)" if multi else "") + "; baseline tables: [95 % interval, "
+             "hierarchical bootstrap over seeds and test speakers].", ""]
     sentences = {selection_sentence(sub) for _, sub in per.values()}
     parts += [*sorted(sentences), ""]
     missing: dict[str, set[str]] = {}
@@ -103,7 +105,9 @@ def write_matrix_report(study_dir: Path, output: Path, allow_changed: bool = Fal
             cells = []
             for column in columns:
                 vals = _cell(base, test_of(train, column), metric)
-                cells.append(f"**{fmt(vals)}**" if column == train and vals else fmt(vals))
+                e = estimate(base, test_of(train, column), metric) if vals else None
+                cell = fmt(vals) + (f" [{e.lo:.2f}, {e.hi:.2f}]" if e is not None and not np.isnan(e.lo) else "")
+                cells.append(f"**{cell}**" if column == train and vals else cell)
             parts.append(f"| {train} | " + " | ".join(cells) + " |")
         parts.append("")
     parts += ["## Every model (weighted F1; in parentheses: the difference to that corpus's baseline)", "",

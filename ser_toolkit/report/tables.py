@@ -213,7 +213,7 @@ def gains_section(study: dict[str, Any], numbers: Numbers) -> str:
     return sentence + "\n".join(lines) + "\n" + note
 
 
-def control(models: list[Model], numbers: Numbers) -> str:
+def control(models: list[Model], numbers: Numbers, comps: list[Comparison] | None = None) -> str:
     """How much of each model's gain over the baseline the clean x2 control also gets (where meaningful)."""
     base = next(m for m in models if m.role == "baseline")
     ctrl = next((m for m in models if m.role == "control"), None)
@@ -237,14 +237,20 @@ def control(models: list[Model], numbers: Numbers) -> str:
             numbers.add(section="control", model=m.name, test=t, model_f1=fm, baseline_f1=fb, control_f1=fc,
                         gain_vs_baseline=fm - fb, gain_vs_control=fm - fc, share_explained_by_steps=share,
                         share_note=why)
-            lines.append(f"| {m.name} | {label(t)} | {fm:.3f} | {fb:.3f} | {fc:.3f} | {_delta(fm - fb)} | "
-                         f"{_delta(fm - fc)} | " + (f"n/a: {why}" if share is None else f"{100 * share:.0f} %")
+            def gain(value: float, ref: Model) -> str:  # with the paired test's interval, when there is one
+                c = next((c for c in comps or [] if c.model == m.name and c.reference == ref.name and c.test == t
+                          and c.metric == "weighted_f1"), None)
+                return _delta(value) + (f" [{c.lo:+.3f}, {c.hi:+.3f}]" if c else "")
+
+            lines.append(f"| {m.name} | {label(t)} | {fm:.3f} | {fb:.3f} | {fc:.3f} | {gain(fm - fb, base)} | "
+                         f"{gain(fm - fc, ctrl)} | " + (f"n/a: {why}" if share is None else f"{100 * share:.0f} %")
                          + " |")
     return "\n".join(lines) + (
         "\n\nThe control trains on clean + an identical copy of every file: as many utterances and optimizer "
         "steps as an augmented model (the reference study's flaw 2). The share is (control − baseline) / "
         f"(model − baseline), given only when the model gains at least {MIN_GAIN_FOR_SHARE} and the control "
-        "gains less than the model; whether a difference is real is in the paired tests above.\n")
+        "gains less than the model. Gains carry the 95 % interval of the paired test (seeds and speakers); whether a "
+        "difference is significant is in the paired tests above.\n")
 
 
 def fold_numbers(models: list[Model], numbers: Numbers) -> None:

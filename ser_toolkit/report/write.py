@@ -63,7 +63,7 @@ def write_report(paths: Sequence[Path], output: Path, allow_changed: bool = Fals
             "## Augmentation gains and weights", "",
             *([f"![gains and weights]({figs['gains.png']})", ""] if "gains.png" in figs else []),
             tables.gains_section(study, numbers),
-            "## The control: more steps or better data?", "", tables.control(models, numbers),
+            "## The control: more steps or better data?", "", tables.control(models, numbers, comps["weighted_f1"]),
             "## Confusion matrices", "", "Rows: true emotion; colour normalised per row; numbers: counts.", "",
             *[f"![confusion {label(t)}]({figs[k]})\n" for t in tests
               for k in [f"confusion_{_slug(t)}.png"] if k in figs],

@@ -127,6 +127,12 @@ def test_study_selects_on_validation_and_reports_every_declared_cross_set(tmp_pa
     for name in ("synthetic-shifted", "mycorpus", "cremad"):
         assert f"cross-corpus: {name}" in md
     assert "chosen on the validation" in md
+    # every selection gain carries its paired interval; without folds its delta is the study's gain
+    gains = [n for n in json.loads((files_of(tmp_path / "reports" / "small.md") / "numbers.json").read_text())
+             if n["section"] == "gains"]
+    assert {n["method"] for n in gains} == set(study["gains"]) == {"noise", "timestretch"}
+    for n in gains:
+        assert n["gain"] == pytest.approx(study["gains"][n["method"]]) and n["ci_low"] <= n["gain"] <= n["ci_high"]
     for run in runs.glob("*-s42"):  # validation results are never reported as test sets
         assert not any(p.name.startswith("valid") for p in (run / "eval").iterdir())
     # selection never looks at test: scrambling every test prediction leaves gains and weights unchanged
@@ -204,6 +210,9 @@ report = "reports/folds.md"
                     and n["test"] == "test" and n["metric"] == "uar")
     assert headline["mean"] == pytest.approx(np.mean([n["uar"] for n in per_run]))
     assert "mean ± sample SD over seeds and folds" in (tmp_path / "reports" / "folds.md").read_text()
+    gain = next(n for n in numbers if n["section"] == "gains")  # a seed's folds pooled into one paired test
+    assert gain["method"] == "noise" and gain["replicates"] == 1 and gain["ci_low"] <= gain["ci_high"]
+    assert "folds pooled" in (tmp_path / "reports" / "folds.md").read_text()
 
 
 def _cfg(data: dict) -> dict:
@@ -265,7 +274,13 @@ report = "reports/mx.md"
     runs = tmp_path / "runs" / "mx"
     sizes = {n: len(CacheReader(tmp_path / "cache" / f"{n}.h5").ids) for n in ("synthetic", "synthetic-shifted")}
     numbers = json.loads((files_of(tmp_path / "reports" / "mx.md") / "numbers.json").read_text())
-    cells = {(n["model"], n["train"], n["test"]): n for n in numbers if n["metric"] == "weighted_f1"}
+    cells = {(n["model"], n["train"], n["test"]): n for n in numbers
+             if n["section"] == "matrix" and n["metric"] == "weighted_f1"}
+    paired = {(n["model"], n["train"], n["test"]): n for n in numbers if n["section"] == "matrix_vs_baseline"}
+    assert set(paired) == {(m, a, b) for m in ("noise", "duplicate") for a in sizes for b in sizes}
+    for (model, train, test), n in paired.items():  # the paired difference is the difference of the cells
+        assert n["delta"] == pytest.approx(cells[(model, train, test)]["mean"] - cells[("baseline", train, test)]["mean"])
+        assert n["ci_low"] <= n["delta"] <= n["ci_high"] and n["replicates"] == 1
     assert {k[1:] for k in cells} == {(a, b) for a in sizes for b in sizes}
     for train in sizes:
         summary = json.loads((runs / train / "baseline-s42" / "train_summary.json").read_text())

@@ -213,3 +213,70 @@ def share_of_top_class(evaluation: dict[str, Any]) -> tuple[str, float]:
     predicted = cm.sum(0)
     j = int(predicted.argmax())
     return EMOTIONS[j], float(predicted[j] / max(predicted.sum(), 1))
+
+
+def selection_comparisons(study: dict[str, Any]) -> dict[str, Comparison]:
+    """Each single method's selection gain with its uncertainty: weighted F1 on clean + its augmented set of the
+    selection part, against the study's reference model, paired on utterances and seeds.
+
+    A seed's folds are pooled (they hold different utterances), so with folds the difference is that of the
+    pooled selection parts; without folds it equals the study's gain. Methods whose selection predictions are
+    missing are left out. The p-values are adjusted together (:data:`CORRECTION`).
+    """
+    from pathlib import Path
+
+    from ser_toolkit.combination import PARTS
+    from ser_toolkit.report.collect import _check_predictions, _read_eval
+    from ser_toolkit.evaluation import read_predictions, read_speakers
+    from ser_toolkit.stats import benjamini_hochberg, paired_test
+    from ser_toolkit.training.runs import run_info
+
+    sel = study.get("selection") or {}
+    part = "valid" if sel.get("set") == "validation" else "test"
+    ref = sel.get("reference_model", "baseline")
+    plan = study.get("runs") or []
+    run_ids: dict[str, str] = {}
+
+    def pooled(name: str, method: str, seed: int) -> tuple[list[str], np.ndarray, np.ndarray, list[str]] | None:
+        runs = sorted((r for r in plan if r.get("name") == name and r.get("seed") == seed),
+                      key=lambda r: r.get("fold") or 0)
+        ids: list[str] = []
+        ys, ps, spk = [], [], []
+        for r in runs:
+            if r["run"] not in run_ids:
+                run_ids[r["run"]] = run_info(Path(r["run"]))["run_id"]  # checked by collect()
+            for set_name in (part, f"{part}-{method}"):
+                csv_path = Path(r["run"]) / PARTS[part] / f"{set_name}.predictions.csv"
+                json_path = csv_path.with_name(f"{set_name}.json")
+                if not csv_path.is_file() or not json_path.is_file():
+                    return None
+                _check_predictions(csv_path, _read_eval(json_path, run_ids[r["run"]]))
+                u, y, p = read_predictions(csv_path)
+                s = read_speakers(csv_path)
+                ids += [f"{set_name}/{x}" for x in u]
+                ys.append(y)
+                ps.append(p)
+                spk += s if s is not None else [f"{set_name}/{x}" for x in u]  # unknown: one group per utterance
+        if not runs:
+            return None
+        return ids, np.concatenate(ys), np.concatenate(ps), spk
+
+    out: dict[str, Comparison] = {}
+    seeds = sorted({r["seed"] for r in plan if r.get("name") == ref})
+    for m in study.get("gains", {}):
+        a, b = [], []
+        for s in seeds:
+            ra, rb = pooled(ref, m, s), pooled(m, m, s)
+            if ra is None or rb is None or ra[0] != rb[0]:
+                continue
+            a.append(ra)
+            b.append(rb)
+        if not a or any(x[0] != a[0][0] for x in a):
+            continue
+        r = paired_test(a[0][1], [x[2] for x in a], [x[2] for x in b], np.asarray(a[0][3]),
+                        statistic("weighted_f1"), TEST_ROUNDS, seed=2)
+        out[m] = Comparison(m, ref, part, "weighted_f1", float(r["delta"]), float(r["ci_low"]),
+                            float(r["ci_high"]), float(r["p"]), replicates=int(r["n_replicates"]))
+    for c, p in zip(out.values(), benjamini_hochberg([c.p for c in out.values()])):
+        c.p_adj = float(p)
+    return out

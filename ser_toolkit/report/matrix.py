@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 
 from ser_toolkit.errors import SertkError
-from ser_toolkit.stats import sample_sd
+from ser_toolkit.stats import benjamini_hochberg, sample_sd
 from ser_toolkit.report.publish import publish
-from ser_toolkit.report.analysis import estimate
+from ser_toolkit.report.analysis import ALPHA, CORRECTION, Comparison, compare, estimate
 from ser_toolkit.report.collect import METRIC_NAMES, Model, Numbers, collect
 from ser_toolkit.report.tables import selection_sentence
 
@@ -110,6 +110,18 @@ def write_matrix_report(study_dir: Path, output: Path, allow_changed: bool = Fal
                 cells.append(f"**{cell}**" if column == train and vals else cell)
             parts.append(f"| {train} | " + " | ".join(cells) + " |")
         parts.append("")
+    comps: dict[tuple[str, str, str], Comparison] = {}  # (model, train, column) -> paired test vs the baseline
+    for name in names:
+        for train in corpora:
+            ms, _ = per[train]
+            m, base = ms.get(name), ms.get("baseline")
+            if m is not None and base is not None and m is not base:
+                for column in columns:
+                    c = compare(m, base, test_of(train, column), "weighted_f1")
+                    if c is not None:
+                        comps[(name, train, column)] = c
+    for c, p in zip(comps.values(), benjamini_hochberg([c.p for c in comps.values()])):
+        c.p_adj = float(p)
     parts += ["## Every model (weighted F1; in parentheses: the difference to that corpus's baseline)", "",
               "| model | train | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
     for name in names:
@@ -130,12 +142,22 @@ def write_matrix_report(study_dir: Path, output: Path, allow_changed: bool = Fal
                                     delta_to_baseline=float(np.mean(vals) - np.mean(bvals)) if bvals else None)
                 vals, bvals = _cell(m, test, "weighted_f1"), _cell(base, test, "weighted_f1")
                 cell = fmt(vals)
-                if vals and bvals and m is not base:
+                c = comps.get((name, train, column))
+                if c is not None:
+                    mark = "\\*" if c.replicates > 1 and c.p_adj < ALPHA else ""
+                    cell += f" ({c.delta:+.3f}{mark} [{c.lo:+.2f}, {c.hi:+.2f}])"
+                    numbers.add(section="matrix_vs_baseline", model=name, train=train, test=column,
+                                metric="weighted_f1", delta=c.delta, ci_low=c.lo, ci_high=c.hi, p=c.p,
+                                p_adj=c.p_adj, replicates=c.replicates)
+                elif vals and bvals and m is not base:
                     cell += f" ({np.mean(vals) - np.mean(bvals):+.3f})"
                 cells.append(f"**{cell}**" if column == train and vals else cell)
             weights = f" ({', '.join(f'{k} {v:.2f}' for k, v in m.weights.items())})" if m.weights else ""
             parts.append(f"| {name}{weights} | {train} | " + " | ".join(cells) + " |")
-    parts += ["", "Top-k models are chosen per training corpus (their weights are in parentheses) and may combine "
+    parts += ["", "Differences are paired on the same utterances and seeds, with their 95 % interval (seeds and "
+              f"test speakers); \\* marks a difference whose {CORRECTION}-adjusted p (over this table) is below "
+              f"{ALPHA}" + ("" if multi else "; with one seed nothing is tested, training variance is unmeasured")
+              + ". Top-k models are chosen per training corpus (their weights are in parentheses) and may combine "
               "different augmentations.", "",
               "## Reproducibility", "",
               f"- sertk commit: `{study.get('commit')}`",

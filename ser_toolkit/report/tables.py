@@ -198,18 +198,29 @@ def gains_section(study: dict[str, Any], numbers: Numbers) -> str:
     part = "validation" if sel.get("set") == "validation" else "test"
     ref = sel.get("reference_model", "baseline")
     combos = study.get("weights", {})
+    from ser_toolkit.report.analysis import selection_comparisons
+
+    tested = selection_comparisons(study)
     columns = [f"F1 (clean + its augmented {part} set)", f"{ref} F1 (same set)", "gain",
-               *(f"weight in {c}" for c in combos)]
+               "95 % interval", f"p ({CORRECTION})", *(f"weight in {c}" for c in combos)]
     lines = ["| method | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for m, g in sorted(study["gains"].items(), key=lambda kv: -kv[1]):
         f1, b = study["combined_f1"][m], study["baseline_combined_f1"][m]
         ws = [combos[c].get(m) for c in combos]
+        c = tested.get(m)
         numbers.add(section="gains", method=m, f1=f1, baseline_f1=b, gain=g, reference=ref, selection_set=part,
-                    **{f"weight_{c}": w for c, w in zip(combos, ws)})
-        lines.append("| " + " | ".join([m, f"{f1:.3f}", f"{b:.3f}", _delta(g), *(_fmt(w) for w in ws)]) + " |")
+                    **({"ci_low": c.lo, "ci_high": c.hi, "p": c.p, "p_adj": c.p_adj, "replicates": c.replicates}
+                       if c else {}), **{f"weight_{cn}": w for cn, w in zip(combos, ws)})
+        iv = f"[{_delta(c.lo)}, {_delta(c.hi)}]" if c else "—"
+        pv = (f"{c.p_adj:.3g}" if c.replicates > 1 else "not tested (1 seed)") if c else "—"
+        lines.append("| " + " | ".join([m, f"{f1:.3f}", f"{b:.3f}", _delta(g), iv, pv, *(_fmt(w) for w in ws)])
+                     + " |")
     note = (f"\nGain = weighted F1 on the clean {part} set plus the {part} set augmented by that method, minus "
             f"the {ref} model's on the same utterances (seed-averaged); weights = gains normalised over the k "
-            "largest positive gains (the reference study's rule). Methods with no gain get no weight.\n")
+            "largest positive gains (the reference study's rule). Methods with no gain get no weight. The interval "
+            "and p come from the paired test over seeds and speakers of the selection set"
+            + (" (a seed's folds pooled, so the interval is of the pooled difference)" if study.get("folds") else "")
+            + "; the rule itself uses the mean gain, as the reference study did.\n")
     return sentence + "\n".join(lines) + "\n" + note
 
 

@@ -63,7 +63,7 @@ def _dataset(name: str, assignments: Optional[List[str]]):
 @app.command()
 def plugins(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
-    kind: Optional[str] = typer.Option(None, "--kind", help="Only dataset, augmentation or model plugins."),
+    kind: Optional[str] = typer.Option(None, "--kind", help="Only dataset, augmentation, featurizer or model plugins."),
 ) -> None:
     """List every plugin: kind, name, provider, parameters with defaults and allowed values."""
     from ser_toolkit.registry import KINDS, get_registry
@@ -170,13 +170,17 @@ def inspect(
     cache_file: str = typer.Argument(..., metavar="CACHE", help="Cache file (or dataset name in ./cache)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Summarise a cache: utterances per emotion and speaker, hours, config, skipped files."""
+    """Summarise a cache: utterances per emotion and speaker, hours, config, skipped files, feature caches."""
+    from ser_toolkit.cache.features import feature_caches
     from ser_toolkit.cache.reader import CacheReader
 
-    summary = CacheReader(_cache_path(cache_file)).summary()
+    reader = CacheReader(_cache_path(cache_file))
+    summary = reader.summary()
+    summary["feature_caches"] = feature_caches(reader.path, reader.digest)
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return
+    from rich.markup import escape
     from rich.table import Table
 
     con = _console()
@@ -195,6 +199,67 @@ def inspect(
         con.print(f"ignored {count} files: {reason}")
     for s in summary["skipped"]:
         con.print(f"skipped {s['reason']}")
+    for f in summary["feature_caches"]:
+        size = f"{f['size_bytes'] / 1e6:.1f} MB" if f["size_bytes"] >= 1e6 else f"{f['size_bytes'] / 1e3:.0f} kB"
+        if "error" in f:
+            con.print(f"features {f['path']}: [red]damaged[/red] ({size}): {escape(f['error'])}")
+            continue
+        options = ", ".join(f"{k}={v}" for k, v in f["options"].items()) or "default options"
+        state = "current" if f["state"] == "current" else "[yellow]stale[/yellow] (the cache changed since)"
+        con.print(f"features {f['featurizer']} ({escape(options)}; version {f['version']}): shape "
+                  f"{tuple(f['shape'])}, {f['utterances']} utterances, {state}, {size}, {f['path']}")
+
+
+@app.command()
+def features(
+    cache_file: str = typer.Argument(..., metavar="CACHE", help="Cache file, or a cache name in --cache-dir."),
+    featurizer: str = typer.Option(..., "--featurizer", "-f",
+                                   help="Featurizer plugin (see 'sertk plugins --kind featurizer')."),
+    assignments: Optional[List[str]] = typer.Option(None, "--set", "-s", help="Featurizer parameter key=value."),
+    cache_dir: Path = typer.Option(DEFAULT_CACHE_DIR, "--cache-dir", help="Folder of cache files (for a name)."),
+    workers: int = typer.Option(min(2, os.cpu_count() or 1), "--workers", "-j", min=0,
+                                help="Feature processes (0 or 1: in this process)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    """Compute a featurizer's features for every utterance of a cache once (incremental, resumable).
+
+    They are stored beside the cache in CACHE.features/<featurizer>-<key>.h5 and
+    reused by every run; a rerun computes only new or changed utterances.
+    """
+    import time
+
+    from rich.markup import escape
+
+    from ser_toolkit.cache.build import locate_cache
+    from ser_toolkit.cache.features import load_features
+    from ser_toolkit.cache.reader import CacheReader
+    from ser_toolkit.featurizers import get_featurizer
+    from ser_toolkit.params import parse_assignments
+
+    feat = get_featurizer(featurizer, parse_assignments(assignments))
+    t0 = time.perf_counter()
+    reader = CacheReader(locate_cache(cache_file, cache_dir))
+    err = _console(stderr=True)
+    fr = load_features(reader, feat, workers=workers, quiet=quiet or as_json,
+                       log=lambda msg: err.print(f"[yellow]{escape(msg)}[/yellow]", soft_wrap=True))
+    seconds = time.perf_counter() - t0
+    n = len(fr)
+    build = {"computed": 0, "reused": n, "resumed": 0, "utterances_per_s": None} if fr.hit else fr.build
+    result = {"path": str(fr.path), "cache": str(reader.path), "featurizer": fr.identity, "key": feat.key(),
+              "utterances": n, "shape": list(fr.shape), "unchanged": bool(fr.hit),
+              "computed": build.get("computed", 0), "reused": build.get("reused", 0),
+              "resumed": build.get("resumed", 0), "seconds": round(seconds, 3),
+              "utterances_per_s": build.get("utterances_per_s"), "digest": fr.digest,
+              "source_digest": fr.source_digest}
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    speed = f", {result['utterances_per_s']:.1f} utt/s" if result["utterances_per_s"] else ""
+    _console().print(f"[bold]{escape(str(fr.path))}[/bold] {'unchanged' if fr.hit else 'written'}: {n} utterances, "
+                     f"shape {tuple(fr.shape)} ({result['computed']} computed, {result['reused']} reused, "
+                     f"{result['resumed']} resumed) in {seconds:.1f} s{speed}; features {fr.digest[:12]}",
+                     soft_wrap=True)
 
 
 @app.command()
@@ -596,6 +661,12 @@ def train(
 
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
+    if "classifier" in summary:  # a feature classifier, fitted once
+        fitted = summary["classifier"]
+        chosen = ", ".join(f"{k.replace('clf__', '')}={v}" for k, v in fitted["chosen"].items())
+        _console().print(f"[bold]{run_dir}[/bold]: fitted on {fitted['features']} features ({chosen}; "
+                         f"{fitted['cv']}, CV UAR {fitted['cv_uar']:.3f}) in {summary['seconds']:.1f} s")
+        return
     last = summary["history"][-1] if summary["history"] else {}
     _console().print(f"[bold]{run_dir}[/bold]: {summary['epochs_run']} epochs, train loss "
                      f"{last.get('train_loss', float('nan')):.4f}, {last.get('utterances_per_s', 0):.1f} utt/s")
@@ -652,7 +723,7 @@ def predict(
     """Emotion and class probabilities for new audio files."""
     from ser_toolkit.audio import MONO_RULES, RESAMPLER, load
     from ser_toolkit.emotions import EMOTIONS
-    from ser_toolkit.evaluation import load_run_model, predict_waves
+    from ser_toolkit.evaluation import load_run_model, predict_features, predict_waves
     from ser_toolkit.training import runs
 
     info = runs.check_run(run, allow_unfinished)
@@ -662,7 +733,24 @@ def predict(
         raise SertkError(f"unknown --mono rule {mono!r}", f"use one of {', '.join(MONO_RULES)}")
     waves = [load(p, mono, resampler=pre.get("resampler", RESAMPLER)) for p in audio]
     model, featurize, cfg, device = load_run_model(run, info=info)
-    probs = predict_waves(model, featurize, waves, 8, device)
+    spec = getattr(model, "feature_spec", None) or (model.featurizer_spec() if featurize is None else None)
+    if spec is not None:  # features as in training, normalised over the files given (one speaker or corpus)
+        import numpy as np
+
+        from ser_toolkit.featurizers import get_featurizer
+        from ser_toolkit.normalize import MIN_GROUP, normalize
+
+        mode = cfg.get("normalize", "none")
+        if mode != "none" and len(waves) < MIN_GROUP:
+            raise SertkError(f"run {run} normalises features per {mode}: it needs at least {MIN_GROUP} "
+                             f"utterances of the same {mode} to predict, got {len(waves)}",
+                             f"pass {MIN_GROUP} or more files of one {mode} together")
+        featurizer = get_featurizer(*spec)
+        x = np.stack([featurizer.extract(w, 16000) for w in waves])
+        x = normalize(x, np.zeros(len(x), dtype=np.int64) if mode != "none" else np.empty(0))
+        probs = model.predict_proba(x) if featurize is None else predict_features(model, list(x), 8, device)
+    else:
+        probs = predict_waves(model, featurize, waves, 8, device)
     results = [{"file": str(p), "emotion": EMOTIONS[int(pr.argmax())],
                 "probabilities": {e: float(v) for e, v in zip(EMOTIONS, pr)}} for p, pr in zip(audio, probs)]
     if as_json:

@@ -139,11 +139,33 @@ def load_run_model(run_dir: Path, device=None, allow_unfinished: bool = False, i
     except KeyError as exc:
         raise SertkError(f"{run_dir / 'config.json'} lacks the setting {exc}", "the run folder is damaged; "
                          "retrain it") from None
+    from ser_toolkit.models import FeatureClassifier
+
+    if isinstance(plugin, FeatureClassifier):
+        plugin.load(run_dir / "checkpoints" / runs.CLASSIFIER, info["run_id"])
+        return plugin, None, cfg, None
     model = plugin.rebuild(len(EMOTIONS), run_dir)
     runs.load_weights(run_dir / "checkpoints" / runs.BEST, model, info["run_id"])
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
+    model.feature_spec = plugin.featurizer_spec()  # cached features (None: the model's own featurizer)
     return model, model.featurizer(), cfg, device
+
+
+def run_probs(model, featurize, cfg: Mapping[str, Any], reader, rows: Sequence[int], batch_size: int, device,
+              workers: int = 1) -> tuple[np.ndarray, dict[str, Any]]:
+    """Class probabilities of a run's model on rows of a cache, and what they were computed from (the feature
+    cache's digest and the normalisation, for models on cached features)."""
+    spec = getattr(model, "feature_spec", None) or (model.featurizer_spec() if hasattr(model, "predict_proba")
+                                                    else None)
+    if spec is None:
+        return predict_rows(model, featurize, reader, rows, batch_size, device, workers), {}
+    from ser_toolkit.training.features import set_features
+
+    x, info = set_features(reader, rows, spec, cfg.get("normalize", "none"), workers)
+    if hasattr(model, "predict_proba"):
+        return model.predict_proba(x), info
+    return predict_features(model, list(x), batch_size, device), info
 
 
 def _changed(what: str, run_dir: Path, recorded: str | None, now: str) -> SertkError:
@@ -259,9 +281,11 @@ def evaluate_run(run_dir: Path, specs: Sequence[str] | None = None, batch_size: 
     summary: dict[str, Any] = {}
     for name, reader, rows, provenance in sets:
         rows = list(range(len(reader))) if rows is None else rows
-        if model.input_kind == "wave":
+        if getattr(model, "input_kind", None) == "wave":
             check_wave_lengths(reader.lengths[rows], [reader.ids[i] for i in rows], reader.sample_rate, "test")
-        probs = predict_rows(model, featurize, reader, rows, batch, device, workers)
+        probs, features = run_probs(model, featurize, cfg, reader, rows, batch, device, workers)
+        if features:
+            provenance = {**provenance, "features": features}
         y_true = reader.labels[rows]
         metrics = compute_metrics(y_true, probs.argmax(1))
         speakers = reader.column("speaker")

@@ -80,6 +80,26 @@ def register_augmentations(registry: "ProviderRegistry") -> None:
 
 
 @hookspec
+def register_featurizers(registry: "ProviderRegistry") -> None:
+    """Register featurizer plugins: ``registry.register(MyFeaturizer)``.
+
+    ``MyFeaturizer`` subclasses :class:`ser_toolkit.featurizers.Featurizer` and sets
+    ``name``, ``description``, ``params`` (validated at construction) and
+    ``version`` (bump it when the output changes for the same options: cached
+    features are keyed by name, options and version). It implements
+    ``extract(wave, rate) -> np.ndarray``: a float32 array of the same shape for
+    every utterance (e.g. eGeMAPS functionals, or every layer's pooled hidden
+    states of a frozen SSL model). ``parallel = False`` runs ``extract_many``
+    (override it to batch) in the calling process instead of worker processes,
+    e.g. for a model on a GPU. ``feature_names()`` may name a vector's entries.
+
+    Features are computed once per input cache and featurizer into the feature
+    cache beside it (``sertk features``) and reused by every run, seed, fold and
+    evaluation; feature models (``features=NAME``) read them from there.
+    """
+
+
+@hookspec
 def register_models(registry: "ProviderRegistry") -> None:
     """Register model plugins: ``registry.register(MyModel)``.
 

@@ -38,6 +38,12 @@ class ModelPlugin:
         """The same architecture (weights come from a checkpoint), without network access."""
         return self.build(num_labels, None)
 
+    def featurizer_spec(self) -> tuple[str, dict[str, Any]] | None:
+        """(featurizer plugin, options) whose cached features this model reads, or None (its own
+        ``featurizer()`` on every input). With a featurizer, ``--normalize`` applies and augmentation is
+        materialised once instead of recomputed every epoch."""
+        return None
+
 
 def _identity(wave: np.ndarray) -> np.ndarray:
     return wave
@@ -58,3 +64,38 @@ class SerModelMixin:
 
 
 SerModel = Any  # a torch.nn.Module that also implements SerModelMixin
+
+
+class FeatureClassifier(ModelPlugin):
+    """Base class for classifiers fitted once on cached features (e.g. scikit-learn), not trained by epochs.
+
+    Set ``params`` (with a ``features`` parameter naming a featurizer plugin) and
+    implement :meth:`fit` and :meth:`predict_proba`. sertk computes the features
+    once (the feature cache), normalises them (``--normalize``), trains on
+    materialised augmented copies, saves the fitted classifier with the run
+    (:meth:`save`/:meth:`load`), and evaluates, predicts and reports it like any model.
+    """
+
+    train_defaults: ClassVar[Mapping[str, Any]] = {"aug_mode": "offline"}
+
+    def featurizer_spec(self) -> tuple[str, dict[str, Any]]:
+        """(featurizer name, options) of the features this classifier reads."""
+        return self.options["features"], {}
+
+    def fit(self, x: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int,
+            workers: int = 1) -> dict[str, Any]:
+        """Fit on training features ``x`` (N, D), labels ``y`` and CV groups (speakers); returns what was
+        chosen (hyper-parameters, cross-validated scores), recorded in ``train_summary.json``."""
+        raise NotImplementedError
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        """Class probabilities (N, 7) over the canonical emotions."""
+        raise NotImplementedError
+
+    def save(self, path: Path, run_id: str) -> None:
+        """Write the fitted classifier to ``path`` (with the run id)."""
+        raise NotImplementedError
+
+    def load(self, path: Path, run_id: str) -> None:
+        """Read a classifier written by :meth:`save` (refusing another run's)."""
+        raise NotImplementedError

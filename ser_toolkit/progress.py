@@ -186,7 +186,8 @@ class StudyProgress:
             return
         self._trains = True
         e, total = int(row["epoch"]), int(row.get("epochs") or row["epoch"])
-        text = f"train loss {row['train_loss']:.4f}" + (
+        text = (f"train loss {row['train_loss']:.4f}" if "train_loss" in row else
+                f"fitted, CV UAR {row.get('cv_uar') or float('nan'):.3f}") + (
             f", valid weighted F1 {row['valid_weighted_f1']:.3f}" if "valid_weighted_f1" in row else "")
         if self.live:
             progress = self._live()

@@ -1,4 +1,4 @@
-"""Plugin discovery and the registry of datasets, augmentations and models.
+"""Plugin discovery and the registry of datasets, augmentations, featurizers and models.
 
 Built-in plugin modules and third-party entry points (group ``sertk``) are
 registered with one pluggy manager; each hook implementation is called with a
@@ -24,9 +24,9 @@ from ser_toolkit import __version__, hookspecs
 from ser_toolkit.errors import PluginError
 
 ENTRY_POINT_GROUP = "sertk"
-KINDS = ("dataset", "augmentation", "model")
+KINDS = ("dataset", "augmentation", "featurizer", "model")
 _HOOKS = {"dataset": "register_datasets", "augmentation": "register_augmentations",
-          "model": "register_models"}
+          "featurizer": "register_featurizers", "model": "register_models"}
 
 BUILTIN_PLUGINS = (
     "ser_toolkit.plugins.ravdess",
@@ -40,6 +40,8 @@ BUILTIN_PLUGINS = (
     "ser_toolkit.plugins.duplicate",
     "ser_toolkit.plugins.hubert",
     "ser_toolkit.plugins.acoustic",
+    "ser_toolkit.plugins.opensmile_features",
+    "ser_toolkit.plugins.classifiers",
 )
 
 
@@ -130,7 +132,7 @@ class ProviderRegistry:
         self.provider = provider
 
     def register(self, obj: Any) -> Any:
-        """Register a dataset/augmentation/model class (returns it, so usable as decorator)."""
+        """Register a dataset/augmentation/featurizer/model class (returns it, so usable as decorator)."""
         self._registry.add(self.kind, obj, self.provider)
         return obj
 

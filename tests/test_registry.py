@@ -129,7 +129,7 @@ def test_every_hook_is_documented():
     """docs/plugins.md carries each hook's heading and its docstring (the plugin reference)."""
     doc = (REPO / "docs" / "plugins.md").read_text()
     names = [n for n, f in inspect.getmembers(hookspecs, inspect.isfunction) if hasattr(f, "sertk_spec")]
-    assert set(names) == {"register_datasets", "register_augmentations", "register_models"}
+    assert set(names) == {"register_datasets", "register_augmentations", "register_featurizers", "register_models"}
     for name in names:
         func = getattr(hookspecs, name)
         assert f"### `{name}(registry)`" in doc, name

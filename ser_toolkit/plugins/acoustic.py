@@ -6,6 +6,9 @@ zero-crossing rate), pitch from YIN on voiced frames (level, spread,
 percentiles, range in semitones, voiced share) and duration. A standardiser
 fitted on the training set and a small MLP (or linear) head classify them, so a
 whole study runs on a CPU in minutes.
+
+The same statistics are also the ``acoustic`` featurizer (143 named values), so
+they can be computed once into the feature cache.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from ser_toolkit import hookimpl
+from ser_toolkit.errors import SertkError
+from ser_toolkit.featurizers import Featurizer
 from ser_toolkit.models import ModelPlugin, SerModelMixin
 from ser_toolkit.params import Param
 
@@ -56,6 +61,35 @@ def acoustic_features(wave: np.ndarray) -> np.ndarray:
     return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
 
 
+def acoustic_feature_names() -> list[str]:
+    """Names of the entries of :func:`acoustic_features`, in its order."""
+    names = [f"{block}{i}_{stat}" for block in ("mfcc", "mfcc_delta", "mfcc_delta2")
+             for stat in ("mean", "std") for i in range(1, 21)]
+    names += ["energy_db_p10", "energy_db_p50", "energy_db_p90", "energy_db_std", "energy_db_max_over_mean"]
+    names += [f"{s}_{stat}" for s in ("spectral_centroid", "spectral_bandwidth", "spectral_rolloff",
+                                      "spectral_flatness", "zero_crossing_rate")
+              for stat in ("log_mean", "cv")]
+    names += ["pitch_semitones_mean", "pitch_semitones_std", "pitch_semitones_p10", "pitch_semitones_p50",
+              "pitch_semitones_p90", "pitch_semitones_range", "voiced_share", "log_duration_s"]
+    return names
+
+
+class AcousticFeatures(Featurizer):
+    """:func:`acoustic_features` as a featurizer (16 kHz input only)."""
+
+    name = "acoustic"
+    description = "acoustic statistics (MFCC, energy, spectral shape, pitch): 143 values, cheap"
+
+    def extract(self, wave: np.ndarray, rate: int) -> np.ndarray:
+        if rate != RATE:
+            raise SertkError(f"featurizer 'acoustic' needs {RATE} Hz audio (got {rate} Hz)",
+                             f"resample to {RATE} Hz")
+        return acoustic_features(np.asarray(wave, dtype=np.float32))
+
+    def feature_names(self) -> list[str]:
+        return acoustic_feature_names()
+
+
 class Acoustic(ModelPlugin):
     name = "acoustic"
     description = "acoustic statistics (MFCC, energy, spectral shape, pitch) + a small MLP head: CPU-friendly"
@@ -64,7 +98,10 @@ class Acoustic(ModelPlugin):
               min=0, max=4096),
         Param("dropout", 0.3, "dropout before the output layer", type="float", min=0.0, max=0.9),
     )
-    train_defaults = {"lr": 1e-3, "epochs": 60, "batch_size": 32, "weight_decay": 1e-2}
+    train_defaults = {"lr": 1e-3, "epochs": 60, "batch_size": 32, "weight_decay": 1e-2, "aug_mode": "offline"}
+
+    def featurizer_spec(self):
+        return "acoustic", {}  # computed once into the feature cache
 
     def build(self, num_labels: int, run_dir: Path | None = None, **train_options):
         import torch
@@ -101,3 +138,8 @@ class Acoustic(ModelPlugin):
 @hookimpl
 def register_models(registry) -> None:
     registry.register(Acoustic)
+
+
+@hookimpl
+def register_featurizers(registry) -> None:
+    registry.register(AcousticFeatures)

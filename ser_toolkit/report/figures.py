@@ -170,7 +170,10 @@ def figures(models: list[Model], tests: list[str], comps: list[Comparison], stud
     ax2.set_ylabel(f"validation {METRIC_NAMES[metric]}" if valid_key else "")
     ax2.set_title(("Validation " + METRIC_NAMES[metric] + spread) if valid_key else "No validation part in these runs",
                   fontsize=10)
-    save(fig, "learning_curves.png")
+    if ax1.get_legend_handles_labels()[0]:
+        save(fig, "learning_curves.png")
+    else:  # models fitted once (feature classifiers) have no epochs
+        plt.close(fig)
 
     # gains and weights
     gains = study.get("gains") or {}

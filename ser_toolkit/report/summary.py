@@ -45,8 +45,17 @@ def setup_lines(models: list[Model], study: dict[str, Any]) -> list[str]:
     params = summary.get("parameters") or {}
     opts = cfg.get("model_options") or {}
     model = f"`{cfg.get('model')}`" + (f" (checkpoint `{opts['checkpoint']}`)" if opts.get("checkpoint") else "")
-    if params:
+    fitted = summary.get("classifier")
+    norm = cfg.get("normalize", "none")
+    if isinstance(fitted, dict):  # a feature classifier, fitted once
+        chosen = ", ".join(f"{k.replace('clf__', '')} {v}" for k, v in (fitted.get("chosen") or {}).items())
+        model += (f" on `{opts.get('features')}` features ({fitted.get('features')} values), normalisation "
+                  f"{norm}" + (" (transductive: each test speaker's own unlabelled audio)" if norm == "speaker"
+                               else "") + f"; {chosen} chosen by {fitted.get('cv')} on the training part")
+    elif params:
         model += f", {_millions(params.get('trainable'))} of {_millions(params.get('total'))} parameters trained"
+        if norm != "none":
+            model += f"; features normalised per {norm}"
     folds = {f for f in base.folds if f is not None}
     data = (f"{Path(str(cfg.get('dataset', '?'))).stem}: {summary.get('train_utterances', '?')} training, "
             f"{summary.get('valid_utterances', 0)} validation and {summary.get('test_utterances', '?')} test "
@@ -57,10 +66,13 @@ def setup_lines(models: list[Model], study: dict[str, Any]) -> list[str]:
         data += "; training emotions " + ", ".join(f"{k} {v}" for k, v in emotions.items())
     seeds = sorted({s for m in models for s in m.seeds})
     aug = study.get("config", {}).get("augmentations", {})
-    training = (f"{cfg.get('epochs')} epochs, lr {cfg.get('lr')}, batch {cfg.get('batch_size')}, "
-                f"schedule {cfg.get('schedule')}, {len(seeds)} seed{'s' * (len(seeds) > 1)} ({', '.join(map(str, seeds))})"
-                f"; augmentation {cfg.get('aug_mode')}, {cfg.get('aug_copies')} cop{'ies' if cfg.get('aug_copies') != 1 else 'y'} "
-                f"per file" + (f"; methods {', '.join(aug.get('methods', []))}" if aug.get("methods") else "")
+    how = ("fitted once (no epochs)" if isinstance(fitted, dict) else
+           f"{cfg.get('epochs')} epochs, lr {cfg.get('lr')}, batch {cfg.get('batch_size')}, "
+           f"schedule {cfg.get('schedule')}")
+    copies = cfg.get("aug_copies")
+    training = (f"{how}, {len(seeds)} seed{'s' * (len(seeds) > 1)} ({', '.join(map(str, seeds))})"
+                f"; augmentation {cfg.get('aug_mode')}, {copies} cop{'ies' if copies != 1 else 'y'} per file"
+                + (f"; methods {', '.join(aug.get('methods', []))}" if aug.get("methods") else "")
                 + (f" with options {aug['options']}" if aug.get("options") else ""))
     return [f"- **Model**: {model}.", f"- **Data**: {data}.", f"- **Training**: {training}."]
 

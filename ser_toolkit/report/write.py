@@ -67,7 +67,8 @@ def write_report(paths: Sequence[Path], output: Path, allow_changed: bool = Fals
             "## Confusion matrices", "", "Rows: true emotion; colour normalised per row; numbers: counts.", "",
             *[f"![confusion {label(t)}]({figs[k]})\n" for t in tests
               for k in [f"confusion_{_slug(t)}.png"] if k in figs],
-            "## Learning curves", "", f"![learning curves]({figs['learning_curves.png']})", "",
+            *(["## Learning curves", "", f"![learning curves]({figs['learning_curves.png']})", ""]
+              if "learning_curves.png" in figs else []),
             "## Data", "", data_section(models, tests),
             "## Reproducibility", "", tables.reproducibility(models, study),
             f"Every number above is in `{prefix}/numbers.csv` and `{prefix}/numbers.json`.", "",

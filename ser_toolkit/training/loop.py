@@ -235,7 +235,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = F
     """
     import torch
 
-    from ser_toolkit.evaluation import evaluate_rows
+    from ser_toolkit.evaluation import compute_metrics, evaluate_rows, predict_features
     from ser_toolkit.registry import get
     from ser_toolkit.training import runs
     from ser_toolkit.training.data import Collate, bucket_batches, featurize_all
@@ -253,7 +253,18 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = F
     main_process = rank == 0
     run_dir.mkdir(parents=True, exist_ok=True)
 
+    from ser_toolkit.models import FeatureClassifier
+
+    if issubclass(get("model", cfg.model).obj, FeatureClassifier):  # fitted once on cached features
+        from ser_toolkit.training.features import fit_classifier
+
+        return fit_classifier(cfg, run_dir, resume, quiet, on_epoch)
     plugin = get("model", cfg.model).obj(**cfg.model_options)
+    spec = plugin.featurizer_spec()
+    if cfg.normalize != "none" and (spec is None or (cfg.plugins and cfg.aug_mode == "online")):
+        raise SertkError(f"--normalize {cfg.normalize} needs a model on cached features and materialised "
+                         "augmentation", "use a feature model (e.g. --model acoustic) with --aug-mode offline, "
+                         "or --normalize none")
     torch.manual_seed(cfg.seed)
     model = plugin.build(len(EMOTIONS), run_dir if main_process else None)
     parameters = {"total": sum(p.numel() for p in model.parameters()),
@@ -261,6 +272,16 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = F
     featurize = model.featurizer()
     data = prepare_data(cfg, featurize, run_dir)
     train_items = data.train
+    cached = spec is not None and train_items.augmentation is None and cfg.max_seconds is None
+    valid_x = None
+    if cached:  # features from the feature cache, normalised per set (--normalize)
+        from ser_toolkit.training.features import item_features, set_features
+
+        x, sets = item_features(train_items, spec, cfg.normalize, cfg.workers)
+        train_items.memo = {k: x[k] for k in range(len(x))}
+        data.data["features"] = [{"set": f["set"], "digest": f["features"]} for f in sets]
+        if data.valid_rows:
+            valid_x, _ = set_features(data.reader, data.valid_rows, spec, cfg.normalize, cfg.workers)
     if model.input_kind == "wave" and cfg.max_seconds is None:
         check_wave_lengths(train_items.lengths(), [train_items.readers[r].ids[i] for r, i, _ in train_items.items],
                            data.reader.sample_rate, "training")
@@ -272,7 +293,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = F
     if not resuming:
         ckpt_path = None
 
-    if model.static_features and train_items.augmentation is None:
+    if model.static_features and train_items.augmentation is None and not cached:
         train_items.memo = featurize_all(train_items, max(cfg.workers, 1))
     clean_feats = [train_items[k][0] for k in range(len(train_items)) if train_items.items[k][0] == 0
                    and train_items.items[k][2] < 0] if model.static_features else []
@@ -280,6 +301,9 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = F
     # all inputs already in memory: worker processes would only add start-up cost every epoch
     loader_workers = 0 if train_items.memo is not None and len(train_items.memo) == len(train_items) else cfg.workers
     model.to(device)
+    threads = torch.get_num_threads()
+    if model.input_kind == "vector" and device.type == "cpu":
+        torch.set_num_threads(1)  # small matrices: threads cost more than they give (3x faster backward)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   fused=device.type == "cuda")
@@ -364,7 +388,11 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = F
             row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": float(loss_sum) / max(n_seen * world, 1),
                                    "lr": scheduler.get_last_lr()[0], "utterances_per_s": n_seen * world / seconds,
                                    "seconds": seconds}
-            if data.valid_rows and main_process:
+            if data.valid_rows and main_process and valid_x is not None:
+                probs = predict_features(model, list(valid_x), cfg.batch_size, device)
+                metrics = compute_metrics(data.reader.labels[data.valid_rows], probs.argmax(1))
+                row.update({f"valid_{k}": metrics[k] for k in ("accuracy", "weighted_f1", "macro_f1", "uar")})
+            elif data.valid_rows and main_process:
                 metrics = evaluate_rows(model, featurize, data.reader, data.valid_rows, cfg.batch_size, device)
                 row.update({f"valid_{k}": metrics[k] for k in ("accuracy", "weighted_f1", "macro_f1", "uar")})
             history.append(row)
@@ -394,6 +422,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = F
             if cfg.early_stopping and patience_left <= 0 and data.valid_rows:
                 break
     finally:
+        torch.set_num_threads(threads)
         if progress is not None:
             progress.stop()
     summary = {"epochs_run": len(history), "best": best, "history": history, "parameters": parameters,

@@ -7,6 +7,7 @@
     run.json               the run id and the digests of the data it trains/validates on
     checkpoints/epoch-NNN.pt   resumable state (loaded with weights_only=True), carries the run id
     checkpoints/best.safetensors   the selected weights (safetensors; metadata: run id, epoch, score)
+    checkpoints/classifier.skops   instead, for a feature classifier: the fitted pipeline (skops format)
     final.json             the seal: written last, with the checkpoints' SHA-256; a run without it
                            is unfinished and evaluate/predict/report refuse it
     curves.csv             per epoch: train loss, validation metrics, lr, utterances/s, seconds
@@ -88,6 +89,8 @@ def read_json(path: Path) -> Any:
 RUN_FILE = "run.json"
 SEAL_FILE = "final.json"
 BEST = "best.safetensors"
+CLASSIFIER = "classifier.skops"
+"""A feature classifier's fitted pipeline (instead of :data:`BEST`), see ``ser_toolkit/plugins/classifiers.py``."""
 SEALED_FILES = ("config.json", RUN_FILE)
 """Besides the checkpoints, the seal holds the digests of these: what the run was and what data it trained on."""
 
@@ -174,6 +177,13 @@ def load_weights(path: Path, model, run_id: str) -> dict[str, str]:
     return meta
 
 
+def weights_file(run_dir: Path) -> Path:
+    """The file a finished run predicts with: its best weights, or a feature classifier's fitted pipeline."""
+    classifier = run_dir / "checkpoints" / CLASSIFIER
+    return classifier if classifier.is_file() and not (run_dir / "checkpoints" / BEST).is_file() \
+        else run_dir / "checkpoints" / BEST
+
+
 def run_info(run_dir: Path) -> dict[str, Any]:
     """``run.json``: the run id and its data digests (written when training starts)."""
     info = read_json(run_dir / RUN_FILE)
@@ -222,14 +232,16 @@ def check_run(run_dir: Path, allow_unfinished: bool = False) -> dict[str, Any]:
     final = read_json(run_dir / SEAL_FILE)
     if not isinstance(final, dict) or final.get("run_id") != info["run_id"]:
         raise SertkError(f"{run_dir / SEAL_FILE} does not belong to this run", "retrain the run")
-    best = run_dir / "checkpoints" / BEST
-    recorded = final.get("checkpoints", {}).get(BEST)
+    best = weights_file(run_dir)
+    recorded = final.get("checkpoints", {}).get(best.name)
     if not best.is_file() or recorded is None or file_digest(best) != recorded:
         raise SertkError(f"{best} is missing or is not the file this run sealed", "retrain the run")
     for name in SEALED_FILES:
         if final.get("files", {}).get(name) != file_digest(run_dir / name):
             raise SertkError(f"{run_dir / name} was changed after the run was sealed",
                              "restore it, or retrain the run")
+    if best.name == CLASSIFIER:  # its run id is checked when it is loaded
+        return info
     from safetensors import safe_open
 
     with safe_open(str(best), framework="pt") as fh:

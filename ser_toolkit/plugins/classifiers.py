@@ -1,0 +1,199 @@
+"""scikit-learn classifiers over any featurizer: ``svm`` (linear), ``rbf-svm``, ``logreg``, ``mlp``.
+
+The field's classic baselines (openSMILE functionals + an SVM). Each is a
+pipeline *scaling → classifier*; the scaling (standardise or none) and C (and
+gamma, alpha) are chosen by cross-validation on the training part only, with
+folds grouped by speaker (an utterance and its augmented copies share their
+speaker, so they never straddle folds), scored by UAR (balanced accuracy).
+Probabilities are calibrated (sigmoid, on the same grouped folds) where the
+classifier has none of its own (SVMs). The fitted pipeline is saved with the
+run as ``checkpoints/classifier.skops`` (the skops format: JSON schema + numpy
+arrays in a zip; loaded with an allow-list of scikit-learn and numpy types, so
+no arbitrary code runs).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ser_toolkit import hookimpl
+from ser_toolkit.emotions import EMOTIONS
+from ser_toolkit.errors import SertkError
+from ser_toolkit.models import FeatureClassifier
+from ser_toolkit.params import Param
+
+CV_FOLDS = 5
+"""Speaker-grouped folds of the hyper-parameter search (fewer when there are fewer speakers)."""
+TRUSTED_PREFIXES = ("sklearn.", "numpy.", "builtins.")
+"""Types a classifier file may hold (anything else is refused when loading)."""
+
+FEATURES = Param("features", "egemaps", "featurizer plugin the classifier reads (see 'sertk plugins --kind "
+                 "featurizer')")
+
+
+def _cv(y: np.ndarray, groups: np.ndarray, seed: int) -> tuple[list[tuple[np.ndarray, np.ndarray]], str]:
+    """Speaker-grouped folds (stratified where possible); stratified folds when there are < 2 speakers."""
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+    n_groups = len(np.unique(groups))
+    if n_groups >= 2:
+        k = min(CV_FOLDS, n_groups)
+        cv = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+        return list(cv.split(np.zeros(len(y)), y, groups)), f"{k} speaker-grouped folds"
+    k = max(2, min(CV_FOLDS, int(np.bincount(y).min(initial=2))))
+    cv = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    return list(cv.split(np.zeros(len(y)), y)), f"{k} stratified folds (one speaker: not grouped)"
+
+
+class SklearnClassifier(FeatureClassifier):
+    """Shared fit/predict/save for the scikit-learn pipelines (subclasses give the estimator and the grid)."""
+
+    calibrate = False  # True: the classifier has no predict_proba of its own
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        from ser_toolkit.registry import get
+
+        get("featurizer", self.options["features"])  # an unknown name: one line listing the available ones
+        self.estimator_: Any = None
+
+    def estimator(self, seed: int):
+        raise NotImplementedError
+
+    def grid(self, n_features: int) -> dict[str, list[Any]]:
+        """Hyper-parameters searched (pipeline step names ``scale`` and ``clf``)."""
+        raise NotImplementedError
+
+    def fit(self, x, y, groups, seed, workers=1):
+        import warnings
+
+        from sklearn.base import clone
+        from sklearn.exceptions import ConvergenceWarning
+        from sklearn.model_selection import GridSearchCV
+        from sklearn.pipeline import Pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        folds, how = _cv(y, groups, seed)
+        pipe = Pipeline([("scale", StandardScaler()), ("clf", self.estimator(seed))])
+        grid = {"scale": [StandardScaler(), "passthrough"], **self.grid(x.shape[1])}
+        search = GridSearchCV(pipe, grid, scoring="balanced_accuracy", cv=folds, n_jobs=max(1, workers),
+                              refit=not self.calibrate, error_score=0.0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            search.fit(x, y)
+            if self.calibrate:
+                from sklearn.calibration import CalibratedClassifierCV
+
+                model = CalibratedClassifierCV(clone(pipe).set_params(**search.best_params_), method="sigmoid",
+                                               cv=folds, ensemble=False).fit(x, y)
+            else:
+                model = search.best_estimator_
+        self.estimator_ = model
+        chosen = {k: ("standardise" if k == "scale" and v != "passthrough" else
+                      "none" if k == "scale" else v) for k, v in search.best_params_.items()}
+        return {"chosen": chosen, "cv": how, "cv_uar": float(search.best_score_),
+                "grid_size": int(len(search.cv_results_["params"])), "features": int(x.shape[1])}
+
+    def predict_proba(self, x):
+        if self.estimator_ is None:
+            raise SertkError(f"model '{self.name}' is not fitted", "train the run first (sertk train)")
+        p = self.estimator_.predict_proba(np.asarray(x, dtype=np.float32))
+        out = np.zeros((len(x), len(EMOTIONS)), dtype=np.float32)
+        out[:, np.asarray(self.estimator_.classes_, dtype=np.int64)] = p
+        return out
+
+    def save(self, path: Path, run_id: str) -> None:
+        import skops.io as sio
+
+        from ser_toolkit.atomic import atomic_path
+
+        with atomic_path(path) as tmp:
+            sio.dump({"run_id": run_id, "model": self.name, "estimator": self.estimator_}, tmp)
+
+    def load(self, path: Path, run_id: str) -> None:
+        import skops.io as sio
+
+        try:
+            untrusted = sio.get_untrusted_types(file=path)
+            foreign = [t for t in untrusted if not t.startswith(TRUSTED_PREFIXES)]
+            if foreign:
+                raise SertkError(f"classifier {path} holds types sertk does not load ({', '.join(foreign[:3])})",
+                                 "retrain the run")
+            state = sio.load(path, trusted=untrusted)
+        except SertkError:
+            raise
+        except Exception as exc:  # corrupt or foreign file: one line, no traceback
+            raise SertkError(f"classifier {path} cannot be read ({type(exc).__name__})", "retrain the run") \
+                from None
+        if not isinstance(state, dict) or state.get("run_id") != run_id:
+            raise SertkError(f"classifier {path} belongs to another run", "copy no checkpoints between runs; "
+                             "retrain this run")
+        self.estimator_ = state["estimator"]
+
+
+class LinearSVM(SklearnClassifier):
+    name = "svm"
+    description = "linear SVM over a featurizer (C and scaling by speaker-grouped CV; calibrated probabilities)"
+    params = (FEATURES,)
+    calibrate = True
+
+    def estimator(self, seed):
+        from sklearn.svm import LinearSVC
+
+        return LinearSVC(dual="auto", max_iter=5000, random_state=seed)
+
+    def grid(self, n_features):
+        return {"clf__C": [1e-4, 1e-3, 1e-2, 1e-1, 1.0]}
+
+
+class RbfSVM(SklearnClassifier):
+    name = "rbf-svm"
+    description = "RBF-kernel SVM over a featurizer (C, gamma and scaling by speaker-grouped CV; calibrated)"
+    params = (FEATURES,)
+    calibrate = True
+
+    def estimator(self, seed):
+        from sklearn.svm import SVC
+
+        return SVC(kernel="rbf", random_state=seed)
+
+    def grid(self, n_features):
+        return {"clf__C": [1.0, 10.0, 100.0], "clf__gamma": [0.1 / n_features, 1.0 / n_features, "scale"]}
+
+
+class LogReg(SklearnClassifier):
+    name = "logreg"
+    description = "multinomial logistic regression over a featurizer (C and scaling by speaker-grouped CV)"
+    params = (FEATURES,)
+
+    def estimator(self, seed):
+        from sklearn.linear_model import LogisticRegression
+
+        return LogisticRegression(max_iter=2000, random_state=seed)
+
+    def grid(self, n_features):
+        return {"clf__C": [1e-3, 1e-2, 1e-1, 1.0]}
+
+
+class MLP(SklearnClassifier):
+    name = "mlp"
+    description = "scikit-learn MLP (one hidden layer) over a featurizer (alpha and scaling by speaker-grouped CV)"
+    params = (FEATURES, Param("hidden", 128, "hidden units", type="int", min=1, max=4096))
+
+    def estimator(self, seed):
+        from sklearn.neural_network import MLPClassifier
+
+        return MLPClassifier(hidden_layer_sizes=(self.options["hidden"],), early_stopping=False, max_iter=300,
+                             random_state=seed)
+
+    def grid(self, n_features):
+        return {"clf__alpha": [1e-3, 1e-1, 1.0]}
+
+
+@hookimpl
+def register_models(registry) -> None:
+    for cls in (LinearSVM, RbfSVM, LogReg, MLP):
+        registry.register(cls)

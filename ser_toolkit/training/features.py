@@ -1,0 +1,105 @@
+"""Feature models: cached features, normalised per set and group, and one fit of a classifier.
+
+Features come from the feature cache (:mod:`ser_toolkit.cache.features`):
+computed once per (input cache digest, featurizer) and shared by every run, seed,
+fold and evaluation. Normalisation (``--normalize``, :mod:`ser_toolkit.normalize`)
+groups each set's rows on their own: the training part of the clean cache, each
+materialised augmented copy set, the validation part, each test set.
+Augmentation is always materialised (``aug_mode = offline``): k copies, their
+features cached like the clean ones.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ser_toolkit.errors import SertkError
+
+
+def set_features(reader, rows: Sequence[int] | None, spec: tuple[str, dict[str, Any]], mode: str,
+                 workers: int = 1, quiet: bool = True) -> tuple[np.ndarray, dict[str, Any]]:
+    """Features of ``rows`` of a cache (all rows when None), normalised over those rows; and their provenance
+    (feature cache digest, featurizer identity, normalisation and its note)."""
+    from ser_toolkit.cache.features import load_features
+    from ser_toolkit.featurizers import get_featurizer
+    from ser_toolkit.normalize import groups, normalize
+
+    featurizer = get_featurizer(*spec)
+    cached = load_features(reader, featurizer, workers=max(1, workers), quiet=quiet)
+    idx = np.arange(len(reader.ids)) if rows is None else np.asarray(list(rows), dtype=np.int64)
+    x = np.asarray(cached.features[idx], dtype=np.float32)
+    speakers = np.asarray(reader.column("speaker"), dtype=object)[idx]
+    group, note = groups(list(speakers), mode)
+    info = {"features": cached.digest, "featurizer": featurizer.identity(), "normalize": mode}
+    if note:
+        info["note"] = note
+    return normalize(x, group), info
+
+
+def item_features(items, spec: tuple[str, dict[str, Any]], mode: str, workers: int = 1,
+                  quiet: bool = True) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """Features of every training item (clean rows and materialised copies; no online augmentation), each
+    reader's rows normalised together; and the provenance of each reader's features."""
+    by_reader: dict[int, list[int]] = {}
+    for k, (r, _, copy) in enumerate(items.items):
+        if copy >= 0:
+            raise SertkError("feature models train on materialised augmented copies, not on the fly",
+                             "use --aug-mode offline")
+        by_reader.setdefault(r, []).append(k)
+    out: np.ndarray | None = None
+    infos = []
+    for r, ks in by_reader.items():
+        reader = items.readers[r]
+        x, info = set_features(reader, [items.items[k][1] for k in ks], spec, mode, workers, quiet)
+        if out is None:
+            out = np.zeros((len(items.items), *x.shape[1:]), dtype=np.float32)
+        out[ks] = x
+        infos.append({"set": str(reader.path), "rows": len(ks), **info})
+    return (out if out is not None else np.zeros((0, 0), np.float32)), infos
+
+
+def fit_classifier(cfg, run_dir: Path, resume: bool = False, quiet: bool = False,
+                   on_epoch: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Fit a :class:`~ser_toolkit.models.FeatureClassifier` run: features, one fit, validation, a sealed run."""
+    from ser_toolkit.evaluation import compute_metrics
+    from ser_toolkit.registry import get
+    from ser_toolkit.training import runs
+    from ser_toolkit.training.loop import _start_run, prepare_data
+
+    if cfg.plugins and cfg.aug_mode != "offline":
+        raise SertkError(f"model '{cfg.model}' is fitted once on cached features: it trains on materialised "
+                         "augmented copies", "use --aug-mode offline (the default for this model)")
+    t0 = time.perf_counter()
+    plugin = get("model", cfg.model).obj(**cfg.model_options)
+    spec = plugin.featurizer_spec()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    data = prepare_data(cfg, None, run_dir)
+    x, sets = item_features(data.train, spec, cfg.normalize, cfg.workers, quiet)
+    y = data.train.labels()
+    speakers = np.asarray([str(data.train.readers[r].column("speaker")[i]) for r, i, _ in data.train.items],
+                          dtype=object)
+    data.data["features"] = [{"set": s["set"], "digest": s["features"]} for s in sets]
+    resuming = resume and (run_dir / runs.RUN_FILE).is_file()
+    run_id = _start_run(run_dir, data.data, resuming, True)
+    t_fit = time.perf_counter()
+    chosen = plugin.fit(x, y, speakers, cfg.seed, workers=max(1, cfg.workers))
+    fit_seconds = time.perf_counter() - t_fit
+    row: dict[str, Any] = {"epoch": 1, "seconds": fit_seconds, "cv_uar": chosen.get("cv_uar")}
+    if data.valid_rows:
+        xv, _ = set_features(data.reader, data.valid_rows, spec, cfg.normalize, cfg.workers, quiet)
+        metrics = compute_metrics(data.reader.labels[data.valid_rows], plugin.predict_proba(xv).argmax(1))
+        row.update({f"valid_{k}": metrics[k] for k in ("accuracy", "weighted_f1", "macro_f1", "uar")})
+    plugin.save(run_dir / "checkpoints" / runs.CLASSIFIER, run_id)
+    if on_epoch is not None:
+        on_epoch({**row, "epochs": 1})
+    summary = {"epochs_run": 1, "best": row.get(f"valid_{cfg.select_metric}", chosen.get("cv_uar")),
+               "history": [row], "classifier": chosen, "features": sets,
+               "parameters": {"total": 0, "trainable": 0}, "seconds": time.perf_counter() - t0,
+               **data.summary}
+    runs.write_json(run_dir / "train_summary.json", summary)
+    runs.seal(run_dir, run_id)  # last: only now is the run finished
+    return summary

@@ -1,0 +1,155 @@
+"""scikit-learn classifiers over cached features: train, evaluate, predict, study, report like any model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from helpers import run_sertk, write_audio
+from ser_toolkit.cache.reader import CacheReader
+
+
+def one_line_error(r, needle: str) -> None:
+    assert r.code == 2 and needle in r.err, (r.code, r.err)
+    assert len(r.err.strip().splitlines()) == 1 and "Traceback" not in r.err + r.out
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cache")
+    assert run_sertk("cache", "synthetic", "--set", "per_emotion=2", "--cache-dir", out, "-q").code == 0
+    assert run_sertk("cache", "synthetic-shifted", "--set", "per_emotion=1", "--cache-dir", out, "-q").code == 0
+    return out
+
+
+FAST = ["--split", "speaker:test=0.25", "--workers", "1", "-q"]
+
+
+@pytest.fixture(scope="module")
+def svm_run(cache_dir, tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "svm"
+    r = run_sertk("train", "--cache-dir", cache_dir, "--out", run, "--model", "svm", "--model-set",
+                  "features=acoustic", "--normalize", "speaker", "--plugins", "noise", "--aug-copies", "2",
+                  "--cross", "synthetic-shifted", *FAST, timeout=600)
+    assert r.code == 0, r.err
+    return run
+
+
+@pytest.mark.timeout(900)
+def test_svm_trains_on_cached_features_of_clean_and_materialised_copies(svm_run, cache_dir):
+    summary = json.loads((svm_run / "train_summary.json").read_text())
+    cfg = json.loads((svm_run / "config.json").read_text())["train"]
+    assert cfg["aug_mode"] == "offline" and cfg["normalize"] == "speaker"  # the model's default, recorded
+    fitted = summary["classifier"]
+    assert set(fitted["chosen"]) == {"scale", "clf__C"} and "speaker-grouped" in fitted["cv"]
+    sets = summary["features"]
+    assert len(sets) == 2 and sets[0]["rows"] == summary["train_utterances"]
+    assert sets[1]["rows"] == 2 * summary["train_utterances"]  # two materialised copies per training file
+    info = json.loads((svm_run / "run.json").read_text())
+    assert [f["digest"] for f in info["data"]["features"]] == [s["features"] for s in sets]
+    assert (svm_run / "checkpoints" / "classifier.skops").is_file()
+    assert not (svm_run / "checkpoints" / "best.safetensors").exists()
+    r = run_sertk("evaluate", svm_run, "--json")
+    assert r.code == 0, r.err
+    results = json.loads(r.out)
+    assert set(results) == {"test", "cross-synthetic-shifted"}
+    e = json.loads((svm_run / "eval" / "test.json").read_text())
+    assert e["data"]["features"]["normalize"] == "speaker" and e["data"]["features"]["features"]
+    assert e["accuracy"] > 1 / 7 + 0.1  # learns the synthetic corpus
+    probs = np.loadtxt(svm_run / "eval" / "test.predictions.csv", delimiter=",", skiprows=1,
+                       usecols=range(3, 10))
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-4)  # calibrated probabilities over the 7 emotions
+    # a second evaluation reuses the feature cache: same predictions, byte for byte
+    before = (svm_run / "eval" / "test.predictions.csv").read_bytes()
+    assert run_sertk("evaluate", svm_run, "--test", "test").code == 0
+    assert (svm_run / "eval" / "test.predictions.csv").read_bytes() == before
+
+
+def test_a_swapped_classifier_is_refused(svm_run, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(svm_run, other)
+    (other / "checkpoints" / "classifier.skops").write_bytes(b"PK\x03\x04 not a classifier")
+    one_line_error(run_sertk("evaluate", other), "is not the file this run sealed")
+
+
+def test_feature_settings_that_cannot_apply_are_refused(cache_dir, tmp_path):
+    one_line_error(run_sertk("train", "--cache-dir", cache_dir, "--out", tmp_path / "a", "--model", "svm",
+                             "--plugins", "noise", "--aug-mode", "online", *FAST), "--aug-mode offline")
+    one_line_error(run_sertk("train", "--cache-dir", cache_dir, "--out", tmp_path / "b", "--model", "tiny",
+                             "--normalize", "speaker", *FAST), "--normalize speaker needs a model on cached features")
+    one_line_error(run_sertk("train", "--cache-dir", cache_dir, "--out", tmp_path / "c", "--model", "svm",
+                             "--model-set", "features=nope", *FAST), "unknown featurizer 'nope'")
+    assert not any((tmp_path / n).exists() and any((tmp_path / n).rglob("*.skops")) for n in "abc")
+
+
+@pytest.mark.timeout(900)
+def test_predict_with_a_classifier(svm_run, cache_dir, tmp_path):
+    files = []
+    for k in range(6):  # one unknown speaker's files, normalised together
+        files.append(tmp_path / f"f{k}.wav")
+        write_audio(files[-1], 0.8, freq=150 + 30 * k)
+    r = run_sertk("predict", svm_run, *files, "--json")
+    assert r.code == 0, r.err
+    out = json.loads(r.out)
+    assert len(out) == 6 and all(abs(sum(o["probabilities"].values()) - 1) < 1e-4 for o in out)
+    one_line_error(run_sertk("predict", svm_run, files[0]), "utterances")
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.slow
+def test_a_study_of_a_classifier_reports_like_any_model(tmp_path):
+    (tmp_path / "s.toml").write_text("""
+name = "svm"
+[data]
+options = { per_emotion = 2 }
+[model]
+name = "logreg"
+options = { features = "acoustic" }
+[training]
+normalize = "speaker"
+workers = 1
+[augmentations]
+methods = ["noise"]
+top_k = []
+[study]
+runs_dir = "runs/svm"
+report = "reports/svm.md"
+""")
+    r = run_sertk("study", "--preset", "demo", "--config", tmp_path / "s.toml", cwd=tmp_path, timeout=800)
+    assert r.code == 0, r.err
+    md = (tmp_path / "reports" / "svm.md").read_text()
+    assert "`logreg` on `acoustic` features" in md and "normalisation speaker" in md and "fitted once" in md
+    runs = tmp_path / "runs" / "svm"
+    for run in runs.glob("*-s42"):
+        assert (run / "checkpoints" / "classifier.skops").is_file()
+    # every run and evaluation read the same cached features of the clean cache: computed once
+    feats = list((tmp_path / "cache").glob("synthetic.features/acoustic-*.h5"))
+    assert len(feats) == 1
+    assert len(CacheReader(tmp_path / "cache" / "synthetic.h5").ids) > 0
+
+
+def test_a_classifier_file_with_foreign_types_is_not_loaded(tmp_path):
+    import fractions
+
+    import skops.io as sio
+
+    from ser_toolkit.errors import SertkError
+    from ser_toolkit.registry import get
+
+    plugin = get("model", "svm").obj(features="acoustic")
+    sio.dump({"run_id": "r1", "estimator": fractions.Fraction(1, 3)}, tmp_path / "c.skops")
+    with pytest.raises(SertkError, match="holds types sertk does not load"):
+        plugin.load(tmp_path / "c.skops", "r1")
+    x = np.random.default_rng(0).normal(size=(40, 5)).astype(np.float32)
+    y = np.arange(40) % 4
+    plugin.fit(x, y, np.repeat(np.arange(8), 5), seed=0)
+    plugin.save(tmp_path / "ok.skops", "r1")
+    with pytest.raises(SertkError, match="belongs to another run"):
+        plugin.load(tmp_path / "ok.skops", "r2")
+    again = get("model", "svm").obj(features="acoustic")
+    again.load(tmp_path / "ok.skops", "r1")
+    np.testing.assert_array_equal(again.predict_proba(x), plugin.predict_proba(x))
+    assert plugin.predict_proba(x)[:, 4:].sum() == 0  # emotions never trained on get probability 0

@@ -66,3 +66,17 @@ def seal_fake_run(folder: Path) -> str:
     save_file({"w": torch.zeros(1)}, str(folder / "checkpoints" / runs.BEST), metadata={"run_id": run_id})
     runs.seal(folder, run_id)
     return run_id
+
+
+def one_line_error(r: Result, *needles: str) -> str:
+    """Assert a user error: exit 2, one line on stderr naming every needle, no traceback; return the line."""
+    assert r.code == 2 and all(n in r.err for n in needles), (r.code, r.err)
+    assert len(r.err.strip().splitlines()) == 1 and "Traceback" not in r.err + r.out
+    return r.err.strip()
+
+
+def synthetic_caches(out: Path) -> Path:
+    """The small synthetic corpus and its shifted twin (cross-corpus) cached in ``out``."""
+    assert run_sertk("cache", "synthetic", "--set", "per_emotion=2", "--cache-dir", out, "-q").code == 0
+    assert run_sertk("cache", "synthetic-shifted", "--set", "per_emotion=1", "--cache-dir", out, "-q").code == 0
+    return out

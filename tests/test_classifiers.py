@@ -8,21 +8,13 @@ import shutil
 import numpy as np
 import pytest
 
-from helpers import run_sertk, write_audio
+from helpers import one_line_error, run_sertk, synthetic_caches, write_audio
 from ser_toolkit.cache.reader import CacheReader
-
-
-def one_line_error(r, needle: str) -> None:
-    assert r.code == 2 and needle in r.err, (r.code, r.err)
-    assert len(r.err.strip().splitlines()) == 1 and "Traceback" not in r.err + r.out
 
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("cache")
-    assert run_sertk("cache", "synthetic", "--set", "per_emotion=2", "--cache-dir", out, "-q").code == 0
-    assert run_sertk("cache", "synthetic-shifted", "--set", "per_emotion=1", "--cache-dir", out, "-q").code == 0
-    return out
+    return synthetic_caches(tmp_path_factory.mktemp("cache"))
 
 
 FAST = ["--split", "speaker:test=0.25", "--workers", "1", "-q"]

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import run_sertk, write_audio
+from helpers import run_sertk, synthetic_caches, write_audio
 
 torch = pytest.importorskip("torch")
 
@@ -23,10 +23,7 @@ FAST = ["--model", "tiny", "--model-set", "hidden_size=16", "--epochs", "2", "--
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("cache")
-    assert run_sertk("cache", "synthetic", "--set", "per_emotion=2", "--cache-dir", out, "-q").code == 0
-    assert run_sertk("cache", "synthetic-shifted", "--set", "per_emotion=1", "--cache-dir", out, "-q").code == 0
-    return out
+    return synthetic_caches(tmp_path_factory.mktemp("cache"))
 
 
 def train(cache_dir, out, *extra, env=None):

@@ -4,8 +4,8 @@ Run from the repository root:
 
     python benchmarks/bench_baselines.py [--data ../shared/data] [--cache-dir cache]
 
-Every combination of {egemaps, compare, acoustic} x {svm, rbf-svm, logreg} x
-{none, speaker} is scored (UAR, weighted F1, macro F1, seconds) on:
+Every combination of {egemaps, compare, acoustic, egemaps+acoustic,
+egemaps+acoustic+compare} x {svm, rbf-svm, logreg} x {none, speaker} is scored (UAR, weighted F1, macro F1, seconds) on:
 
 - ``reference``: the reference study's RAVDESS 998/250 split (stratified: every
   actor on both sides);
@@ -46,11 +46,14 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=Path(os.environ.get("SERTK_SHARED_DATA",
                                                                      REPO.parent / "shared" / "data")))
     ap.add_argument("--cache-dir", type=Path, default=REPO / "cache")
-    ap.add_argument("--featurizers", default="egemaps,compare,acoustic")
+    ap.add_argument("--featurizers", default="egemaps,compare,acoustic,egemaps+acoustic,egemaps+acoustic+compare",
+                    help="comma-separated; join featurizers with '+' (blocks weighted 1/sqrt(width))")
     ap.add_argument("--classifiers", default="svm,rbf-svm,logreg")
     ap.add_argument("--normalize", default="none,speaker")
     ap.add_argument("--protocols", default="reference,folds,savee7,savee4")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--skip-throughput", action="store_true",
+                    help="keep the feature caches (no cold rebuild to time feature throughput)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "baselines.json")
     args = ap.parse_args()
 
@@ -78,7 +81,9 @@ def main() -> None:
     results: dict = {"features": {}, "rows": [], "machine": {"cpus": os.cpu_count()}}
 
     # feature throughput: a cold build (from scratch) and a warm rerun from the feature cache
-    for f in featurizers:
+    for f in dict.fromkeys(n for f in featurizers for n in f.split("+")):  # each featurizer once
+        if args.skip_throughput:
+            break
         fz = get_featurizer(f)
         for r in (rav, sav):
             feature_path(r, fz).unlink(missing_ok=True)
@@ -121,11 +126,13 @@ def main() -> None:
                 for proto in wanted:
                     scores = []
                     for tr_reader, tr_rows, te_reader, te_rows in protocols[proto]:
-                        xtr, _ = set_features(tr_reader, tr_rows, (f, {}), mode)
+                        xtr, info = set_features(tr_reader, tr_rows, (f, {}), mode)
+                        blocks = [(b["featurizer"], b["width"]) for b in info.get("blocks", ())] or None
                         xte, _ = set_features(te_reader, te_rows, (f, {}), mode)
                         plugin = get("model", clf).obj(features=f)
                         speakers = np.asarray(tr_reader.column("speaker"), dtype=object)[tr_rows]
-                        chosen = plugin.fit(xtr, tr_reader.labels[tr_rows], speakers, seed=0, workers=args.workers)
+                        chosen = plugin.fit(xtr, tr_reader.labels[tr_rows], speakers, seed=0, workers=args.workers,
+                                             blocks=blocks)
                         m = compute_metrics(te_reader.labels[te_rows], plugin.predict_proba(xte).argmax(1))
                         scores.append({k: m[k] for k in ("uar", "weighted_f1", "macro_f1")} | {"chosen": chosen})
                     row[proto] = {k: float(np.mean([s[k] for s in scores])) for k in ("uar", "weighted_f1", "macro_f1")}

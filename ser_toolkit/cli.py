@@ -733,7 +733,8 @@ def predict(
         raise SertkError(f"unknown --mono rule {mono!r}", f"use one of {', '.join(MONO_RULES)}")
     waves = [load(p, mono, resampler=pre.get("resampler", RESAMPLER)) for p in audio]
     model, featurize, cfg, device = load_run_model(run, info=info)
-    spec = getattr(model, "feature_spec", None) or (model.featurizer_spec() if featurize is None else None)
+    classifier = hasattr(model, "predict_proba")  # a fitted FeatureClassifier, else a torch model
+    spec = getattr(model, "feature_spec", None) or (model.featurizer_spec() if classifier else None)
     if spec is not None:  # features as in training, normalised over the files given (one speaker or corpus)
         import numpy as np
 
@@ -748,7 +749,7 @@ def predict(
         featurizer = get_featurizer(*spec)
         x = np.stack([featurizer.extract(w, 16000) for w in waves])
         x = normalize(x, np.zeros(len(x), dtype=np.int64) if mode != "none" else np.empty(0))
-        probs = model.predict_proba(x) if featurize is None else predict_features(model, list(x), 8, device)
+        probs = model.predict_proba(x) if classifier else predict_features(model, list(x), 8, device)
     else:
         probs = predict_waves(model, featurize, waves, 8, device)
     results = [{"file": str(p), "emotion": EMOTIONS[int(pr.argmax())],

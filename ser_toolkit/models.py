@@ -11,7 +11,7 @@ same for every model.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
 
@@ -56,7 +56,8 @@ class SerModelMixin:
     static_features: bool = False  # featurize() output may be memoised across epochs
 
     def featurizer(self) -> Callable[[np.ndarray], np.ndarray]:
-        """A picklable per-utterance preprocessing function, run in DataLoader workers."""
+        """A picklable per-utterance preprocessing function, run in DataLoader workers; None for a model that
+        reads only cached features (its plugin's ``featurizer_spec``), e.g. the cached frozen SSL probe."""
         return _identity
 
     def prepare(self, train_features: list[np.ndarray]) -> None:
@@ -82,10 +83,13 @@ class FeatureClassifier(ModelPlugin):
         """(featurizer name, options) of the features this classifier reads."""
         return self.options["features"], {}
 
-    def fit(self, x: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int,
-            workers: int = 1) -> dict[str, Any]:
+    def fit(self, x: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int, workers: int = 1,
+            blocks: Sequence[tuple[str, int]] | None = None) -> dict[str, Any]:
         """Fit on training features ``x`` (N, D), labels ``y`` and CV groups (speakers); returns what was
-        chosen (hyper-parameters, cross-validated scores), recorded in ``train_summary.json``."""
+        chosen (hyper-parameters, cross-validated scores), recorded in ``train_summary.json``.
+
+        ``blocks``: for a joined feature set (``features = "egemaps+compare"``), the (featurizer, width) of
+        each block of columns, in order (None for one featurizer)."""
         raise NotImplementedError
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:

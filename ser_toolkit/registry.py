@@ -41,6 +41,7 @@ BUILTIN_PLUGINS = (
     "ser_toolkit.plugins.hubert",
     "ser_toolkit.plugins.acoustic",
     "ser_toolkit.plugins.opensmile_features",
+    "ser_toolkit.plugins.ssl_features",
     "ser_toolkit.plugins.classifiers",
 )
 

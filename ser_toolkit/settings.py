@@ -202,7 +202,7 @@ TRAIN_SETTINGS: tuple[Setting, ...] = (
     Setting("aug_copies", 1, "Augmented copies per utterance (1 = the reference 1:1).", type="int", min=1),
     Setting("normalize", "none", "Feature normalisation of feature models: none, speaker (each speaker's own "
             "utterances in the same set and part; transductive over unlabelled test audio) or corpus.",
-            choices=("none", "speaker", "corpus")),
+            choices=("none", "speaker", "corpus"), model_default=True),
     Setting("model", "hubert", "Model plugin (tiny, acoustic, hubert), hub id or folder.", flag="--model",
             generated=False, study=False),
     Setting("model_options", {}, "Model parameters (key=value).", type="table", flag="--model-set",

@@ -145,3 +145,37 @@ def test_a_classifier_file_with_foreign_types_is_not_loaded(tmp_path):
     again.load(tmp_path / "ok.skops", "r1")
     np.testing.assert_array_equal(again.predict_proba(x), plugin.predict_proba(x))
     assert plugin.predict_proba(x)[:, 4:].sum() == 0  # emotions never trained on get probability 0
+
+
+def test_joined_feature_blocks_weigh_the_same_whatever_their_width():
+    """'a+b' features: each block standardised (training statistics) and weighted 1/sqrt(width)."""
+    from ser_toolkit.plugins.classifiers import _scaling, _scaling_label
+
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(5, 3, (60, 4)), rng.normal(-2, 0.1, (60, 100))], axis=1)
+    step = _scaling("standardise", [("small", 4), ("wide", 100)], 104).fit(x)
+    z = step.transform(x)
+    np.testing.assert_allclose(np.square(z[:, :4]).sum(1).mean(), 1.0, rtol=1e-6)  # each block: unit total
+    np.testing.assert_allclose(np.square(z[:, 4:]).sum(1).mean(), 1.0, rtol=1e-6)  # variance, 4 or 100 wide
+    assert _scaling_label(step) == "standardise (blocks weighted 1/sqrt(width))"
+    assert _scaling("standardise", None, 104).__class__.__name__ == "StandardScaler"
+    with pytest.raises(Exception, match="do not add up"):
+        _scaling("none", [("small", 4), ("wide", 99)], 104)
+
+
+@pytest.mark.timeout(900)
+def test_a_classifier_on_joined_features(cache_dir, tmp_path):
+    run = tmp_path / "joined"
+    r = run_sertk("train", "--cache-dir", cache_dir, "--out", run, "--model", "logreg", "--model-set",
+                  "features=acoustic+egemaps", "--normalize", "speaker", *FAST, timeout=600)
+    assert r.code == 0, r.err
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["classifier"]["blocks"] == {"acoustic": 143, "egemaps": 88}
+    assert summary["classifier"]["features"] == 231 and "blocks weighted" in summary["classifier"]["chosen"]["scale"]
+    assert [b["featurizer"] for b in summary["features"][0]["blocks"]] == ["acoustic", "egemaps"]
+    r = run_sertk("evaluate", run, "--test", "test", "--json")
+    assert r.code == 0, r.err  # the saved ColumnTransformer loads under the skops allow-list
+    e = json.loads((run / "eval" / "test.json").read_text())
+    assert e["data"]["features"]["features"] == summary["features"][0]["features"]  # one digest over both blocks
+    one_line_error(run_sertk("train", "--cache-dir", cache_dir, "--out", tmp_path / "x", "--model", "svm",
+                             "--model-set", "features=acoustic+nope", *FAST), "nope")

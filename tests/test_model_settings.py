@@ -116,13 +116,18 @@ def test_reference_cpu_preset(cli, tmp_path):
     from importlib import resources
 
     reference = tomllib.loads(resources.files("ser_toolkit.presets").joinpath("reference.toml").read_text())
-    assert cfg["model"] == {"name": "acoustic", "options": {}} and cfg["study"]["seeds"] == 3
+    assert cfg["model"] == {"name": "svm", "options": {"features": "acoustic"}} and cfg["study"]["seeds"] == 3
     assert {k: cfg["data"][k] for k in reference["data"]} == reference["data"]  # the same corpora and split
+    assert (values["normalize"], values["aug_mode"]) == ("speaker", "offline")
+    assert cfg["training_sources"]["normalize"] == "preset"
+    # the MLP of earlier versions brings its own settings
+    values, cfg = saved(cli, tmp_path, "--preset", "reference-cpu", "--model", "acoustic")
     assert (values["epochs"], values["batch_size"], values["lr"]) == (60, 32, 1e-3)
-    assert cfg["training_sources"]["lr"] == "preset"
+    assert cfg["training_sources"]["lr"] == "model"
     values, _ = saved(cli, tmp_path, "--preset", "reference-cpu", "--model", "tiny")
     tiny = settings.model_defaults("tiny")
     assert (values["epochs"], values["batch_size"], values["lr"]) == (tiny["epochs"], tiny["batch_size"], tiny["lr"])
+    assert values["normalize"] == "none"  # the preset's normalisation belongs to its feature model
 
 
 def test_study_help_lists_the_training_settings(cli):

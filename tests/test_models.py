@@ -51,15 +51,23 @@ def test_local_checkpoint_gets_a_seven_way_head(four_label_checkpoint, tmp_path)
     assert abs(norm.mean()) < 1e-6 and abs(norm.std() - 1) < 1e-3
 
 
-def test_probe_freezes_the_encoder(four_label_checkpoint):
-    from ser_toolkit.plugins.hubert import Hubert
+def test_probe_freezes_the_encoder(four_label_checkpoint, tmp_path):
+    """The cached probe trains only a head on the pooled layers; the encoder is not part of the model."""
+    from ser_toolkit.plugins.hubert import Hubert, Tiny
 
-    model = Hubert(checkpoint=str(four_label_checkpoint), probe=True).build(7)
+    plugin = Hubert(checkpoint=str(four_label_checkpoint), probe=True)
+    assert plugin.featurizer_spec()[0] == "ssl"
+    model = plugin.build(7, tmp_path)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert "layer_weights" in trainable and not any(n.startswith("hf.hubert.") for n in trainable)
-    out = model(torch.randn(2, 8000), torch.ones(2, 8000, dtype=torch.long))
+    assert "layer_weights" in trainable and not any(n.startswith("hf.") for n in trainable)
+    out = model(torch.randn(2, 3, 32))  # (batch, layers + 1, hidden) pooled states from the feature cache
+    assert out.shape == (2, 7)
     out.sum().backward()
     assert model.layer_weights.grad is not None
+    # tiny (weights drawn in memory, no checkpoint to digest) keeps the uncached probe on waves
+    tiny = Tiny(probe=True).build(7)
+    assert "layer_weights" in {n for n, p in tiny.named_parameters() if p.requires_grad}
+    assert tiny(torch.randn(2, 8000), torch.ones(2, 8000, dtype=torch.long)).shape == (2, 7)
 
 
 def test_offline_missing_model_is_one_line_and_quick(tmp_path):

@@ -16,6 +16,8 @@ name = "tiny"
 [data]
 options = { per_emotion = 2 }
 cross = []
+[model]
+name = "acoustic"      # trained by epochs (the demo's svm is fitted once)
 [training]
 epochs = 4
 workers = 1

@@ -48,6 +48,42 @@ def _cv(y: np.ndarray, groups: np.ndarray, seed: int) -> tuple[list[tuple[np.nda
     return list(cv.split(np.zeros(len(y)), y)), f"{k} stratified folds (one speaker: not grouped)"
 
 
+SCALINGS = ("standardise", "none")
+"""Scalings searched: standardise each feature with training statistics, or none (e.g. after speaker
+normalisation). Joined feature sets (``egemaps+compare``) weigh each featurizer's block by 1/sqrt(width), so
+every featurizer counts the same in a linear model however many values it has."""
+
+
+def _scaling(label: str, blocks, width: int):
+    """The ``scale`` step for a scaling label and the featurizer blocks [(name, width), ...] of the vectors."""
+    from sklearn.preprocessing import StandardScaler
+
+    if not blocks or len(blocks) < 2:
+        return StandardScaler() if label == "standardise" else "passthrough"
+    from sklearn.compose import ColumnTransformer
+
+    if sum(w for _, w in blocks) != width:
+        raise SertkError(f"feature blocks {blocks} do not add up to {width} values", "recompute the features")
+    parts, weights, start = [], {}, 0
+    for name, w in blocks:
+        parts.append((name, StandardScaler() if label == "standardise" else "passthrough",
+                      np.arange(start, start + w)))
+        weights[name] = float(1.0 / np.sqrt(w))
+        start += w
+    return ColumnTransformer(parts, transformer_weights=weights)
+
+
+def _scaling_label(step) -> str:
+    from sklearn.preprocessing import StandardScaler
+
+    if step == "passthrough":
+        return "none"
+    if isinstance(step, StandardScaler):
+        return "standardise"
+    kinds = {type(t).__name__ if t != "passthrough" else "none" for _, t, _ in step.transformers}
+    return ("standardise" if kinds == {"StandardScaler"} else "none") + " (blocks weighted 1/sqrt(width))"
+
+
 class SklearnClassifier(FeatureClassifier):
     """Shared fit/predict/save for the scikit-learn pipelines (subclasses give the estimator and the grid)."""
 
@@ -57,28 +93,40 @@ class SklearnClassifier(FeatureClassifier):
         super().__init__(**options)
         from ser_toolkit.registry import get
 
-        get("featurizer", self.options["features"])  # an unknown name: one line listing the available ones
+        from ser_toolkit.training.features import COMBINE
+
+        for name in self.options["features"].split(COMBINE):
+            get("featurizer", name)  # an unknown name: one line listing the available ones
         self.estimator_: Any = None
 
     def estimator(self, seed: int):
         raise NotImplementedError
 
-    def grid(self, n_features: int) -> dict[str, list[Any]]:
-        """Hyper-parameters searched (pipeline step names ``scale`` and ``clf``)."""
+    def grid(self, norm: float) -> dict[str, list[Any]]:
+        """Hyper-parameters searched besides the scaling (pipeline step ``clf``); ``norm`` is the mean squared
+        norm of the scaled training vectors, so C and gamma scale with the features."""
         raise NotImplementedError
 
-    def fit(self, x, y, groups, seed, workers=1):
+    def fit(self, x, y, groups, seed, workers=1, blocks=None):
         import warnings
 
         from sklearn.base import clone
         from sklearn.exceptions import ConvergenceWarning
         from sklearn.model_selection import GridSearchCV
         from sklearn.pipeline import Pipeline
-        from sklearn.preprocessing import StandardScaler
 
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim != 2:
+            raise SertkError(f"model '{self.name}' reads feature vectors, but '{self.options['features']}' gives "
+                             f"arrays of shape {x.shape[1:]}", "choose a vector featurizer (--model-set features=...)")
         folds, how = _cv(y, groups, seed)
-        pipe = Pipeline([("scale", StandardScaler()), ("clf", self.estimator(seed))])
-        grid = {"scale": [StandardScaler(), "passthrough"], **self.grid(x.shape[1])}
+        grid = []
+        for label in SCALINGS:
+            scale = _scaling(label, blocks, x.shape[1])
+            norm = float(np.mean(np.sum(np.square(clone(scale).fit_transform(x) if scale != "passthrough"
+                                                  else x), axis=1)))
+            grid.append({"scale": [scale], **self.grid(max(norm, 1e-12))})
+        pipe = Pipeline([("scale", "passthrough"), ("clf", self.estimator(seed))])
         search = GridSearchCV(pipe, grid, scoring="balanced_accuracy", cv=folds, n_jobs=max(1, workers),
                               refit=not self.calibrate, error_score=0.0)
         with warnings.catch_warnings():
@@ -92,10 +140,13 @@ class SklearnClassifier(FeatureClassifier):
             else:
                 model = search.best_estimator_
         self.estimator_ = model
-        chosen = {k: ("standardise" if k == "scale" and v != "passthrough" else
-                      "none" if k == "scale" else v) for k, v in search.best_params_.items()}
-        return {"chosen": chosen, "cv": how, "cv_uar": float(search.best_score_),
-                "grid_size": int(len(search.cv_results_["params"])), "features": int(x.shape[1])}
+        chosen = {k: (_scaling_label(v) if k == "scale" else float(f"{v:.4g}") if isinstance(v, float) else v)
+                  for k, v in search.best_params_.items()}
+        out = {"chosen": chosen, "cv": how, "cv_uar": float(search.best_score_),
+               "grid_size": int(len(search.cv_results_["params"])), "features": int(x.shape[1])}
+        if blocks and len(blocks) > 1:
+            out["blocks"] = {name: int(width) for name, width in blocks}
+        return out
 
     def predict_proba(self, x):
         if self.estimator_ is None:
@@ -141,12 +192,12 @@ class LinearSVM(SklearnClassifier):
     calibrate = True
 
     def estimator(self, seed):
-        from sklearn.svm import LinearSVC
+        from sklearn.svm import SVC
 
-        return LinearSVC(dual="auto", max_iter=5000, random_state=seed)
+        return SVC(kernel="linear", random_state=seed)  # libsvm: fast for ~1,000 utterances of any width
 
-    def grid(self, n_features):
-        return {"clf__C": [1e-4, 1e-3, 1e-2, 1e-1, 1.0]}
+    def grid(self, norm):
+        return {"clf__C": [c / norm for c in (0.1, 1.0, 10.0)]}
 
 
 class RbfSVM(SklearnClassifier):
@@ -160,8 +211,8 @@ class RbfSVM(SklearnClassifier):
 
         return SVC(kernel="rbf", random_state=seed)
 
-    def grid(self, n_features):
-        return {"clf__C": [1.0, 10.0, 100.0], "clf__gamma": [0.1 / n_features, 1.0 / n_features, "scale"]}
+    def grid(self, norm):
+        return {"clf__C": [1.0, 10.0, 100.0], "clf__gamma": [0.1 / norm, 1.0 / norm]}
 
 
 class LogReg(SklearnClassifier):
@@ -174,8 +225,8 @@ class LogReg(SklearnClassifier):
 
         return LogisticRegression(max_iter=2000, random_state=seed)
 
-    def grid(self, n_features):
-        return {"clf__C": [1e-3, 1e-2, 1e-1, 1.0]}
+    def grid(self, norm):
+        return {"clf__C": [c / norm for c in (0.1, 1.0, 10.0, 100.0)]}
 
 
 class MLP(SklearnClassifier):
@@ -189,7 +240,7 @@ class MLP(SklearnClassifier):
         return MLPClassifier(hidden_layer_sizes=(self.options["hidden"],), early_stopping=False, max_iter=300,
                              random_state=seed)
 
-    def grid(self, n_features):
+    def grid(self, norm):
         return {"clf__alpha": [1e-3, 1e-1, 1.0]}
 
 

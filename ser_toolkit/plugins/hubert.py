@@ -9,12 +9,29 @@ network access an id that is not in the local Hugging Face cache fails at once
 with one line asking for a local directory.
 
 ``probe=true`` freezes the encoder and classifies from a learnable weighted sum
-of all hidden layers (SUPERB style). ``tiny`` is a small randomly initialised
-HuBERT built from a config, for offline demos and tests.
+of all hidden layers (SUPERB style). ``hubert`` probes read every layer's
+mean-pooled hidden states from the feature cache (the ``ssl`` featurizer,
+:mod:`ser_toolkit.plugins.ssl_features`): the encoder runs once per utterance,
+ever, and ``--normalize`` applies. The probe's forward (softmax layer weights,
+weighted sum, the checkpoint's ``projector``, ``classifier``) equals the
+uncached one on unpadded input, since the projector and mean pooling are
+linear. Its run holds only the head; evaluation and prediction need the same
+checkpoint again (``RUN/model/probe.json`` records its digest; other weights
+are refused). Augmentation is materialised (``--aug-mode offline``) and
+``--max-seconds`` does not apply.
+
+``tiny`` is a small randomly initialised HuBERT built from a config, for
+offline demos and tests. Its probe stays uncached (the encoder runs on every
+batch): its weights exist only in memory, drawn again from the seed at every
+build, so there is no checkpoint whose digest could key a feature cache (and
+another torch or transformers release may draw other weights from the same
+seed). To cache a tiny probe, save the model (``save_pretrained``) and train
+``--model hubert --model-set checkpoint=FOLDER --probe``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
@@ -23,12 +40,15 @@ from urllib.parse import urlparse
 import numpy as np
 
 from ser_toolkit import hookimpl
+from ser_toolkit.atomic import write_text
 from ser_toolkit.emotions import EMOTIONS
 from ser_toolkit.errors import SertkError
 from ser_toolkit.models import ModelPlugin, SerModelMixin
 from ser_toolkit.params import Param
 
 REFERENCE_CHECKPOINT = "superb/hubert-large-superb-er"
+PROBE_FILE = "probe.json"
+"""In ``RUN/model``: the checkpoint a cached probe was trained on and the digest of its files."""
 
 
 def _quiet_transformers() -> None:
@@ -122,6 +142,32 @@ def _wrap(hf_model, extractor, probe: bool):
     return Wrapped()
 
 
+def _probe_head(config, num_labels: int, projector=None, classifier=None):
+    """A frozen probe on cached pooled hidden states: (B, layers + 1, hidden) -> logits (B, num_labels)."""
+    import torch
+
+    class CachedProbe(torch.nn.Module, SerModelMixin):
+        input_kind = "vector"  # the ssl featurizer's (layers + 1, hidden) array per utterance, stacked
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer_weights = torch.nn.Parameter(torch.zeros(config.num_hidden_layers + 1))
+            self.projector = projector if projector is not None else \
+                torch.nn.Linear(config.hidden_size, config.classifier_proj_size)
+            self.classifier = classifier if classifier is not None else \
+                torch.nn.Linear(config.classifier_proj_size, num_labels)
+
+        def featurizer(self):
+            return None  # cached features only: no waveform is featurised on the fly
+
+        def forward(self, inputs, attention_mask=None):
+            # = the uncached probe: projector(mean_t(sum_l w_l h_l)) = projector(sum_l w_l mean_t(h_l))
+            pooled = torch.einsum("l,blh->bh", torch.softmax(self.layer_weights, 0).to(inputs.dtype), inputs)
+            return self.classifier(self.projector(pooled))
+
+    return CachedProbe()
+
+
 def _labels() -> dict:
     return {"id2label": dict(enumerate(EMOTIONS)), "label2id": {e: i for i, e in enumerate(EMOTIONS)}}
 
@@ -161,9 +207,51 @@ class Hubert(ModelPlugin):
                              "pass a folder or hub id of an audio classification checkpoint") from None
         return model, extractor
 
+    def featurizer_spec(self):
+        if self.options["probe"]:  # every layer's pooled hidden states, computed once into the feature cache
+            return "ssl", {"checkpoint": self.options["checkpoint"]}
+        return None
+
     def build(self, num_labels: int, run_dir: Path | None = None, **train_options):
         model, extractor = self._load(self.options["checkpoint"], num_labels)
+        if self.options["probe"]:
+            return self._cached_probe(model, run_dir)
         return self._finish(model, extractor, run_dir)
+
+    def _cached_probe(self, model, run_dir: Path | None):
+        """The probe head with the checkpoint's projector and the (re-headed) classifier; the encoder is dropped."""
+        from ser_toolkit.plugins.ssl_features import SslFeatures
+
+        head = _probe_head(model.config, model.config.num_labels, model.projector.float(), model.classifier.float())
+        if run_dir is not None:
+            digest = SslFeatures(checkpoint=self.options["checkpoint"]).checkpoint_digest()
+            if any((run_dir / "checkpoints").glob("*")):  # resuming: the epochs so far read the recorded weights
+                self._check_probe_checkpoint(run_dir, digest)
+            model.config.save_pretrained(run_dir / "model")
+            write_text(run_dir / "model" / PROBE_FILE, json.dumps(
+                {"checkpoint": self.options["checkpoint"], "checkpoint_sha256": digest}, indent=2) + "\n")
+        return head
+
+    def _check_probe_checkpoint(self, run_dir: Path, now: str) -> None:
+        """Refuse a checkpoint whose files differ from those the run's probe was trained on."""
+        try:
+            recorded = json.loads((run_dir / "model" / PROBE_FILE).read_text())["checkpoint_sha256"]
+        except (OSError, ValueError, KeyError, TypeError):
+            raise SertkError(f"run {run_dir} has no readable model/{PROBE_FILE} (trained before probes were cached, "
+                             "or damaged)", "retrain the run") from None
+        if now != recorded:
+            raise SertkError(f"checkpoint {self.options['checkpoint']} changed since run {run_dir} was trained on its "
+                             f"hidden states (files {str(recorded)[:12]} -> {now[:12]})",
+                             "restore the checkpoint the probe was trained on, or retrain the run")
+
+    def _rebuild_probe(self, num_labels: int, run_dir: Path):
+        from transformers import AutoConfig
+
+        from ser_toolkit.plugins.ssl_features import SslFeatures
+
+        self._check_probe_checkpoint(run_dir, SslFeatures(checkpoint=self.options["checkpoint"]).checkpoint_digest())
+        _quiet_transformers()
+        return _probe_head(AutoConfig.from_pretrained(run_dir / "model"), num_labels)
 
     def _finish(self, model, extractor, run_dir: Path | None):
         if self.options["freeze_feature_encoder"] and hasattr(model, "freeze_feature_encoder"):
@@ -177,6 +265,8 @@ class Hubert(ModelPlugin):
         return _wrap(model, extractor, self.options["probe"])
 
     def rebuild(self, num_labels: int, run_dir: Path):
+        if self.options["probe"]:
+            return self._rebuild_probe(num_labels, run_dir)
         model, extractor = self._load(str(run_dir / "model"), num_labels, from_config_only=True)
         return self._finish(model, extractor, None)
 
@@ -194,6 +284,9 @@ class Tiny(Hubert):
         Param("gradient_checkpointing", False, "trade compute for memory", type="bool"),
     )
     train_defaults = {"lr": 1e-3, "epochs": 15, "batch_size": 16}
+
+    def featurizer_spec(self):
+        return None  # no checkpoint to key cached features on: its probe runs the encoder (see the module doc)
 
     def config(self, num_labels: int):
         from transformers import HubertConfig

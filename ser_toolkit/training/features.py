@@ -20,10 +20,41 @@ import numpy as np
 from ser_toolkit.errors import SertkError
 
 
+COMBINE = "+"
+"""Joins featurizer names into one feature set (``egemaps+acoustic+compare``)."""
+
+
 def set_features(reader, rows: Sequence[int] | None, spec: tuple[str, dict[str, Any]], mode: str,
                  workers: int = 1, quiet: bool = True) -> tuple[np.ndarray, dict[str, Any]]:
     """Features of ``rows`` of a cache (all rows when None), normalised over those rows; and their provenance
-    (feature cache digest, featurizer identity, normalisation and its note)."""
+    (feature cache digest, featurizer identity, normalisation and its note).
+
+    A name joining featurizers with ``+`` concatenates their vectors (each normalised on its own); the
+    provenance lists the blocks and their widths (a classifier weighs them, see
+    :class:`~ser_toolkit.models.FeatureClassifier`), and the digest covers every block.
+    """
+    name, options = spec
+    if COMBINE in name:
+        import hashlib
+
+        parts = [set_features(reader, rows, (n, options), mode, workers, quiet) for n in name.split(COMBINE)]
+        if any(x.ndim != 2 for x, _ in parts):
+            raise SertkError(f"feature set {name!r} joins featurizers whose features are not vectors",
+                             "join only vector featurizers with '+'")
+        x = np.concatenate([x for x, _ in parts], axis=1)
+        digest = hashlib.sha256("+".join(i["features"] for _, i in parts).encode()).hexdigest()
+        info = {"features": digest, "featurizer": [i["featurizer"] for _, i in parts], "normalize": mode,
+                "blocks": [{"featurizer": i["featurizer"]["name"], "features": i["features"],
+                            "width": int(x_.shape[1])} for x_, i in parts]}
+        notes = sorted({i["note"] for _, i in parts if "note" in i})
+        if notes:
+            info["note"] = "; ".join(notes)
+        return x, info
+    return _one_set(reader, rows, spec, mode, workers, quiet)
+
+
+def _one_set(reader, rows: Sequence[int] | None, spec: tuple[str, dict[str, Any]], mode: str,
+             workers: int, quiet: bool) -> tuple[np.ndarray, dict[str, Any]]:
     from ser_toolkit.cache.features import load_features
     from ser_toolkit.featurizers import get_featurizer
     from ser_toolkit.normalize import groups, normalize
@@ -86,7 +117,8 @@ def fit_classifier(cfg, run_dir: Path, resume: bool = False, quiet: bool = False
     resuming = resume and (run_dir / runs.RUN_FILE).is_file()
     run_id = _start_run(run_dir, data.data, resuming, True)
     t_fit = time.perf_counter()
-    chosen = plugin.fit(x, y, speakers, cfg.seed, workers=max(1, cfg.workers))
+    blocks = [(b["featurizer"], b["width"]) for b in sets[0].get("blocks", ())] if sets else None
+    chosen = plugin.fit(x, y, speakers, cfg.seed, workers=max(1, cfg.workers), blocks=blocks or None)
     fit_seconds = time.perf_counter() - t_fit
     row: dict[str, Any] = {"epoch": 1, "seconds": fit_seconds, "cv_uar": chosen.get("cv_uar")}
     if data.valid_rows:

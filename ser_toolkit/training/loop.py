@@ -273,6 +273,11 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = F
     data = prepare_data(cfg, featurize, run_dir)
     train_items = data.train
     cached = spec is not None and train_items.augmentation is None and cfg.max_seconds is None
+    if spec is not None and not cached and featurize is None:  # e.g. a frozen SSL probe: cached features only
+        raise SertkError(f"model '{cfg.model}' trains on cached features only, computed once per whole utterance "
+                         f"({'online augmentation' if train_items.augmentation is not None else '--max-seconds'} "
+                         "would need them again every epoch)", "use --aug-mode offline (materialised copies) and "
+                         "no --max-seconds")
     valid_x = None
     if cached:  # features from the feature cache, normalised per set (--normalize)
         from ser_toolkit.training.features import item_features, set_features

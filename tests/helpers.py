@@ -75,6 +75,14 @@ def one_line_error(r: Result, *needles: str) -> str:
     return r.err.strip()
 
 
+def synthetic_cache(out: Path, **options: int) -> Path:
+    """The synthetic corpus with ``options`` (e.g. speakers=1, per_emotion=1) cached in ``out``."""
+    sets = [a for k, v in options.items() for a in ("--set", f"{k}={v}")]
+    r = run_sertk("cache", "synthetic", *sets, "--cache-dir", out, "-q")
+    assert r.code == 0, r.err
+    return out
+
+
 def synthetic_caches(out: Path) -> Path:
     """The small synthetic corpus and its shifted twin (cross-corpus) cached in ``out``."""
     assert run_sertk("cache", "synthetic", "--set", "per_emotion=2", "--cache-dir", out, "-q").code == 0

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from helpers import run_sertk, write_audio
+from helpers import synthetic_cache as cache_synthetic
 from ser_toolkit.augmentations import AugmentContext, Augmentation, Weighted
 from ser_toolkit.errors import CacheError, PluginError, SertkError
 from ser_toolkit.testing import check_augmentation, speechlike
@@ -183,10 +184,7 @@ def make_plugin(site: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def synthetic_cache(tmp_path_factory):
-    out = tmp_path_factory.mktemp("cache")
-    r = run_sertk("cache", "synthetic", "--set", "speakers=1", "--set", "per_emotion=1", "--cache-dir", out, "-q")
-    assert r.code == 0, r.err
-    return out
+    return cache_synthetic(tmp_path_factory.mktemp("cache"), speakers=1, per_emotion=1)
 
 
 def one_line_error(r) -> str:

@@ -12,7 +12,7 @@ import shutil
 import numpy as np
 import pytest
 
-from helpers import one_line_error, run_sertk, write_audio
+from helpers import one_line_error, synthetic_cache, write_audio
 from ser_toolkit.cache.features import FeatureReader, feature_path, load_features
 from ser_toolkit.cache.reader import CacheReader
 from ser_toolkit.featurizers import get_featurizer
@@ -41,10 +41,7 @@ def save_tiny_hubert(path, seed: int):
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("cache")
-    r = run_sertk("cache", "synthetic", "--set", "per_emotion=1", "--set", "speakers=3", "--cache-dir", out, "-q")
-    assert r.code == 0, r.err
-    return out
+    return synthetic_cache(tmp_path_factory.mktemp("cache"), per_emotion=1, speakers=3)
 
 
 def waves():

@@ -45,14 +45,12 @@ _FILE_DIGESTS: dict[tuple, str] = {}  # (real path, size, mtime_ns, ctime_ns, in
 
 
 def _file_sha256(path: Path) -> str:
+    from ser_toolkit.training.runs import file_digest
+
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
     if key not in _FILE_DIGESTS:
-        h = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 22), b""):
-                h.update(block)
-        _FILE_DIGESTS[key] = h.hexdigest()
+        _FILE_DIGESTS[key] = file_digest(path)
     return _FILE_DIGESTS[key]
 
 

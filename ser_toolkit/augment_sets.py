@@ -21,6 +21,16 @@ so a set is never paired with a source other than the one it was computed from
 A set's recorded key is (source digest, split, part, method config, seed,
 copies); an existing set is reused only when its key is the one asked for.
 
+Mixtures (a :class:`~ser_toolkit.augmentations.Weighted` set: Top-k, the
+held-out ``mixed``) use common random numbers: copy ``k`` of an utterance first
+draws its method ``m`` (seeded by the set's name), then applies ``m`` with the
+very generator (and, for N-CP in training sets, the very partner) that the
+single-method set ``m`` of the same seed uses. So a mixture's copy equals the
+single-method copy it picked, sample for sample: comparisons between a Top-k
+model and its single-method models are paired on the same augmented audio, and
+the feature cache computes those copies once (features are keyed by audio
+digest, :mod:`ser_toolkit.cache.features`). Recorded as ``draws = "per-method"``.
+
 Each row's ``extra`` holds ``source`` (the clean utterance id), ``partners``
 (the ids of every partner utterance mixed in), ``copy``, ``method`` and the
 sampled ``params``: the augmentation log.
@@ -144,18 +154,107 @@ def materialize_heldout(reader: CacheReader, assignment: Mapping[str, str], subs
     return out
 
 
+@dataclass
+class _Job:
+    """What computing one utterance's augmented copies needs (sent once to each worker)."""
+
+    reader: CacheReader
+    augmentation: Augmentation
+    partners: PartnerPool | None
+    plan: dict[str, list[str]] | None
+    seed: int
+    name: str
+    copies: int
+
+
+def _copies(job: _Job, i: int, u: Utterance) -> list[tuple[np.ndarray, dict, list[str], str, str, int]]:
+    """(wave, params, partners used, method, audio digest, crc) of each augmented copy of utterance ``u``."""
+    from ser_toolkit.cache.identity import audio_checks
+
+    wave_in = job.reader.wave(i)
+    partners, out = job.partners, []
+    for k in range(job.copies):
+        if isinstance(job.augmentation, Weighted):  # the method, then exactly the single-method draw (module doc)
+            method = job.augmentation.pick(utterance_seed(job.seed, u.id, job.name, k))
+            apply = job.augmentation.methods[method]
+        else:
+            method, apply = job.name, job.augmentation
+        extra = {"partner_id": job.plan[u.id][k]} if job.plan and method == "ncp" else {}
+        ctx = AugmentContext(utterance_id=u.id, emotion=u.emotion, partners=partners, extra=extra)
+        if partners is not None:
+            partners.drawn.clear()
+        wave, params = apply(wave_in, utterance_seed(job.seed, u.id, method, k), ctx)
+        used = sorted(set(partners.drawn) | ({extra["partner_id"]} if extra else set())) \
+            if partners is not None else []
+        out.append((wave, params, used, method, *audio_checks(wave)))
+    return out
+
+
+def _worker_copies(chunk: list[tuple[int, Utterance]]) -> list[list[tuple]]:
+    from ser_toolkit.workers import state
+
+    return [_copies(state("job"), i, u) for i, u in chunk]
+
+
+CHUNK = 16
+"""Utterances per worker task when a set is materialised in parallel."""
+
+
+def _augmented(job: _Job, todo: list[tuple[int, Utterance]], workers: int | None):
+    """Each utterance's copies (:func:`_copies`), in order; in worker processes when there are enough."""
+    import os
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
+    from functools import partial
+
+    from ser_toolkit.workers import default_workers, start_worker
+
+    workers = default_workers() if workers is None else max(1, int(workers))
+    if workers <= 1 or len(todo) <= CHUNK:
+        for i, u in todo:
+            yield _copies(job, i, u)
+        return
+    # Warm-up in this process: the first utterances are computed here until every method has run once (at
+    # most a chunk), so forked workers inherit its lazy imports and JIT compilation (3.5 s per process for
+    # timestretch, 2.4 s for specaugment) instead of each paying them again.
+    methods = set(job.augmentation.methods) if isinstance(job.augmentation, Weighted) else {job.name}
+    done = 0
+    while done < min(CHUNK, len(todo)) and methods:
+        result = _copies(job, *todo[done])
+        methods -= {r[3] for r in result}
+        done += 1
+        yield result
+    chunks = [todo[k:k + CHUNK] for k in range(done, len(todo), CHUNK)]
+    if not chunks:
+        return
+    pool = ProcessPoolExecutor(max_workers=min(workers, len(chunks)),
+                               initializer=partial(start_worker, os.getpid(), job=job))
+    try:
+        pending: deque = deque()
+        for chunk in chunks:  # a bounded number of chunks in flight, consumed in order
+            pending.append(pool.submit(_worker_copies, chunk))
+            if len(pending) >= 2 * workers:
+                yield from pending.popleft().result()
+        while pending:
+            yield from pending.popleft().result()
+    finally:  # on an error or Ctrl-C: drop queued chunks; nothing half-written is ever renamed
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def materialize(reader: CacheReader, assignment: Mapping[str, str], subset: str, name: str,
                 augmentation: Augmentation, *, copies: int = 1, seed: int = 0,
-                aug_config: Mapping[str, Any] | None = None, quiet: bool = True) -> tuple[Path, bool]:
+                aug_config: Mapping[str, Any] | None = None, quiet: bool = True,
+                workers: int | None = None) -> tuple[Path, bool]:
     """Write the augmented set ``<subset>-<name>`` of ``reader``'s utterances in split ``subset``.
 
     Returns the path and whether it was (re)written; an existing set with the
-    same config is reused.
+    same config is reused. The audio is computed in ``workers`` processes (the
+    CPUs by default) and written in order by this one: every draw is seeded per
+    utterance, so the set is the same for any worker count.
     """
     import h5py
 
     from ser_toolkit.cache.build import table_digest
-    from ser_toolkit.cache.identity import audio_checks
     from ser_toolkit.cache.writer import create_audio, finish, write_table
     from ser_toolkit.plugins.ncp import plan_pairs
 
@@ -170,6 +269,9 @@ def materialize(reader: CacheReader, assignment: Mapping[str, str], subset: str,
                          "subset": subset, "split": split_key(assignment),
                          "source_cache": str(reader.path), "source_digest": reader.digest},
     }
+    mixture = isinstance(augmentation, Weighted)
+    if mixture:
+        config["augmentation"]["draws"] = "per-method"  # common random numbers with the single-method sets
     suffix = f"-x{copies}-s{seed}" if subset == "train" else ""
     path = sets_dir(reader, assignment) / f"{subset}-{name}{suffix}.h5"
     with exclusive_lock(path.parent / ".lock"):
@@ -192,7 +294,7 @@ def materialize(reader: CacheReader, assignment: Mapping[str, str], subset: str,
                                           "held-out sets are never filled with training audio")
             partners = PartnerPool.from_split(reader, assignment, subset)  # never training audio in held-out sets
         plan = None
-        if subset == "train" and name == "ncp":
+        if subset == "train" and (name == "ncp" or (mixture and "ncp" in augmentation.methods)):
             plan = plan_pairs([u.id for u in source], [u.emotion for u in source], copies,
                               np.random.default_rng(seed))
         rows: list[Utterance] = []
@@ -202,34 +304,36 @@ def materialize(reader: CacheReader, assignment: Mapping[str, str], subset: str,
             from ser_toolkit.cache.build import _Progress
 
             progress = _Progress(len(indices) * copies, False, f"{subset}-{name}")
+        job = _Job(reader, augmentation, partners, plan, seed, name, copies)
         with atomic_path(path) as tmp:
             with h5py.File(tmp, "w") as fh:
                 audio = create_audio(fh, "float32")
-                for i, u in zip(indices, source):
-                    wave_in = reader.wave(i)
-                    for k in range(copies):
-                        extra = {"partner_id": plan[u.id][k]} if plan else {}
-                        ctx = AugmentContext(utterance_id=u.id, emotion=u.emotion, partners=partners, extra=extra)
-                        if partners is not None:
-                            partners.drawn.clear()
-                        wave, params = augmentation(wave_in, utterance_seed(seed, u.id, name, k), ctx)
-                        used = sorted(set(partners.drawn) | ({extra["partner_id"]} if extra else set())) \
-                            if partners is not None else []
+                pending: list[np.ndarray] = []  # written in blocks: one resize per block, not per row
+
+                def flush() -> None:
+                    if pending:
+                        block = np.concatenate(pending)
                         end = audio.shape[0]
-                        audio.resize((end + wave.size,))
-                        audio[end:] = wave
+                        audio.resize((end + block.size,))
+                        audio[end:] = block
+                        pending.clear()
+
+                for u, results in zip(source, _augmented(job, list(zip(indices, source)), workers)):
+                    for k, (wave, params, used, method, digest, crc) in enumerate(results):
+                        pending.append(np.asarray(wave, dtype=np.float32))
+                        if len(pending) >= 64:
+                            flush()
                         lengths.append(wave.size)
-                        digest, crc = audio_checks(wave)
                         digests.append(digest)
                         crcs.append(crc)
                         clipped.append(int(np.count_nonzero(np.abs(wave) >= 0.999)))
-                        method = params.get("method", name) if isinstance(augmentation, Weighted) else name
                         rows.append(Utterance(id=f"{u.id}#{name}{k}", path=None, emotion=u.emotion,
                                               speaker=u.speaker, corpus=u.corpus, gender=u.gender,
                                               extra={"source": u.id, "partners": used, "copy": k, "method": method,
                                                      "params": params}))
                     if progress is not None:
                         progress.advance(copies)
+                flush()
                 if progress is not None:
                     progress.close()
                 lengths_a = np.asarray(lengths, dtype=np.int64)

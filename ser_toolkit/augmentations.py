@@ -243,8 +243,12 @@ class Weighted(Augmentation):
         self.needs_partners = any(m.needs_partners for m in methods.values())
         self.partner_emotions = tuple(sorted({e for m in methods.values() for e in m.partner_emotions}))
 
+    def pick(self, rng: np.random.Generator) -> str:
+        """The method for one utterance, drawn with the weights."""
+        return self.names[int(rng.choice(len(self.names), p=self.probabilities))]
+
     def apply(self, wave, rng, context=None):
-        name = self.names[int(rng.choice(len(self.names), p=self.probabilities))]
+        name = self.pick(rng)
         out, params = self.methods[name](wave, rng, context)
         return out, {"method": name, **params}
 

@@ -249,7 +249,7 @@ def features(
     result = {"path": str(fr.path), "cache": str(reader.path), "featurizer": fr.identity, "key": feat.key(),
               "utterances": n, "shape": list(fr.shape), "unchanged": bool(fr.hit),
               "computed": build.get("computed", 0), "reused": build.get("reused", 0),
-              "resumed": build.get("resumed", 0), "seconds": round(seconds, 3),
+              "resumed": build.get("resumed", 0), "shared": build.get("shared", 0), "seconds": round(seconds, 3),
               "utterances_per_s": build.get("utterances_per_s"), "digest": fr.digest,
               "source_digest": fr.source_digest}
     if as_json:
@@ -258,7 +258,8 @@ def features(
     speed = f", {result['utterances_per_s']:.1f} utt/s" if result["utterances_per_s"] else ""
     _console().print(f"[bold]{escape(str(fr.path))}[/bold] {'unchanged' if fr.hit else 'written'}: {n} utterances, "
                      f"shape {tuple(fr.shape)} ({result['computed']} computed, {result['reused']} reused, "
-                     f"{result['resumed']} resumed) in {seconds:.1f} s{speed}; features {fr.digest[:12]}",
+                     + (f"{result['shared']} from other sets, " if result["shared"] else "")
+                     + f"{result['resumed']} resumed) in {seconds:.1f} s{speed}; features {fr.digest[:12]}",
                      soft_wrap=True)
 
 

@@ -74,6 +74,65 @@ def test_training_copies_and_reference_ncp_pairing(small_cache, cli):
     assert abs(ts.wave(0).size - round(src.size / 1.1)) <= 1
 
 
+def test_mixture_copies_are_the_single_method_copies(small_cache):
+    """Common random numbers: a Top-k copy is, sample for sample, the single-method copy its draw picked
+    (N-CP with the reference pairing's partner), and the feature cache computes none of them again."""
+    from ser_toolkit.augment_sets import materialize
+    from ser_toolkit.cache.features import build_features, feature_path
+    from ser_toolkit.featurizers import get_featurizer
+
+    reader = CacheReader(small_cache)
+    assignment = make_split(reader.utterances, SPLIT)
+    methods = ["ncp", "timestretch", "noise"]
+    singles = {}
+    feat = get_featurizer("acoustic")
+    for m in methods:
+        path, _ = materialize(reader, assignment, "train", m, build_augmentation([m]), copies=2, seed=7)
+        singles[m] = CacheReader(path)
+        build_features(singles[m], feat, workers=1)
+    weights = {"ncp": 0.5, "timestretch": 0.3, "noise": 0.2}
+    path, _ = materialize(reader, assignment, "train", "top3", build_augmentation(methods, None, weights),
+                          copies=2, seed=7)
+    mix = CacheReader(path)
+    assert mix.config["augmentation"]["draws"] == "per-method"
+    picked = Counter()
+    for i, u in enumerate(mix.utterances):
+        m, k = u.extra["method"], u.extra["copy"]
+        j = singles[m].ids.index(f"{u.extra['source']}#{m}{k}")
+        assert np.array_equal(mix.wave(i), singles[m].wave(j)), (u.id, m)
+        assert u.extra["params"] == singles[m].utterances[j].extra["params"]
+        picked[m] += 1
+    assert set(picked) == set(methods)  # every method drawn at least once on this set
+    other, _ = materialize(reader, assignment, "train", "top3", build_augmentation(methods, None, weights),
+                           copies=2, seed=8)  # another seed: other draws, nothing to share
+    assert CacheReader(other).column("audio_digest") != mix.column("audio_digest")
+    from ser_toolkit.cache.features import FeatureReader
+
+    build_features(mix, feat, workers=1)
+    fr = FeatureReader(feature_path(mix, feat))
+    assert fr.build["shared"] == len(mix) and fr.build["computed"] == 0
+    assert np.allclose(fr.features, np.stack([feat.extract(mix.wave(i), 16000) for i in range(len(mix))]))
+
+
+def test_a_set_is_the_same_for_any_worker_count(small_cache, monkeypatch):
+    import ser_toolkit.augment_sets as aug_sets
+
+    monkeypatch.setattr(aug_sets, "CHUNK", 2)  # several chunks even on this small set
+    reader = CacheReader(small_cache)
+    assignment = make_split(reader.utterances, SPLIT)
+    augmentation = build_augmentation(["ncp", "timestretch", "noise"])
+    sets = []
+    for workers in (1, 2):
+        path, written = aug_sets.materialize(reader, assignment, "train", "mix-workers", augmentation, copies=2,
+                                             seed=11, workers=workers)
+        assert written
+        got = CacheReader(path)
+        sets.append((got.ids, got.column("audio_digest"), [u.extra for u in got.utterances]))
+        got.close()
+        path.unlink()
+    assert sets[0] == sets[1] and len(sets[0][0]) > 2 * aug_sets.CHUNK
+
+
 def test_materialize_errors(small_cache, cli):
     r = cli("materialize", small_cache, "--plugins", "noise,specaugment", "--set", "level=0.1", "--split", SPLIT)
     assert r.code == 2 and "ambiguous" in r.err

@@ -170,7 +170,7 @@ def test_a_classifier_on_joined_features(cache_dir, tmp_path):
                   "features=acoustic+egemaps", "--normalize", "speaker", *FAST, timeout=600)
     assert r.code == 0, r.err
     summary = json.loads((run / "train_summary.json").read_text())
-    assert summary["classifier"]["blocks"] == {"acoustic": 143, "egemaps": 88}
+    assert summary["classifier"]["blocks"] == {"acoustic": 399, "egemaps": 88}
     assert summary["classifier"]["features"] == 231 and "blocks weighted" in summary["classifier"]["chosen"]["scale"]
     assert [b["featurizer"] for b in summary["features"][0]["blocks"]] == ["acoustic", "egemaps"]
     r = run_sertk("evaluate", run, "--test", "test", "--json")
@@ -179,3 +179,34 @@ def test_a_classifier_on_joined_features(cache_dir, tmp_path):
     assert e["data"]["features"]["features"] == summary["features"][0]["features"]  # one digest over both blocks
     one_line_error(run_sertk("train", "--cache-dir", cache_dir, "--out", tmp_path / "x", "--model", "svm",
                              "--model-set", "features=acoustic+nope", *FAST), "nope")
+
+
+@pytest.mark.parametrize("model", ["svm", "rbf-svm"])
+def test_kernel_search_decides_like_the_pipeline_search(model):
+    """The precomputed-kernel search finds GridSearchCV's parameters and fold score on the same folds."""
+    from sklearn.base import clone
+    from sklearn.model_selection import GridSearchCV
+    from sklearn.pipeline import Pipeline
+
+    from ser_toolkit.plugins.classifiers import SCALINGS, _cv, _scaling, kernel_search
+    from ser_toolkit.registry import get
+
+    rng = np.random.default_rng(3)
+    y = np.repeat(np.arange(4), 30)
+    x = (rng.normal(size=(120, 12)) + 0.6 * np.eye(4, 12)[y] * rng.uniform(0.5, 3, 12)).astype(np.float32)
+    x[:, 5] *= 40.0  # a badly scaled column: standardising matters
+    speakers = np.array([f"s{i % 6}" for i in range(120)])
+    plugin = get("model", model).obj(features="acoustic")
+    folds, _ = _cv(y, speakers, 0)
+    grid = [{"scale": [_scaling(label, None, 12)], **plugin.grid(10.0 if label == "none" else 12.0)}
+            for label in SCALINGS]
+    pipe = Pipeline([("scale", "passthrough"), ("clf", plugin.estimator(0))])
+    search = GridSearchCV(clone(pipe), grid, scoring="balanced_accuracy", cv=folds, refit=False).fit(x, y)
+    best, score, size = kernel_search(pipe.named_steps["clf"], grid, x, y, folds)
+    assert size == len(search.cv_results_["params"]) == (6 if model == "svm" else 12)
+    assert {k: v for k, v in best.items() if k != "scale"} == \
+        {k: v for k, v in search.best_params_.items() if k != "scale"}
+    assert best["scale"] is search.best_params_["scale"] or best["scale"] == search.best_params_["scale"]
+    assert score == pytest.approx(search.best_score_, abs=1e-12)
+    means = search.cv_results_["mean_test_score"]
+    assert len(set(np.round(means, 6))) > 1  # the grid is not flat: the choice is a real one

@@ -22,7 +22,12 @@ its stored samples) and the sample rate. When the input cache is rebuilt and
 some utterances changed, were added or removed, the previous feature file of
 the same identity gives its rows to every unchanged audio digest and only the
 rest is computed; the stale file is then replaced. Utterances with identical
-audio are computed once.
+audio are computed once. Rows are also taken, by audio digest, from the
+complete feature files of the same featurizer identity next to the input
+cache's siblings (the other sets of its folder) and its source cache: a
+materialised mixture whose copies equal single-method copies
+(:mod:`ser_toolkit.augment_sets`), or a duplicate of clean audio, computes
+nothing new. Each donor's features are digest-checked before use.
 
 Parallel: a featurizer with ``parallel = True`` runs in ``workers`` processes;
 each worker receives the featurizer and the :class:`CacheReader` once (at fork,
@@ -64,6 +69,7 @@ import time
 import zipfile
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -72,6 +78,7 @@ import numpy as np
 from ser_toolkit import __version__
 from ser_toolkit.atomic import atomic_path, exclusive_lock, remove_stale_tmp
 from ser_toolkit.errors import CacheError, SertkError
+from ser_toolkit.workers import default_workers, start_worker, state
 
 FEATURE_SCHEMA = 1
 CHUNK = 32  # utterances per worker task and part file
@@ -82,15 +89,6 @@ Log = Callable[[str], None]
 def chunk_size() -> int:
     """Utterances per task and part file (``SERTK_FEATURE_CHUNK`` overrides it)."""
     return max(1, int(os.environ.get("SERTK_FEATURE_CHUNK", CHUNK)))
-
-
-def default_workers() -> int:
-    """Worker processes when none are asked for: the CPUs this process may use, at most 8."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        n = os.cpu_count() or 1
-    return max(1, min(8, n))
 
 
 def feature_dir(cache_path: str | Path) -> Path:
@@ -292,40 +290,25 @@ def _compute_chunk(reader: Any, featurizer: Any, rows: list[int], part: Path, id
     return len(rows), tuple(feats.shape[1:]), ids[0]
 
 
-_WORKER: dict[str, Any] = {}
-
-
-def _init_worker(reader: Any, featurizer: Any, parent: int) -> None:
-    """Worker start: keep the reader and featurizer; leave Ctrl-C to the parent; die with it (Linux, fork/spawn).
-
-    Dying with the parent matters: a forked worker holds the build lock's descriptor, and an orphan would
-    hold the lock (and block the next build) for as long as it lives.
-    """
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if os.getppid() == parent:  # not under a fork server
-        try:
-            import ctypes
-
-            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os._exit(1)
-    try:  # one BLAS/OpenMP thread per worker: N workers on N cores, not N x N threads (measured 1.4x faster)
-        from threadpoolctl import threadpool_limits
-
-        _WORKER["limits"] = threadpool_limits(1)
-    except ImportError:
-        pass
-    if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(1)
-    _WORKER["reader"], _WORKER["featurizer"] = reader, featurizer
-
-
 def _worker_chunk(rows: list[int], part: Path, identity_json: str) -> tuple[int, tuple[int, ...], str]:
-    return _compute_chunk(_WORKER["reader"], _WORKER["featurizer"], rows, part, identity_json)
+    return _compute_chunk(state("reader"), state("featurizer"), rows, part, identity_json)
+
+
+_WARM: set[tuple[str, int]] = set()
+
+
+def _warm(featurizer: Any, rate: int) -> None:
+    """Warm the featurizer up in this process before forking workers from it (once per identity and rate)."""
+    import multiprocessing
+
+    key = (_identity_json(featurizer), rate)
+    if key in _WARM or multiprocessing.get_start_method(allow_none=False) != "fork":
+        return
+    try:
+        featurizer.warm_up(rate)
+    except Exception:  # a featurizer that cannot take noise: its workers simply warm up themselves
+        pass
+    _WARM.add(key)
 
 
 def _run_chunks(reader: Any, featurizer: Any, chunks: list[list[int]], parts_dir: Path, identity_json: str,
@@ -336,8 +319,9 @@ def _run_chunks(reader: Any, featurizer: Any, chunks: list[list[int]], parts_dir
         for rows, part in tasks:
             yield _compute_chunk(reader, featurizer, rows, part, identity_json)
         return
-    pool = ProcessPoolExecutor(max_workers=min(workers, len(tasks)), initializer=_init_worker,
-                               initargs=(reader, featurizer, os.getpid()))
+    _warm(featurizer, int(reader.sample_rate))
+    pool = ProcessPoolExecutor(max_workers=min(workers, len(tasks)), initializer=partial(
+        start_worker, os.getpid(), reader=reader, featurizer=featurizer))
     try:
         pending: set = set()
         for rows, part in tasks:  # a bounded number of tasks in flight
@@ -434,6 +418,42 @@ def _previous(path: Path, identity_json: str, rate: int, say: Log | None) -> Fea
     return old
 
 
+def _donors(reader: Any, path: Path) -> list[Path]:
+    """Feature files of the same name (featurizer identity key) for the input cache's siblings and source cache."""
+    found = sorted(p for p in Path(reader.path).parent.glob(f"*.features/{path.name}") if p != path)
+    source = (getattr(reader, "config", None) or {}).get("augmentation", {}).get("source_cache")
+    if source:
+        candidate = feature_dir(source) / path.name
+        if candidate.exists() and candidate != path:
+            found.append(candidate)
+    return found
+
+
+def _donated(reader: Any, path: Path, identity_json: str, rate: int, wanted: set[str]
+             ) -> dict[str, tuple[np.ndarray, str]]:
+    """audio digest -> (features, utterance id) for the ``wanted`` digests that a donor file already holds."""
+    got: dict[str, tuple[np.ndarray, str]] = {}
+    for donor in _donors(reader, path) if wanted else []:
+        try:
+            fr = FeatureReader(donor)
+        except CacheError:
+            continue  # damaged or being replaced: simply not a donor
+        try:
+            if fr._identity_json != identity_json or fr.sample_rate != rate:
+                continue
+            rows = [(d, i) for i, d in enumerate(fr.audio_digests) if d in wanted and d not in got]
+            if rows:
+                feats = fr.features  # digest-checked
+                got.update((d, (feats[i], fr.ids[i])) for d, i in rows)
+        except CacheError:
+            continue
+        finally:
+            fr.close()
+        if len(got) == len(wanted):
+            break
+    return got
+
+
 def _say(quiet: bool, log: Log | None) -> Log | None:
     if log is not None:
         return log
@@ -496,9 +516,10 @@ def _build(reader: Any, featurizer: Any, path: Path, workers: int | None, quiet:
         old_rows = {d: i for i, d in enumerate(old.audio_digests)}
     parts = _read_parts(parts_root, identity_json, rate)
     before = set(parts)
+    shared = _donated(reader, path, identity_json, rate, set(digests) - set(old_rows) - set(parts))
     todo: dict[str, int] = {}  # audio digest -> a row of the cache holding it
     for i, d in enumerate(digests):
-        if d not in old_rows and d not in parts and d not in todo:
+        if d not in old_rows and d not in parts and d not in shared and d not in todo:
             todo[d] = i
     rows = sorted(todo.values())
     size = chunk_size()
@@ -526,11 +547,14 @@ def _build(reader: Any, featurizer: Any, path: Path, workers: int | None, quiet:
 
     # Assemble every row from the previous file and the parts, check it, write it under a temporary name.
     sources: list[tuple[np.ndarray, str]] = []
-    counts = {"computed": 0, "reused": 0, "resumed": 0}
+    counts = {"computed": 0, "reused": 0, "resumed": 0, "shared": 0}
     for uid, d in zip(ids, digests):
         if d in old_rows:
             sources.append((old.features[old_rows[d]], old.ids[old_rows[d]]))  # type: ignore[union-attr]
             counts["reused"] += 1
+        elif d in shared:
+            sources.append(shared[d])
+            counts["shared"] += 1
         elif d in parts:
             sources.append(parts[d])
             counts["resumed" if d in before else "computed"] += 1

@@ -2,12 +2,15 @@
 
 Per utterance: MFCCs with deltas and delta-deltas (means and spreads), energy
 (dB percentiles), spectral shape (centroid, bandwidth, roll-off, flatness,
-zero-crossing rate), pitch from YIN on voiced frames (level, spread,
-percentiles, range in semitones, voiced share) and duration. A standardiser
+zero-crossing rate), pitch from YIN (at 8 kHz) on voiced frames (level, spread,
+percentiles, range in semitones, voiced share), duration, and band-level
+statistics: 40 log-mel bands over the active frames (mean, spread, 10-90 %
+range, mean change), the shape of the MFCC distribution (skew, percentiles),
+spectral flux and spectral contrast. A standardiser
 fitted on the training set and a small MLP (or linear) head classify them, so a
 whole study runs on a CPU in minutes.
 
-The same statistics are also the ``acoustic`` featurizer (143 named values), so
+The same statistics are also the ``acoustic`` featurizer (399 named values; about 13 ms per 3.7 s utterance on one core), so
 they can be computed once into the feature cache.
 """
 
@@ -24,29 +27,54 @@ from ser_toolkit.models import ModelPlugin, SerModelMixin
 from ser_toolkit.params import Param
 
 RATE = 16000
-N_FEATURES = 20 * 3 * 2 + 5 + 10 + 7 + 1
+PITCH_RATE = 8000
+N_BANDS = 40
+N_FEATURES = 20 * 3 * 2 + 5 + 10 + 7 + 1 + N_BANDS * 4 + 20 * 4 + 2 + 7 * 2
+
+
+def _log_mel(spec: np.ndarray, n_mels: int) -> np.ndarray:
+    import librosa
+
+    return librosa.power_to_db(librosa.feature.melspectrogram(S=spec, sr=RATE, n_fft=512, n_mels=n_mels))
 
 
 def acoustic_features(wave: np.ndarray) -> np.ndarray:
-    """A fixed-size vector of acoustic statistics (see the module doc)."""
+    """A fixed-size vector of acoustic statistics (see the module doc; names: :func:`acoustic_feature_names`)."""
     import warnings
 
     import librosa
+    import scipy.stats
+    import soxr
 
     x = np.asarray(wave, dtype=np.float32)
     if x.size < 2048:
         x = np.pad(x, (0, 2048 - x.size))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        mfcc = librosa.feature.mfcc(y=x, sr=RATE, n_mfcc=20, n_fft=512, hop_length=160)
+        spec = np.abs(librosa.stft(x, n_fft=512, hop_length=160)) ** 2  # one STFT for everything spectral
+        mfcc = librosa.feature.mfcc(S=_log_mel(spec, 128), n_mfcc=20)  # == mfcc(y=x, n_fft=512, hop_length=160)
         d1 = librosa.feature.delta(mfcc, width=9, mode="nearest")  # >= 13 frames after the padding above
         d2 = librosa.feature.delta(mfcc, order=2, width=9, mode="nearest")
-        spec = np.abs(librosa.stft(x, n_fft=512, hop_length=160)) ** 2
         rms_db = 10 * np.log10(np.mean(spec, axis=0) + 1e-10)
         shape = [librosa.feature.spectral_centroid(S=spec, sr=RATE), librosa.feature.spectral_bandwidth(S=spec, sr=RATE),
                  librosa.feature.spectral_rolloff(S=spec, sr=RATE), librosa.feature.spectral_flatness(S=spec),
                  librosa.feature.zero_crossing_rate(x, frame_length=512, hop_length=160)]
-        f0 = librosa.yin(x, fmin=60, fmax=500, sr=RATE, frame_length=1024, hop_length=160)
+        # YIN at 8 kHz (same 64 ms window, 10 ms hop): 3.5x cheaper than at 16 kHz, median pitch within
+        # 0.03 semitones of it on RAVDESS (pitch <= 500 Hz needs no more bandwidth)
+        x8 = soxr.resample(x, RATE, PITCH_RATE, quality="HQ")
+        f0 = librosa.yin(x8, fmin=60, fmax=500, sr=PITCH_RATE, frame_length=512, hop_length=PITCH_RATE // 100)
+        # band-level statistics (version 3): 40 log-mel bands over the active frames (within 30 dB of the
+        # loud ones), their spread and change, MFCC distribution shape, spectral flux and contrast
+        lm = _log_mel(spec, N_BANDS)
+        level = lm.mean(0)
+        active = level > np.percentile(level, 90) - 30
+        bands = lm[:, active] if active.sum() > 3 else lm
+        low, high = np.percentile(bands, [10, 90], axis=1)
+        mf = librosa.feature.mfcc(S=bands, n_mfcc=20)
+        mag = np.sqrt(spec)
+        flux = np.sqrt((np.diff(mag, axis=1) ** 2).sum(0))
+        contrast = librosa.feature.spectral_contrast(S=mag, sr=RATE, n_fft=512)
+        skew = scipy.stats.skew(mf, axis=1)
     n = min(f0.size, rms_db.size)
     voiced = (rms_db[:n] > np.percentile(rms_db, 90) - 25) & (f0[:n] < 490)
     semis = 12 * np.log2(f0[:n][voiced] / 100.0) if voiced.any() else np.zeros(1)
@@ -57,6 +85,10 @@ def acoustic_features(wave: np.ndarray) -> np.ndarray:
     feats.append([v for s in shape for v in (np.log(s.mean() + 1e-8), s.std() / (s.mean() + 1e-8))])
     feats.append(pitch)
     feats.append([np.log(wave.size / RATE + 1e-3)])
+    feats += [bands.mean(1), bands.std(1), high - low, np.abs(np.diff(lm, axis=1)).mean(1)]
+    feats += [skew, np.percentile(mf, [10, 50, 90], axis=1)]
+    feats.append([np.log(flux.mean() + 1e-8), flux.std() / (flux.mean() + 1e-8)])
+    feats += [contrast.mean(1), contrast.std(1)]
     out = np.concatenate([np.ravel(f) for f in feats]).astype(np.float32)
     return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
 
@@ -71,6 +103,12 @@ def acoustic_feature_names() -> list[str]:
               for stat in ("log_mean", "cv")]
     names += ["pitch_semitones_mean", "pitch_semitones_std", "pitch_semitones_p10", "pitch_semitones_p50",
               "pitch_semitones_p90", "pitch_semitones_range", "voiced_share", "log_duration_s"]
+    names += [f"logmel{b}_{stat}" for stat in ("active_mean", "active_std", "active_p90_minus_p10", "abs_delta_mean")
+              for b in range(1, N_BANDS + 1)]
+    names += [f"mfcc_active{i}_skew" for i in range(1, 21)]
+    names += [f"mfcc_active{i}_{p}" for p in ("p10", "p50", "p90") for i in range(1, 21)]
+    names += ["spectral_flux_log_mean", "spectral_flux_cv"]
+    names += [f"spectral_contrast{b}_{stat}" for stat in ("mean", "std") for b in range(1, 8)]
     return names
 
 
@@ -78,7 +116,8 @@ class AcousticFeatures(Featurizer):
     """:func:`acoustic_features` as a featurizer (16 kHz input only)."""
 
     name = "acoustic"
-    description = "acoustic statistics (MFCC, energy, spectral shape, pitch): 143 values, cheap"
+    description = "acoustic statistics (MFCC, energy, spectral shape, pitch, log-mel bands): 399 values, cheap"
+    version = "3"  # 2: pitch tracked at 8 kHz; 3: band-level statistics (143 -> 399 values)
 
     def extract(self, wave: np.ndarray, rate: int) -> np.ndarray:
         if rate != RATE:

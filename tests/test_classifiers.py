@@ -171,7 +171,7 @@ def test_a_classifier_on_joined_features(cache_dir, tmp_path):
     assert r.code == 0, r.err
     summary = json.loads((run / "train_summary.json").read_text())
     assert summary["classifier"]["blocks"] == {"acoustic": 399, "egemaps": 88}
-    assert summary["classifier"]["features"] == 231 and "blocks weighted" in summary["classifier"]["chosen"]["scale"]
+    assert summary["classifier"]["features"] == 487 and "blocks weighted" in summary["classifier"]["chosen"]["scale"]
     assert [b["featurizer"] for b in summary["features"][0]["blocks"]] == ["acoustic", "egemaps"]
     r = run_sertk("evaluate", run, "--test", "test", "--json")
     assert r.code == 0, r.err  # the saved ColumnTransformer loads under the skops allow-list

@@ -30,6 +30,9 @@ single-method copy it picked, sample for sample: comparisons between a Top-k
 model and its single-method models are paired on the same augmented audio, and
 the feature cache computes those copies once (features are keyed by audio
 digest, :mod:`ser_toolkit.cache.features`). Recorded as ``draws = "per-method"``.
+When that single-method set already exists (same source, split, part, seed,
+copies and method options) its rows are read instead of computed again: each
+read is CRC-checked like any cache read.
 
 Each row's ``extra`` holds ``source`` (the clean utterance id), ``partners``
 (the ids of every partner utterance mixed in), ``copy``, ``method`` and the
@@ -165,6 +168,36 @@ class _Job:
     seed: int
     name: str
     copies: int
+    donors: dict[str, tuple[CacheReader, dict[str, int], list[str]]] | None = None
+    """method -> (its single-method set, row by id, extra column): a mixture's copies read, not recomputed."""
+
+
+def _single_method_sets(folder: Path, subset: str, suffix: str, key: Mapping[str, Any], mixture: Weighted
+                        ) -> dict[str, tuple[CacheReader, dict[str, int], list[str]]]:
+    """The existing single-method sets whose copies a mixture's copies equal (common random numbers)."""
+    found: dict[str, tuple[CacheReader, dict[str, int], list[str]]] = {}
+    for method, aug in mixture.methods.items():
+        path = folder / f"{subset}-{method}{suffix}.h5"
+        if not path.is_file():
+            continue
+        try:
+            single = CacheReader(path)
+        except CacheError:
+            continue
+        recorded = single.config.get("augmentation") or {}
+        cfg = recorded.get("config") or {}
+        options = (cfg.get("options") or {}).get(method) if "plugins" in cfg else (cfg.get("methods") or {}).get(method)
+        try:
+            same_options = build_augmentation([method], {method: options or {}}).options == aug.options
+        except SertkError:
+            same_options = False
+        if (recorded.get("name") == method and same_options and "draws" not in recorded
+                and (cfg.get("plugins") in (None, [method])) and not cfg.get("weights")
+                and all(recorded.get(k) == key[k] for k in ("subset", "split", "source_digest", "seed", "copies"))):
+            found[method] = (single, {uid: i for i, uid in enumerate(single.ids)}, single.column("extra"))
+        else:
+            single.close()
+    return found
 
 
 def _copies(job: _Job, i: int, u: Utterance) -> list[tuple[np.ndarray, dict, list[str], str, str, int]]:
@@ -179,6 +212,13 @@ def _copies(job: _Job, i: int, u: Utterance) -> list[tuple[np.ndarray, dict, lis
             apply = job.augmentation.methods[method]
         else:
             method, apply = job.name, job.augmentation
+        donor = (job.donors or {}).get(method)
+        row = donor[1].get(f"{u.id}#{method}{k}") if donor else None
+        if row is not None:  # the single-method set's copy, which this one equals
+            info = json.loads(donor[2][row])
+            wave = donor[0].wave(row)
+            out.append((wave, info["params"], info["partners"], method, *audio_checks(wave)))
+            continue
         extra = {"partner_id": job.plan[u.id][k]} if job.plan and method == "ncp" else {}
         ctx = AugmentContext(utterance_id=u.id, emotion=u.emotion, partners=partners, extra=extra)
         if partners is not None:
@@ -210,14 +250,15 @@ def _augmented(job: _Job, todo: list[tuple[int, Utterance]], workers: int | None
     from ser_toolkit.workers import default_workers, start_worker
 
     workers = default_workers() if workers is None else max(1, int(workers))
-    if workers <= 1 or len(todo) <= CHUNK:
+    methods = set(job.augmentation.methods) if isinstance(job.augmentation, Weighted) else {job.name}
+    if workers <= 1 or len(todo) <= CHUNK or methods <= set(job.donors or {}):  # reading is faster than forking
         for i, u in todo:
             yield _copies(job, i, u)
         return
     # Warm-up in this process: the first utterances are computed here until every method has run once (at
     # most a chunk), so forked workers inherit its lazy imports and JIT compilation (3.5 s per process for
     # timestretch, 2.4 s for specaugment) instead of each paying them again.
-    methods = set(job.augmentation.methods) if isinstance(job.augmentation, Weighted) else {job.name}
+    methods -= set(job.donors or {})
     done = 0
     while done < min(CHUNK, len(todo)) and methods:
         result = _copies(job, *todo[done])
@@ -304,40 +345,46 @@ def materialize(reader: CacheReader, assignment: Mapping[str, str], subset: str,
             from ser_toolkit.cache.build import _Progress
 
             progress = _Progress(len(indices) * copies, False, f"{subset}-{name}")
-        job = _Job(reader, augmentation, partners, plan, seed, name, copies)
-        with atomic_path(path) as tmp:
-            with h5py.File(tmp, "w") as fh:
-                audio = create_audio(fh, "float32")
-                pending: list[np.ndarray] = []  # written in blocks: one resize per block, not per row
+        donors = _single_method_sets(path.parent, subset, suffix, config["augmentation"], augmentation) \
+            if mixture else None
+        job = _Job(reader, augmentation, partners, plan, seed, name, copies, donors)
+        try:
+            with atomic_path(path) as tmp:
+                with h5py.File(tmp, "w") as fh:
+                    audio = create_audio(fh, "float32")
+                    pending: list[np.ndarray] = []  # written in blocks: one resize per block, not per row
 
-                def flush() -> None:
-                    if pending:
-                        block = np.concatenate(pending)
-                        end = audio.shape[0]
-                        audio.resize((end + block.size,))
-                        audio[end:] = block
-                        pending.clear()
+                    def flush() -> None:
+                        if pending:
+                            block = np.concatenate(pending)
+                            end = audio.shape[0]
+                            audio.resize((end + block.size,))
+                            audio[end:] = block
+                            pending.clear()
 
-                for u, results in zip(source, _augmented(job, list(zip(indices, source)), workers)):
-                    for k, (wave, params, used, method, digest, crc) in enumerate(results):
-                        pending.append(np.asarray(wave, dtype=np.float32))
-                        if len(pending) >= 64:
-                            flush()
-                        lengths.append(wave.size)
-                        digests.append(digest)
-                        crcs.append(crc)
-                        clipped.append(int(np.count_nonzero(np.abs(wave) >= 0.999)))
-                        rows.append(Utterance(id=f"{u.id}#{name}{k}", path=None, emotion=u.emotion,
-                                              speaker=u.speaker, corpus=u.corpus, gender=u.gender,
-                                              extra={"source": u.id, "partners": used, "copy": k, "method": method,
-                                                     "params": params}))
+                    for u, results in zip(source, _augmented(job, list(zip(indices, source)), workers)):
+                        for k, (wave, params, used, method, digest, crc) in enumerate(results):
+                            pending.append(np.asarray(wave, dtype=np.float32))
+                            if len(pending) >= 64:
+                                flush()
+                            lengths.append(wave.size)
+                            digests.append(digest)
+                            crcs.append(crc)
+                            clipped.append(int(np.count_nonzero(np.abs(wave) >= 0.999)))
+                            rows.append(Utterance(id=f"{u.id}#{name}{k}", path=None, emotion=u.emotion,
+                                                  speaker=u.speaker, corpus=u.corpus, gender=u.gender,
+                                                  extra={"source": u.id, "partners": used, "copy": k, "method": method,
+                                                         "params": params}))
+                        if progress is not None:
+                            progress.advance(copies)
+                    flush()
                     if progress is not None:
-                        progress.advance(copies)
-                flush()
-                if progress is not None:
-                    progress.close()
-                lengths_a = np.asarray(lengths, dtype=np.int64)
-                offsets = np.concatenate([[0], np.cumsum(lengths_a)[:-1]]).astype(np.int64)
-                write_table(fh, rows, offsets, lengths_a, [""] * len(rows), clipped, digests, crcs)
-                finish(fh, config, {"skipped": [], "ignored": {}, "table_digest": table_digest(rows)})
+                        progress.close()
+                    lengths_a = np.asarray(lengths, dtype=np.int64)
+                    offsets = np.concatenate([[0], np.cumsum(lengths_a)[:-1]]).astype(np.int64)
+                    write_table(fh, rows, offsets, lengths_a, [""] * len(rows), clipped, digests, crcs)
+                    finish(fh, config, {"skipped": [], "ignored": {}, "table_digest": table_digest(rows)})
+        finally:
+            for donor in (donors or {}).values():
+                donor[0].close()
     return path, True

@@ -630,6 +630,9 @@ def train(
             raise SertkError(f"--resume: {run_dir} was trained with other settings ({'; '.join(changes)})",
                              "drop those options to continue it as it was, or train a new run with another --out")
         cfg = TrainConfig.from_settings(stored, {n: getattr(cfg, n) for n in RUNTIME if n in given})
+        if runs.is_sealed(run_dir):
+            print(f"{run_dir} is already finished (final.json); nothing to resume")
+            return
     elif (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
         raise SertkError(f"{run_dir} already holds a trained run", "pass --resume to continue it, or another --out")
     if cfg.early_stopping and not cfg.valid:

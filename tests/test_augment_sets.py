@@ -84,16 +84,16 @@ def test_mixture_copies_are_the_single_method_copies(small_cache):
     reader = CacheReader(small_cache)
     assignment = make_split(reader.utterances, SPLIT)
     methods = ["ncp", "timestretch", "noise"]
+    weights = {"ncp": 0.5, "timestretch": 0.3, "noise": 0.2}
+    path, _ = materialize(reader, assignment, "train", "top3", build_augmentation(methods, None, weights),
+                          copies=2, seed=7)  # computed: no single-method set exists yet
+    mix = CacheReader(path)
     singles = {}
     feat = get_featurizer("acoustic")
     for m in methods:
-        path, _ = materialize(reader, assignment, "train", m, build_augmentation([m]), copies=2, seed=7)
-        singles[m] = CacheReader(path)
+        single_path, _ = materialize(reader, assignment, "train", m, build_augmentation([m]), copies=2, seed=7)
+        singles[m] = CacheReader(single_path)
         build_features(singles[m], feat, workers=1)
-    weights = {"ncp": 0.5, "timestretch": 0.3, "noise": 0.2}
-    path, _ = materialize(reader, assignment, "train", "top3", build_augmentation(methods, None, weights),
-                          copies=2, seed=7)
-    mix = CacheReader(path)
     assert mix.config["augmentation"]["draws"] == "per-method"
     picked = Counter()
     for i, u in enumerate(mix.utterances):
@@ -103,6 +103,16 @@ def test_mixture_copies_are_the_single_method_copies(small_cache):
         assert u.extra["params"] == singles[m].utterances[j].extra["params"]
         picked[m] += 1
     assert set(picked) == set(methods)  # every method drawn at least once on this set
+    # now that the single-method sets exist, a mixture reads its copies from them instead of computing them
+    again = build_augmentation(methods, None, weights)
+    for aug in again.methods.values():
+        aug.apply = lambda *a, **k: (_ for _ in ()).throw(AssertionError("computed, not read"))
+    path.unlink()
+    path, written = materialize(reader, assignment, "train", "top3", again, copies=2, seed=7, workers=2)
+    reread = CacheReader(path)
+    assert written and reread.column("audio_digest") == mix.column("audio_digest")
+    assert reread.column("extra") == mix.column("extra") and reread.digest == mix.digest
+    mix = reread
     other, _ = materialize(reader, assignment, "train", "top3", build_augmentation(methods, None, weights),
                            copies=2, seed=8)  # another seed: other draws, nothing to share
     assert CacheReader(other).column("audio_digest") != mix.column("audio_digest")

@@ -330,7 +330,11 @@ def test_a_damaged_resumable_checkpoint_is_refused(trained, tmp_path):
     cache, run = trained
     copy = shutil.copytree(run, tmp_path / "run")
     (copy / "final.json").unlink()
-    ckpt = copy / "checkpoints" / "epoch-001.pt"
+    ckpt = copy / "checkpoints" / "epoch-001.pt"  # a sealed run keeps no state: write one as training would
+    from ser_toolkit.training import runs
+
+    runs.save_checkpoint(ckpt, {"model": {"w": torch.arange(20000, dtype=torch.float32)}, "epoch": 0,
+                                "run_id": json.loads((copy / "run.json").read_text())["run_id"]})
     data = bytearray(ckpt.read_bytes())
     data[len(data) // 2] ^= 0xFF
     ckpt.write_bytes(bytes(data))

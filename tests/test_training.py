@@ -30,8 +30,10 @@ def train(cache_dir, out, *extra, env=None):
     return run_sertk("train", "--cache-dir", cache_dir, "--out", out, *FAST, *extra, env=env)
 
 
-def state(path: Path):
-    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+def weights(path: Path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
 
 
 def test_run_folder_contents_and_evaluate(cache_dir, tmp_path, cli):
@@ -44,7 +46,7 @@ def test_run_folder_contents_and_evaluate(cache_dir, tmp_path, cli):
     assert cfg["plugins"]["augmentation:noise"]["distribution"] == "sertk"
     assert {"torch", "transformers", "numpy"} <= set(cfg["versions"]) and cfg["seeds"]["seed"] == 42
     assert "commit" in cfg and cfg["command"][:2] == ["sertk", "train"]
-    assert (run / "checkpoints" / "epoch-002.pt").is_file() and (run / "checkpoints" / "best.safetensors").is_file()
+    assert sorted(f.name for f in (run / "checkpoints").iterdir()) == ["best.safetensors"]  # state dropped
     curves = (run / "curves.csv").read_text().splitlines()
     assert curves[0].startswith("epoch,train_loss") and len(curves) == 3
     log = [json.loads(line) for line in (run / "aug_log" / "epoch-001.jsonl").read_text().splitlines()]
@@ -93,8 +95,8 @@ def test_resume_after_kill_gives_the_same_weights(cache_dir, tmp_path):
     assert not (run / "checkpoints" / "epoch-003.pt").exists()
     r = run_sertk("train", "--out", run, "--resume", "-q", "--workers", "2")
     assert r.code == 0, r.err
-    a, b = state(ref / "checkpoints" / "epoch-003.pt"), state(run / "checkpoints" / "epoch-003.pt")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    a, b = weights(ref / "checkpoints" / "best.safetensors"), weights(run / "checkpoints" / "best.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (run / "curves.csv").read_text().count("\n") == 4
 
 
@@ -107,7 +109,7 @@ def test_ddp_two_cpu_processes(cache_dir, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((run / "train_summary.json").read_text())
     assert summary["epochs_run"] == 2 and np.isfinite(summary["history"][-1]["train_loss"])
-    assert (run / "checkpoints" / "epoch-002.pt").is_file()
+    assert sorted(f.name for f in (run / "checkpoints").iterdir()) == ["best.safetensors"]
 
 
 def test_validation_early_stopping_and_offline_mode(cache_dir, tmp_path):
@@ -213,3 +215,54 @@ def test_cuda_bf16_training(cache_dir, tmp_path):
                   "--device", "cuda", "--workers", "2", "-q")
     assert r.code == 0, r.err
     assert json.loads((run / "train_summary.json").read_text())["history"][0]["utterances_per_s"] > 0
+
+
+def test_checkpoints_are_bounded(cache_dir, tmp_path):
+    """One resumable state at a time, best weights only on improvement, nothing but the weights once sealed."""
+    from dataclasses import asdict
+
+    from ser_toolkit.training import runs
+    from ser_toolkit.training.loop import TrainConfig, train as train_run
+
+    run = tmp_path / "run"
+    cfg = TrainConfig.from_settings({}, {"dataset": "synthetic", "cache_dir": str(cache_dir), "model": "tiny",
+                                         "model_options": {"hidden_size": 16}, "epochs": 4, "batch_size": 8,
+                                         "workers": 0, "split": "speaker:test=0.25", "valid": 0.25, "lr": 0.3})
+    runs.write_json(run / "config.json", {"train": asdict(cfg)})
+    seen: list[list[str]] = []
+    best_epochs: list[str] = []
+
+    def on_epoch(row):
+        seen.append(sorted(p.name for p in runs.resumable_states(run)))
+        best = run / "checkpoints" / runs.BEST
+        if best.is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(best), framework="pt") as fh:
+                best_epochs.append(fh.metadata()["epoch"])
+
+    summary = train_run(cfg, run, quiet=True, on_epoch=on_epoch)
+    assert all(len(names) <= 2 for names in seen), seen  # the new state is in before the old one goes
+    assert len(summary["history"]) == 4
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [runs.BEST]
+    scores = [h["valid_uar"] for h in summary["history"]]
+    from safetensors import safe_open
+
+    with safe_open(str(run / "checkpoints" / runs.BEST), framework="pt") as fh:
+        meta = fh.metadata()
+    assert int(meta["epoch"]) == 1 + int(np.argmax(scores)) and float(meta["score"]) == max(scores)
+    state_bytes = summary["checkpoint_bytes_written"]
+    weights_bytes = (run / "checkpoints" / runs.BEST).stat().st_size
+    assert weights_bytes < state_bytes  # each epoch's state holds weights + optimizer moments
+    final = json.loads((run / "final.json").read_text())
+    assert list(final["checkpoints"]) == [runs.BEST]
+    assert runs.check_run(run)["run_id"] == final["run_id"]
+
+
+def test_resuming_a_finished_run_changes_nothing(cache_dir, tmp_path):
+    run = tmp_path / "run"
+    assert train(cache_dir, run, "--epochs", "1").code == 0
+    before = (run / "final.json").read_bytes(), (run / "checkpoints" / "best.safetensors").read_bytes()
+    r = run_sertk("train", "--out", run, "--resume", "--workers", "0")
+    assert r.code == 0 and "already finished" in r.out, r.err
+    assert ((run / "final.json").read_bytes(), (run / "checkpoints" / "best.safetensors").read_bytes()) == before

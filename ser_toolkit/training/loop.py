@@ -6,13 +6,18 @@
   when logging.
 - Loader workers read the cache and augment in parallel.
 - ``torchrun --nproc_per_node N`` runs DistributedDataParallel (gloo on CPU).
-- A checkpoint per epoch (model, optimizer, scheduler, epoch): ``resume`` repeats
-  nothing that finished and, on CPU, ends with the same weights as an
-  uninterrupted run (every epoch reseeds torch from (seed, epoch)).
+- Bounded checkpoints: after each epoch a CPU snapshot of the resumable state
+  (model, optimizer, scheduler, epoch) is written off the training thread and
+  replaces the previous one; the best weights are written when validation
+  improves (without validation once, at the end); sealing drops the state.
+  ``resume`` repeats nothing that finished and, on CPU, ends with the same
+  weights as an uninterrupted run (every epoch reseeds torch from (seed, epoch)).
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import csv
 import io
 import json
@@ -231,7 +236,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = F
 
     ``on_epoch`` (main process only) gets each epoch's history row (``epoch``,
     ``train_loss``, ``seconds``, ``valid_*`` with validation...) plus ``epochs``
-    (``cfg.epochs``), once that epoch's checkpoint is written.
+    (``cfg.epochs``), once that epoch's checkpoint is handed to the writer thread.
     """
     import torch
 
@@ -337,6 +342,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = F
     use_bf16 = cfg.bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported()
     collate = Collate(model.input_kind)
     patience_left = cfg.early_stopping
+    writer = runs.CheckpointWriter(run_dir)
     progress = None
     if main_process and not quiet:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -408,14 +414,18 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = F
             if main_process:
                 if log_lines.getvalue():
                     write_text(run_dir / "aug_log" / f"epoch-{epoch + 1:03d}.jsonl", log_lines.getvalue())
-                state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "epoch": epoch, "best": best, "history": history,
-                         "steps": step_log, "config": asdict(cfg), "run_id": run_id}
-                runs.save_checkpoint(run_dir / "checkpoints" / f"epoch-{epoch + 1:03d}.pt", state)
-                if improved:
-                    runs.save_weights(run_dir / "checkpoints" / runs.BEST, model,
-                                      {"run_id": run_id, "epoch": epoch + 1, "score": score,
-                                       "metric": cfg.select_metric if data.valid_rows else "last epoch"})
+                live = model.state_dict()
+                weights = runs.cpu_copy(live)  # a snapshot: the writer thread saves it while training goes on
+                state = {"model": weights, "optimizer": runs.cpu_copy(optimizer.state_dict()),
+                         "scheduler": copy.deepcopy(scheduler.state_dict()), "epoch": epoch, "best": best,
+                         "history": copy.deepcopy(history), "steps": list(step_log), "config": asdict(cfg),
+                         "run_id": run_id}
+                best_weights = None
+                if improved and data.valid_rows:  # without validation the last epoch's are written at the end
+                    best_weights = ({k: weights[k] for k in runs.unique_names(live)},
+                                    {"run_id": run_id, "epoch": epoch + 1, "score": score,
+                                     "metric": cfg.select_metric})
+                writer.save(epoch + 1, state, best_weights)
                 _write_curves(run_dir / "curves.csv", history)
                 write_text(run_dir / "steps.csv", "epoch,step,loss\n" + "".join(f"{e},{j},{v:.6f}\n"
                                                                                for e, j, v in step_log))
@@ -426,6 +436,10 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = F
             patience_left = cfg.early_stopping if improved else patience_left - 1
             if cfg.early_stopping and patience_left <= 0 and data.valid_rows:
                 break
+    except BaseException:
+        with contextlib.suppress(Exception):  # a save in flight finishes (atomically); the first error is shown
+            writer.wait()
+        raise
     finally:
         torch.set_num_threads(threads)
         if progress is not None:
@@ -433,6 +447,12 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = F
     summary = {"epochs_run": len(history), "best": best, "history": history, "parameters": parameters,
                **data.summary}
     if main_process:
+        writer.wait()
+        if not data.valid_rows:  # the selected weights are the last epoch's: written once
+            runs.save_weights(run_dir / "checkpoints" / runs.BEST, model,
+                              {"run_id": run_id, "epoch": len(history), "score": best, "metric": "last epoch"})
+            writer.bytes_written += (run_dir / "checkpoints" / runs.BEST).stat().st_size
+        summary["checkpoint_bytes_written"] = writer.bytes_written  # by this invocation
         runs.write_json(run_dir / "train_summary.json", summary)
         runs.seal(run_dir, run_id)  # last: only now is the run finished
     if distributed:

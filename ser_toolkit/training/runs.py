@@ -5,8 +5,10 @@
     config.json            every setting spelled out, plugins and versions, commit, seeds
     model/                 what is needed to rebuild the architecture offline
     run.json               the run id and the digests of the data it trains/validates on
-    checkpoints/epoch-NNN.pt   resumable state (loaded with weights_only=True), carries the run id
-    checkpoints/best.safetensors   the selected weights (safetensors; metadata: run id, epoch, score)
+    checkpoints/epoch-NNN.pt   the latest resumable state only (loaded with weights_only=True), carries
+                           the run id; written off the training thread, removed once the run is sealed
+    checkpoints/best.safetensors   the selected weights (safetensors; metadata: run id, epoch, score):
+                           written when validation improves, or once at the end without validation
     checkpoints/classifier.skops   instead, for a feature classifier: the fitted pipeline (skops format)
     final.json             the seal: written last, with the checkpoints' SHA-256; a run without it
                            is unfinished and evaluate/predict/report refuse it
@@ -92,6 +94,8 @@ BEST = "best.safetensors"
 CLASSIFIER = "classifier.skops"
 """A feature classifier's fitted pipeline (instead of :data:`BEST`), see ``ser_toolkit/plugins/classifiers.py``."""
 SEALED_FILES = ("config.json", RUN_FILE)
+STATE = "epoch-{epoch:03d}.pt"  # the latest resumable state (epochs counted from 1)
+STATE_GLOB = "epoch-*.pt"
 """Besides the checkpoints, the seal holds the digests of these: what the run was and what data it trained on."""
 
 
@@ -120,6 +124,73 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
         torch.save(state, tmp)
 
 
+def cpu_copy(obj: Any) -> Any:
+    """A snapshot of (nested dicts/lists of) tensors on the CPU that later training steps cannot change."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach()
+        return t.to("cpu", copy=True) if t.device.type != "cpu" else t.clone()
+    if isinstance(obj, dict):
+        return {k: cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(cpu_copy(v) for v in obj)
+    return obj
+
+
+def resumable_states(run_dir: Path) -> list[Path]:
+    """Every resumable state file of a run, oldest first."""
+    return sorted((run_dir / "checkpoints").glob(STATE_GLOB))
+
+
+class CheckpointWriter:
+    """Writes checkpoints off the training thread, one save at a time, each atomically.
+
+    ``save`` takes a CPU snapshot (see :func:`cpu_copy`) and returns while a
+    thread writes the best weights (when given) and then the resumable state,
+    and removes the older states. Only one state (two while the new one is
+    being renamed in) is ever on disk. ``wait`` joins the writer and re-raises
+    its error. A kill at any moment leaves the previous state or the new one.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.folder = run_dir / "checkpoints"
+        self._thread: Any = None
+        self._error: BaseException | None = None
+        self.bytes_written = 0
+
+    def save(self, epoch: int, state: dict[str, Any], best: tuple[dict[str, Any], dict[str, Any]] | None = None
+             ) -> None:
+        import threading
+
+        self.wait()
+        self._thread = threading.Thread(target=self._write, args=(epoch, state, best),
+                                        name="sertk-checkpoint", daemon=False)
+        self._thread.start()
+
+    def _write(self, epoch: int, state: dict[str, Any], best: tuple[dict[str, Any], dict[str, Any]] | None) -> None:
+        try:
+            if best is not None:
+                save_weights_dict(self.folder / BEST, *best)
+                self.bytes_written += (self.folder / BEST).stat().st_size
+            path = self.folder / STATE.format(epoch=epoch)
+            save_checkpoint(path, state)
+            self.bytes_written += path.stat().st_size
+            for old in sorted(self.folder.glob(STATE_GLOB)):
+                if old != path:
+                    old.unlink(missing_ok=True)
+        except BaseException as exc:  # re-raised on the training thread by wait()
+            self._error = exc
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+
 def load_checkpoint(path: Path, run_id: str | None = None) -> dict[str, Any]:
     """Resumable state, loaded with ``weights_only=True`` (no code runs); must belong to ``run_id``."""
     import torch
@@ -135,12 +206,12 @@ def load_checkpoint(path: Path, run_id: str | None = None) -> dict[str, Any]:
         bad = "archive"
     if bad is not None:
         raise SertkError(f"checkpoint {path} is damaged ({bad} fails its checksum)",
-                         "delete it to resume from the one before, or retrain the run")
+                         "delete it to train the run again from the start")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a corrupt or crafted file must not show a traceback, nor run code
         raise SertkError(f"checkpoint {path} cannot be read safely ({type(exc).__name__})",
-                         "delete it to resume from the one before, or retrain the run") from None
+                         "delete it to train the run again from the start") from None
     if run_id is not None and (not isinstance(state, dict) or state.get("run_id") != run_id):
         raise SertkError(f"checkpoint {path} belongs to another run", "remove it, or retrain this run")
     return state
@@ -152,6 +223,28 @@ def save_weights(path: Path, model, metadata: dict[str, Any]) -> None:
 
     with atomic_path(path) as tmp:
         save_model(model, str(tmp), metadata={k: str(v) for k, v in metadata.items()})
+
+
+def unique_names(state_dict: dict[str, Any]) -> list[str]:
+    """The names of a live state dict without the aliases of tied tensors (the first name of each is kept)."""
+    seen: set[tuple[int, int, tuple[int, ...]]] = set()
+    names = []
+    for k, t in state_dict.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if t.numel() and key in seen:
+            continue
+        seen.add(key)
+        names.append(k)
+    return names
+
+
+def save_weights_dict(path: Path, tensors: dict[str, Any], metadata: dict[str, Any]) -> None:
+    """A weights snapshot (no tied aliases, see :func:`unique_names`) as safetensors, like :func:`save_weights`."""
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file({k: t.contiguous() for k, t in tensors.items()}, str(tmp),
+                  metadata={k: str(v) for k, v in metadata.items()})
 
 
 def load_weights(path: Path, model, run_id: str) -> dict[str, str]:
@@ -193,14 +286,20 @@ def run_info(run_dir: Path) -> dict[str, Any]:
 
 
 def seal(run_dir: Path, run_id: str) -> dict[str, Any]:
-    """Mark a run finished: ``final.json`` with its checkpoints' digests (written last)."""
+    """Mark a run finished: ``final.json`` with its weights' digests (written last), then drop its resumable state.
+
+    The optimizer state is useless once a run is finished (it is as large as two
+    copies of the weights), so a sealed run keeps its weights only.
+    """
     import time
 
     digests = {p.name: file_digest(p) for p in sorted((run_dir / "checkpoints").glob("*")) if p.is_file()
-               and ".tmp-" not in p.name}
+               and ".tmp-" not in p.name and not p.match(STATE_GLOB)}
     record = {"run_id": run_id, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "checkpoints": digests,
               "files": {name: file_digest(run_dir / name) for name in SEALED_FILES}}
     write_json(run_dir / SEAL_FILE, record)
+    for state in resumable_states(run_dir):
+        state.unlink(missing_ok=True)
     return record
 
 
@@ -253,5 +352,5 @@ def check_run(run_dir: Path, allow_unfinished: bool = False) -> dict[str, Any]:
 
 def last_epoch_checkpoint(run_dir: Path) -> Path | None:
     """The newest resumable state of a run, if any."""
-    found = sorted((run_dir / "checkpoints").glob("epoch-*.pt"))
+    found = resumable_states(run_dir)
     return found[-1] if found else None

@@ -51,6 +51,38 @@ def test_local_checkpoint_gets_a_seven_way_head(four_label_checkpoint, tmp_path)
     assert abs(norm.mean()) < 1e-6 and abs(norm.std() - 1) < 1e-3
 
 
+def test_checkpoint_masking_and_layerdrop_are_off_unless_asked(four_label_checkpoint, tmp_path):
+    """The checkpoint ships HF's SpecAugment (mask_time_prob 0.05) and layerdrop 0.1; sertk trains without them
+    unless its options ask, so the specaugment arm is the only masking."""
+    from transformers import HubertConfig
+
+    from ser_toolkit.plugins.hubert import Hubert
+
+    shipped = HubertConfig.from_pretrained(four_label_checkpoint)
+    assert shipped.mask_time_prob > 0 and shipped.layerdrop > 0
+    x = torch.randn(2, 16000)
+
+    def train_outputs(model):
+        model.apply(lambda m: setattr(m, "p", 0.0) if isinstance(m, torch.nn.Dropout) else None)
+        model.train()
+        outs = []
+        for seed in range(3):
+            torch.manual_seed(seed)
+            outs.append(model(x).detach())
+        model.eval()
+        return outs, model(x).detach()
+
+    default = Hubert(checkpoint=str(four_label_checkpoint)).build(7, tmp_path / "a")
+    outs, clean = train_outputs(default)
+    assert all(torch.allclose(o, clean, atol=1e-5) for o in outs)  # training forward == eval forward
+    saved = HubertConfig.from_pretrained(tmp_path / "a" / "model")  # what the run records and rebuilds from
+    assert saved.mask_time_prob == 0 and saved.layerdrop == 0 and not saved.apply_spec_augment
+    assert not default.hf.hubert.masked_spec_embed.requires_grad
+    asked = Hubert(checkpoint=str(four_label_checkpoint), mask_time_prob=0.5, layerdrop=0.5).build(7, tmp_path / "b")
+    outs, _ = train_outputs(asked)
+    assert not all(torch.allclose(o, outs[0], atol=1e-5) for o in outs[1:])
+
+
 def test_probe_freezes_the_encoder(four_label_checkpoint, tmp_path):
     """The cached probe trains only a head on the pooled layers; the encoder is not part of the model."""
     from ser_toolkit.plugins.hubert import Hubert, Tiny

@@ -155,6 +155,8 @@ def test_probe_trains_evaluates_and_predicts_on_cached_normalised_features(cache
     shutil.copytree(ckpt, tmp_path / "kept")
     save_tiny_hubert(ckpt, seed=1)
     one_line_error(cli("evaluate", run), "changed since run")
+    assert "already finished" in cli(*train, "--resume").out  # a finished run has nothing left to train
+    (run / "final.json").unlink()  # an unfinished one continues on the encoder it was trained on only
     one_line_error(cli(*train, "--resume"), "changed since run")
     assert json.loads((run / "model" / "probe.json").read_text())["checkpoint_sha256"] in fr._identity_json
     # features are of whole utterances, computed once: no online augmentation, no crops

@@ -51,6 +51,19 @@ PROBE_FILE = "probe.json"
 """In ``RUN/model``: the checkpoint a cached probe was trained on and the digest of its files."""
 
 
+HF_REGULARISERS = (
+    Param("mask_time_prob", 0.0, "the model's own SpecAugment: share of frames masked in time while training "
+          "(checkpoints ship 0.05; off by default so the specaugment plugin is the only masking)", type="float",
+          min=0.0, max=1.0),
+    Param("mask_feature_prob", 0.0, "the model's own SpecAugment along features while training", type="float",
+          min=0.0, max=1.0),
+    Param("layerdrop", 0.0, "probability of skipping a transformer layer while training (checkpoints ship 0.1)",
+          type="float", min=0.0, max=1.0),
+)
+"""Hugging Face's built-in training-time augmentation: set from these options (recorded with the run), never
+inherited silently from a checkpoint's config, so a study's ``specaugment`` arm is not confounded."""
+
+
 def _quiet_transformers() -> None:
     import transformers
 
@@ -181,6 +194,7 @@ class Hubert(ModelPlugin):
         Param("probe", False, "freeze the encoder; classify from a learnable weighted sum of all layers",
               type="bool"),
         Param("gradient_checkpointing", False, "trade compute for memory", type="bool"),
+        *HF_REGULARISERS,
     )
     train_defaults = {"lr": 1e-5, "epochs": 7, "batch_size": 8}
 
@@ -254,6 +268,16 @@ class Hubert(ModelPlugin):
         return _probe_head(AutoConfig.from_pretrained(run_dir / "model"), num_labels)
 
     def _finish(self, model, extractor, run_dir: Path | None):
+        for p in HF_REGULARISERS:  # read by the model at every forward (training mode only)
+            setattr(model.config, p.name, float(self.options[p.name]))
+        masking = bool(self.options["mask_time_prob"] or self.options["mask_feature_prob"])
+        model.config.apply_spec_augment = masking
+        embed = getattr(getattr(model, "base_model", model), "masked_spec_embed", None)
+        if masking and embed is None:
+            raise SertkError("this checkpoint has no mask embedding (it was built without masking), so "
+                             "mask_time_prob/mask_feature_prob cannot be used", "leave them at 0")
+        if embed is not None and not masking:
+            embed.requires_grad_(False)  # unused: no gradient, and DDP need not look for unused parameters
         if self.options["freeze_feature_encoder"] and hasattr(model, "freeze_feature_encoder"):
             model.freeze_feature_encoder()
         if self.options["gradient_checkpointing"] and hasattr(model, "gradient_checkpointing_enable"):
@@ -282,6 +306,7 @@ class Tiny(Hubert):
         Param("freeze_feature_encoder", False, "freeze the convolutional feature encoder", type="bool"),
         Param("probe", False, "freeze the encoder; weighted sum of layers", type="bool"),
         Param("gradient_checkpointing", False, "trade compute for memory", type="bool"),
+        *HF_REGULARISERS,
     )
     train_defaults = {"lr": 1e-3, "epochs": 15, "batch_size": 16}
 
@@ -296,7 +321,8 @@ class Tiny(Hubert):
                             num_attention_heads=o["heads"], intermediate_size=2 * o["hidden_size"],
                             conv_dim=(32, 32, 32, 32), conv_stride=(5, 4, 4, 2), conv_kernel=(10, 8, 4, 4),
                             num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
-                            classifier_proj_size=o["hidden_size"], num_labels=num_labels, **_labels())
+                            classifier_proj_size=o["hidden_size"], num_labels=num_labels, **_labels(),
+                            **{p.name: float(o[p.name]) for p in HF_REGULARISERS})
 
     def build(self, num_labels: int, run_dir: Path | None = None, **train_options):
         _quiet_transformers()

@@ -168,14 +168,15 @@ class _Job:
     seed: int
     name: str
     copies: int
-    donors: dict[str, tuple[CacheReader, dict[str, int], list[str]]] | None = None
-    """method -> (its single-method set, row by id, extra column): a mixture's copies read, not recomputed."""
+    donors: dict[str, tuple[CacheReader, dict[str, int], list[str], list[str]]] | None = None
+    """method -> (its single-method set, row by id, extra and audio digest columns): a mixture's copies are
+    read, not recomputed."""
 
 
 def _single_method_sets(folder: Path, subset: str, suffix: str, key: Mapping[str, Any], mixture: Weighted
-                        ) -> dict[str, tuple[CacheReader, dict[str, int], list[str]]]:
+                        ) -> dict[str, tuple[CacheReader, dict[str, int], list[str], list[str]]]:
     """The existing single-method sets whose copies a mixture's copies equal (common random numbers)."""
-    found: dict[str, tuple[CacheReader, dict[str, int], list[str]]] = {}
+    found: dict[str, tuple[CacheReader, dict[str, int], list[str], list[str]]] = {}
     for method, aug in mixture.methods.items():
         path = folder / f"{subset}-{method}{suffix}.h5"
         if not path.is_file():
@@ -194,7 +195,8 @@ def _single_method_sets(folder: Path, subset: str, suffix: str, key: Mapping[str
         if (recorded.get("name") == method and same_options and "draws" not in recorded
                 and (cfg.get("plugins") in (None, [method])) and not cfg.get("weights")
                 and all(recorded.get(k) == key[k] for k in ("subset", "split", "source_digest", "seed", "copies"))):
-            found[method] = (single, {uid: i for i, uid in enumerate(single.ids)}, single.column("extra"))
+            found[method] = (single, {uid: i for i, uid in enumerate(single.ids)}, single.column("extra"),
+                             single.column("audio_digest"))
         else:
             single.close()
     return found
@@ -204,7 +206,7 @@ def _copies(job: _Job, i: int, u: Utterance) -> list[tuple[np.ndarray, dict, lis
     """(wave, params, partners used, method, audio digest, crc) of each augmented copy of utterance ``u``."""
     from ser_toolkit.cache.identity import audio_checks
 
-    wave_in = job.reader.wave(i)
+    wave_in = None  # read only when some copy is computed here
     partners, out = job.partners, []
     for k in range(job.copies):
         if isinstance(job.augmentation, Weighted):  # the method, then exactly the single-method draw (module doc)
@@ -214,11 +216,13 @@ def _copies(job: _Job, i: int, u: Utterance) -> list[tuple[np.ndarray, dict, lis
             method, apply = job.name, job.augmentation
         donor = (job.donors or {}).get(method)
         row = donor[1].get(f"{u.id}#{method}{k}") if donor else None
-        if row is not None:  # the single-method set's copy, which this one equals
+        if row is not None:  # the single-method set's copy, which this one equals (its CRC checked on read)
             info = json.loads(donor[2][row])
-            wave = donor[0].wave(row)
-            out.append((wave, info["params"], info["partners"], method, *audio_checks(wave)))
+            out.append((donor[0].wave(row), info["params"], info["partners"], method, donor[3][row],
+                        donor[0].crc(row)))
             continue
+        if wave_in is None:
+            wave_in = job.reader.wave(i)
         extra = {"partner_id": job.plan[u.id][k]} if job.plan and method == "ncp" else {}
         ctx = AugmentContext(utterance_id=u.id, emotion=u.emotion, partners=partners, extra=extra)
         if partners is not None:

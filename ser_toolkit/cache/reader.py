@@ -83,6 +83,23 @@ def read_header(path: Path) -> dict[str, Any]:
         return _header(fh, path)
 
 
+_HEADERS: dict[tuple[int, ...], dict[str, Any]] = {}
+_HEADERS_KEPT = 512
+
+
+def _checked_header(fh, path: Path, st: os.stat_result) -> dict[str, Any]:
+    """:func:`_header`, validated once per file version in this process (a study opens each test set for
+    every run): keyed by device, inode, size and modification time, which any rewrite or rename changes."""
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    header = _HEADERS.get(key)
+    if header is None:
+        header = _header(fh, path)
+        if len(_HEADERS) >= _HEADERS_KEPT:
+            _HEADERS.pop(next(iter(_HEADERS)))
+        _HEADERS[key] = header
+    return {**header, "columns": {k: (list(v) if isinstance(v, list) else v) for k, v in header["columns"].items()}}
+
+
 def _identity(st: os.stat_result) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
@@ -114,7 +131,7 @@ class CacheReader:
         self._local = None
         try:
             fh = self._reopen()
-            header = _header(fh, self.path)
+            header = _checked_header(fh, self.path, os.fstat(self._fd))
         except BaseException:
             self.close()
             raise
@@ -221,6 +238,10 @@ class CacheReader:
         if self._int16:
             return data.astype(np.float32) / INT16_SCALE
         return data
+
+    def crc(self, i: int) -> int:
+        """The recorded CRC-32 of utterance ``i``'s stored audio (checked by every :meth:`wave`)."""
+        return int(self._crc[i])
 
     def utterance(self, i: int) -> Utterance:
         c = self._cols

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import csv
 import re
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -34,19 +35,70 @@ def _slug(test: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", test)
 
 
+def _draw(task: int) -> list[str]:
+    from ser_toolkit.workers import state
+
+    return state("figure_tasks")[task]()
+
+
+def _run(tasks: list[Callable[[], list[str]]]) -> list[str]:
+    """Run the drawing tasks, in forked worker processes when there are several CPUs (savefig is most of a
+    report's time); the names of the files written, in task order."""
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+    from functools import partial
+
+    from ser_toolkit.workers import default_workers, start_worker
+
+    workers = min(default_workers(), len(tasks))
+    if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+        return [name for task in tasks for name in task()]
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                             initializer=partial(start_worker, os.getpid(), figure_tasks=tasks)) as pool:
+        return [name for names in pool.map(_draw, range(len(tasks))) for name in names]
+
+
 def figures(models: list[Model], tests: list[str], comps: list[Comparison], study: dict[str, Any],
             folder: Path, metric: str = "uar") -> dict[str, str]:
     """Draw every figure into ``folder``; returns {name: path relative to the report}."""
     plt = _plt()
     folder.mkdir(parents=True, exist_ok=True)
-    out: dict[str, str] = {}
+    tasks: list[Callable[[], list[str]]] = []
 
-    def save(fig, name: str) -> None:
+    def task(draw: Callable[[], list[str]]) -> Callable[[], list[str]]:
+        tasks.append(draw)
+        return draw
+
+    def save(fig, name: str) -> list[str]:
         fig.savefig(folder / name, format="png", dpi=110, bbox_inches="tight")
         plt.close(fig)
-        out[name] = f"{folder.name}/{name}"
+        return [name]
 
-    # difference heatmap against the control (the baseline when there is none)
+    @task
+    def difference() -> list[str]:
+        return _difference(plt, save, models, tests, comps, metric)
+
+    @task
+    def per_emotion() -> list[str]:
+        return _per_emotion(plt, save, models, tests)
+
+    for t in tests:
+        task(partial(_confusion, plt, save, models, t))
+
+    @task
+    def learning_curves() -> list[str]:
+        return _learning_curves(plt, save, models, metric)
+
+    @task
+    def gains() -> list[str]:
+        return _gains(plt, save, study)
+
+    return {name: f"{folder.name}/{name}" for name in _run(tasks)}
+
+
+def _difference(plt, save, models, tests, comps, metric) -> list[str]:
+    """Difference heatmap against the control (the baseline when there is none)."""
     refs = [m for m in models if m.role == "control"] or [m for m in models if m.role == "baseline"]
     ref = refs[0]
     others = [m for m in models if m is not ref and any(c.model == m.name and c.reference == ref.name
@@ -74,9 +126,12 @@ def figures(models: list[Model], tests: list[str], comps: list[Comparison], stud
         ax.set_xlabel("model")
         ax.set_ylabel("test set")
         ax.set_title(f"{METRIC_NAMES[metric]} difference to the {ref.role} ({ref.name}); * significant (adjusted p)")
-        save(fig, "difference.png")
+        return save(fig, "difference.png")
+    return []
 
-    # per-emotion F1 with intervals on the clean test set
+
+def _per_emotion(plt, save, models, tests) -> list[str]:
+    """Per-emotion F1 with intervals on the clean test set."""
     clean = "test" if "test" in tests else tests[0]
     base = next(m for m in models if m.role == "baseline")
     present = [e for e in EMOTIONS if base.evals.get(clean) and base.evals[clean][0]["per_emotion"][e]["support"]]
@@ -99,40 +154,43 @@ def figures(models: list[Model], tests: list[str], comps: list[Comparison], stud
     ax.set_ylim(0, 1)
     ax.set_title(f"Per-emotion F1 on the {label(clean)} test set (95 % hierarchical intervals)")
     ax.legend(fontsize=7, ncol=3)
-    save(fig, "per_emotion.png")
+    return save(fig, "per_emotion.png")
 
-    # one confusion grid per test set
-    for t in tests:
-        shown = [m for m in models if m.evals.get(t)]
-        if not shown:
-            continue
-        cols = min(len(shown), 3)
-        rows_n = -(-len(shown) // cols)
-        fig, axes = plt.subplots(rows_n, cols, figsize=(4.3 * cols + 1, 4.1 * rows_n), squeeze=False)
-        im = None
-        for ax, m in zip(axes.flat, shown):
-            cm = np.sum([np.array(e["confusion"], float) for e in m.evals[t]], axis=0)
-            rows = cm.sum(1, keepdims=True)
-            norm = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
-            im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-            ax.set_xticks(range(len(EMOTIONS)), [e[:3] for e in EMOTIONS], rotation=45)
-            ax.set_yticks(range(len(EMOTIONS)), [e[:3] for e in EMOTIONS])
-            for i in range(len(EMOTIONS)):
-                for k in range(len(EMOTIONS)):
-                    if rows[i, 0] > 0 and cm[i, k] > 0:
-                        ax.text(k, i, f"{int(cm[i, k])}", ha="center", va="center", fontsize=6,
-                                color="white" if norm[i, k] > 0.5 else "black")
-            ax.set_title(m.name, fontsize=9)
-            ax.set_xlabel("predicted")
-            ax.set_ylabel("true", labelpad=1)
-        for ax in list(axes.flat)[len(shown):]:
-            ax.axis("off")
-        fig.subplots_adjust(wspace=0.45, hspace=0.45)
-        fig.colorbar(im, ax=axes.ravel().tolist(), label="share of the true emotion (row-normalised)", shrink=0.8)
-        fig.suptitle(f"Confusion matrices, {label(t)} (counts summed over runs)")
-        save(fig, f"confusion_{_slug(t)}.png")
 
-    # learning curves: per model, the mean over its runs and (several runs) their range
+def _confusion(plt, save, models, t) -> list[str]:
+    """One confusion grid per test set: a panel per model."""
+    shown = [m for m in models if m.evals.get(t)]
+    if not shown:
+        return []
+    cols = min(len(shown), 3)
+    rows_n = -(-len(shown) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.3 * cols + 1, 4.1 * rows_n), squeeze=False)
+    im = None
+    for ax, m in zip(axes.flat, shown):
+        cm = np.sum([np.array(e["confusion"], float) for e in m.evals[t]], axis=0)
+        rows = cm.sum(1, keepdims=True)
+        norm = np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
+        im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+        ax.set_xticks(range(len(EMOTIONS)), [e[:3] for e in EMOTIONS], rotation=45)
+        ax.set_yticks(range(len(EMOTIONS)), [e[:3] for e in EMOTIONS])
+        for i in range(len(EMOTIONS)):
+            for k in range(len(EMOTIONS)):
+                if rows[i, 0] > 0 and cm[i, k] > 0:
+                    ax.text(k, i, f"{int(cm[i, k])}", ha="center", va="center", fontsize=6,
+                            color="white" if norm[i, k] > 0.5 else "black")
+        ax.set_title(m.name, fontsize=9)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true", labelpad=1)
+    for ax in list(axes.flat)[len(shown):]:
+        ax.axis("off")
+    fig.subplots_adjust(wspace=0.45, hspace=0.45)
+    fig.colorbar(im, ax=axes.ravel().tolist(), label="share of the true emotion (row-normalised)", shrink=0.8)
+    fig.suptitle(f"Confusion matrices, {label(t)} (counts summed over runs)")
+    return save(fig, f"confusion_{_slug(t)}.png")
+
+
+def _learning_curves(plt, save, models, metric) -> list[str]:
+    """Per model, the mean over its runs and (several runs) their range."""
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     valid_key = None
@@ -171,11 +229,13 @@ def figures(models: list[Model], tests: list[str], comps: list[Comparison], stud
     ax2.set_title(("Validation " + METRIC_NAMES[metric] + spread) if valid_key else "No validation part in these runs",
                   fontsize=10)
     if ax1.get_legend_handles_labels()[0]:
-        save(fig, "learning_curves.png")
-    else:  # models fitted once (feature classifiers) have no epochs
-        plt.close(fig)
+        return save(fig, "learning_curves.png")
+    plt.close(fig)  # models fitted once (feature classifiers) have no epochs
+    return []
 
-    # gains and weights
+
+def _gains(plt, save, study) -> list[str]:
+    """Each method's selection gain and its weight in every Top-k model."""
     gains = study.get("gains") or {}
     if gains:
         methods = sorted(gains, key=lambda m: -gains[m])
@@ -201,5 +261,5 @@ def figures(models: list[Model], tests: list[str], comps: list[Comparison], stud
             ax.set_ylabel("weight")
             ax.set_title("Weights of the Top-k models")
             ax.legend(fontsize=7)
-        save(fig, "gains.png")
-    return out
+        return save(fig, "gains.png")
+    return []

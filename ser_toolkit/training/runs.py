@@ -45,31 +45,53 @@ def git_commit() -> str | None:
     return (commit + ("+dirty" if dirty else "")) if commit else None
 
 
+VERSIONED = {"torch": "torch", "transformers": "transformers", "numpy": "numpy", "librosa": "librosa",
+             "h5py": "h5py", "sklearn": "scikit-learn", "soxr": "soxr", "soundfile": "soundfile",
+             "opensmile": "opensmile"}
+"""Module -> distribution of the libraries whose versions every run records."""
+
+
 def versions() -> dict[str, str]:
+    """Versions of sertk, Python and :data:`VERSIONED` (an imported module's own, else the installed
+    distribution's: nothing is imported just to ask)."""
+    from importlib import metadata
+
     out = {"sertk": __version__, "python": platform.python_version()}
-    for mod in ("torch", "transformers", "numpy", "librosa", "h5py", "sklearn", "soxr", "soundfile"):
+    for mod, dist in VERSIONED.items():
         m = sys.modules.get(mod)
-        if m is None:
-            try:
-                m = __import__(mod)
-            except ImportError:
-                continue
-        out[mod] = str(getattr(m, "__version__", "?"))
+        if m is not None and getattr(m, "__version__", None):
+            out[mod] = str(m.__version__)
+            continue
+        try:
+            out[mod] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
     return out
 
 
 def hardware() -> dict[str, Any]:
+    """Platform, CPUs and GPUs. GPUs come from torch when it is already loaded, else from the NVIDIA driver's
+    /proc entries (Linux): importing torch only to ask costs seconds in a run that never uses it."""
     import os
 
     info: dict[str, Any] = {"platform": platform.platform(), "cpus": os.cpu_count()}
-    try:
-        import torch
-
+    torch = sys.modules.get("torch")
+    if torch is not None:
         if torch.cuda.is_available():
             info["gpu"] = torch.cuda.get_device_name(0)
             info["gpus"] = torch.cuda.device_count()
-    except ImportError:
-        pass
+        return info
+    names = []
+    for entry in sorted(Path("/proc/driver/nvidia/gpus").glob("*/information")):
+        try:
+            model = next((line.split(":", 1)[1].strip() for line in entry.read_text().splitlines()
+                          if line.startswith("Model:")), None)
+        except OSError:
+            continue
+        if model:
+            names.append(model)
+    if names:
+        info["gpu"], info["gpus"] = names[0], len(names)
     return info
 
 

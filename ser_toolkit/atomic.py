@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
+import socket
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -28,9 +30,24 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+_HOST = socket.gethostname().split(".")[0].replace("-", "_") or "host"
+
+
 def tmp_name(path: Path) -> Path:
-    """The temporary sibling a writer uses for ``path`` (unique per process)."""
-    return path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
+    """The temporary sibling a writer uses for ``path``: unique across hosts sharing a folder and across
+    processes (``<name>.tmp-<host>-<pid>-<random>``), so jobs of a cluster never write the same file."""
+    return path.with_name(f"{path.name}{TMP_MARK}{_HOST}-{os.getpid()}-{secrets.token_hex(3)}")
+
+
+def _writer(tmp: Path) -> tuple[str | None, int | None]:
+    """(host, pid) of the writer of a temporary (host None for the older ``.tmp-<pid>`` names)."""
+    tail = tmp.name.rsplit(TMP_MARK, 1)[-1]
+    if tail.isdigit():
+        return None, int(tail)
+    parts = tail.split("-")
+    if len(parts) == 3 and parts[1].isdigit():
+        return parts[0], int(parts[1])
+    return None, None
 
 
 @contextlib.contextmanager
@@ -59,11 +76,14 @@ def write_text(path: str | Path, text: str) -> None:
 
 
 def remove_stale_tmp(folder: Path, stem: str) -> int:
-    """Remove temporaries of ``stem`` left by dead writers; returns how many."""
+    """Remove temporaries of ``stem`` left by dead writers of this host; returns how many.
+
+    Another host's temporaries are left alone: whether their writer lives cannot be told from here.
+    """
     removed = 0
     for p in folder.glob(f"{stem}{TMP_MARK}*"):
-        pid = p.name.rsplit(TMP_MARK, 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        host, pid = _writer(p)
+        if pid is not None and host in (None, _HOST) and pid != os.getpid() and not _alive(pid):
             with contextlib.suppress(OSError):
                 p.unlink()
                 removed += 1

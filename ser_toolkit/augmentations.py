@@ -6,14 +6,24 @@ An augmentation takes a 16 kHz mono float32 waveform, an explicit
 (JSON-serialisable), so every augmented utterance can be logged and
 reproduced. Augmentations keep the label of their input. Parameters are
 declared and validated at construction; objects pickle (DataLoader workers).
+
+Two-step plugins (as in audiomentations) split that call: ``randomize(n, rng,
+context) -> plan`` samples every parameter for an ``n``-sample input before any
+audio is processed, ``apply_params(wave, plan, context) -> (new_wave, params)``
+renders it, and ``output_length(n, plan)`` says how long the output will be, so
+training can bucket an epoch on the lengths it will really produce. One-step
+plugins (``apply`` only) keep working: their plan defers every draw to ``apply``
+and their output length is learnt by processing the audio.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
@@ -39,6 +49,10 @@ def read_only(wave: np.ndarray) -> np.ndarray:
 
 def _where(name: str, utterance_id: str | None) -> str:
     return f"augmentation '{name}'" + (f" (utterance {utterance_id})" if utterance_id is not None else "")
+
+
+DEFERRED = "_deferred_rng"
+"""Plan key of a one-step plugin's plan: a copy of the generator, every draw left to ``apply``."""
 
 
 def output_problem(result: Any) -> str | None:
@@ -103,6 +117,8 @@ class PartnerPool:
     split: str = "train"
     drawn: list[str] = field(default_factory=list)
     """Ids drawn so far (a materialised set clears it per row and records the partners of each row)."""
+    sizes: Mapping[str, int] | None = None
+    """Length in samples of each utterance, if known: output lengths are then known without loading audio."""
 
     def __post_init__(self) -> None:
         self._by_emotion: dict[str, list[str]] = {}
@@ -112,22 +128,34 @@ class PartnerPool:
     def candidates(self, emotion: str, exclude: str | None = None) -> list[str]:
         return [u for u in self._by_emotion.get(emotion, []) if u != exclude]
 
-    def draw(self, rng: np.random.Generator, emotion: str, exclude: str | None = None) -> tuple[str, np.ndarray]:
-        """A random partner of ``emotion`` (not ``exclude``): its id and waveform."""
+    def pick(self, rng: np.random.Generator, emotion: str, exclude: str | None = None) -> str:
+        """The id of a random partner of ``emotion`` (not ``exclude``), audio not loaded (for ``randomize``)."""
         pool = self.candidates(emotion, exclude)
         if not pool:
             raise SertkError(f"no {emotion} partner utterance available in the {self.split} split",
                              "N-CP needs neutral and emotional utterances in the training data")
         uid = pool[int(rng.integers(len(pool)))]
         self.drawn.append(uid)
+        return uid
+
+    def draw(self, rng: np.random.Generator, emotion: str, exclude: str | None = None) -> tuple[str, np.ndarray]:
+        """A random partner of ``emotion`` (not ``exclude``): its id and waveform (the same draw as :meth:`pick`)."""
+        uid = self.pick(rng, emotion, exclude)
         return uid, self.load(uid)
+
+    def size(self, uid: str) -> int:
+        """Length in samples of partner ``uid``: from ``sizes`` when known, else by loading it."""
+        if self.sizes is not None and uid in self.sizes:
+            return int(self.sizes[uid])
+        return int(np.asarray(self.load(uid)).size)
 
     @classmethod
     def from_split(cls, reader, assignment: Mapping[str, str], split: str = "train") -> "PartnerPool":
         """Partners from one split of a cache (``assignment``: id -> split name)."""
-        ids = [uid for uid in reader.ids if assignment.get(uid) == split]
-        emotions = [reader.column("emotion")[reader.index(uid)] for uid in ids]
-        return cls(ids, emotions, reader.wave, split)
+        rows = [i for i, uid in enumerate(reader.ids) if assignment.get(uid) == split]
+        emotions = reader.column("emotion")
+        return cls([reader.ids[i] for i in rows], [emotions[i] for i in rows], reader.wave, split,
+                   sizes={reader.ids[i]: int(reader.lengths[i]) for i in rows})
 
 
 @dataclass
@@ -158,6 +186,8 @@ class Augmentation:
     """Emotions of the partners it draws (e.g. ``("neutral",)`` for N-CP); checked before a set is made."""
     identity: ClassVar[bool] = False
     """True if the output always equals the input (training then reuses the clean rows)."""
+    keeps_length: ClassVar[bool] = False
+    """True if the output always has the input's length: training then buckets without a randomise pass."""
 
     def __init__(self, **options: Any) -> None:
         self.options = validate(self.params, options, f"augmentation '{self.name}'")
@@ -166,10 +196,55 @@ class Augmentation:
     def check_options(self) -> None:
         """Cross-parameter checks (override; raise :class:`ParameterError`)."""
 
+    # --- what a plugin implements: apply (one step), or randomize + apply_params (+ output_length) -----------
+
     def apply(self, wave: np.ndarray, rng: np.random.Generator,
               context: AugmentContext | None = None) -> tuple[np.ndarray, dict[str, Any]]:
-        """Return the augmented waveform and the parameters sampled for it."""
-        raise NotImplementedError
+        """Return the augmented waveform and the parameters sampled for it.
+
+        Two-step plugins leave it alone: it is then :meth:`randomize` followed by :meth:`apply_params`.
+        """
+        if not self.two_step():
+            raise NotImplementedError(f"{type(self).__name__} implements neither apply nor randomize/apply_params")
+        context = context or AugmentContext()
+        return self.apply_params(wave, self.randomize(wave.size, rng, context), context)
+
+    def randomize(self, n: int, rng: np.random.Generator, context: AugmentContext | None = None) -> dict[str, Any]:
+        """The plan for an ``n``-sample input: every parameter sampled, before any audio is processed.
+
+        A plan is a picklable dict, usually the params to be logged (keys starting with ``_`` may hold
+        more, e.g. a generator state). It draws from ``rng`` exactly what the one-step call would, in the same
+        order, so ``apply_params(wave, randomize(wave.size, rng, ctx), ctx)`` equals ``apply(wave, rng, ctx)``.
+        The default (one-step plugins) defers every draw: the plan keeps a copy of ``rng``, which this call
+        then does not advance.
+        """
+        return {DEFERRED: copy.deepcopy(rng)}
+
+    def apply_params(self, wave: np.ndarray, plan: Mapping[str, Any],
+                     context: AugmentContext | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+        """Render ``plan`` (from :meth:`randomize`) on ``wave``: ``(new_wave, params)``, no random draw."""
+        if DEFERRED in plan:
+            return self.apply(wave, copy.deepcopy(plan[DEFERRED]), context)
+        raise NotImplementedError(f"{type(self).__name__} implements randomize but not apply_params")
+
+    def output_length(self, n: int, plan: Mapping[str, Any]) -> int | None:
+        """Samples :meth:`apply_params` returns for an ``n``-sample input and ``plan``, without processing audio.
+
+        Default: ``n`` (override when the length changes); None for a one-step plugin (only ``apply`` knows).
+        """
+        return None if DEFERRED in plan else n
+
+    @classmethod
+    def two_step(cls) -> bool:
+        """Whether the class implements randomize/apply_params (and no later ``apply`` overrides them)."""
+
+        def owner(name: str) -> type:
+            return next(k for k in cls.__mro__ if name in vars(k))
+
+        randomize, apply = owner("randomize"), owner("apply")
+        return randomize is not Augmentation and issubclass(randomize, apply)
+
+    # --- what sertk calls: checked --------------------------------------------------------------------------
 
     def __call__(self, wave: np.ndarray, rng: np.random.Generator,
                  context: AugmentContext | None = None) -> tuple[np.ndarray, dict[str, Any]]:
@@ -178,14 +253,60 @@ class Augmentation:
         ``apply`` gets a read-only view of the input; an exception other than
         :class:`SertkError` raised inside it becomes a :class:`PluginError`.
         """
+        context = context or AugmentContext()
+        return self._checked(wave, context, lambda view: self.apply(view, rng, context))
+
+    def plan(self, n: int, rng: np.random.Generator, context: AugmentContext | None = None) -> dict[str, Any]:
+        """Checked :meth:`randomize` (the deferring default for one-step plugins)."""
+        context = context or AugmentContext()
+        try:
+            plan = (self.randomize if self.two_step() else partial(Augmentation.randomize, self))(int(n), rng,
+                                                                                                 context)
+        except SertkError:
+            raise
+        except Exception as exc:
+            raise apply_error(self.name, exc, context.utterance_id) from exc
+        if not isinstance(plan, dict):
+            raise PluginError(f"{_where(self.name, context.utterance_id)} randomize returned "
+                              f"{type(plan).__name__}, not a dict", BROKEN_HINT)
+        return plan
+
+    def planned_length(self, n: int, plan: Mapping[str, Any]) -> int | None:
+        """Checked :meth:`output_length`: the output's samples, or None when only processing the audio tells."""
+        if self.keeps_length:
+            return int(n)
+        if not self.two_step() or DEFERRED in plan:
+            return None
+        length = self.output_length(int(n), plan)
+        if length is not None and (isinstance(length, bool) or not isinstance(length, (int, np.integer))
+                                   or length < 1):
+            raise PluginError(f"augmentation '{self.name}' output_length returned {length!r}, not an int >= 1",
+                              BROKEN_HINT)
+        return None if length is None else int(length)
+
+    def render(self, wave: np.ndarray, plan: Mapping[str, Any],
+               context: AugmentContext | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+        """Checked :meth:`apply_params`, like :meth:`__call__`; the output must have :meth:`planned_length`."""
+        context = context or AugmentContext()
+        apply = self.apply_params if self.two_step() else partial(Augmentation.apply_params, self)
+        out, params = self._checked(wave, context, lambda view: apply(view, plan, context))
+        expected = self.planned_length(wave.size, plan)
+        if expected is not None and out.size != expected:
+            raise PluginError(f"{_where(self.name, context.utterance_id)} returned {out.size} samples where "
+                              f"{'it keeps the length' if self.keeps_length else 'output_length said'} "
+                              f"{expected}", BROKEN_HINT)
+        return out, params
+
+    def _checked(self, wave: np.ndarray, context: AugmentContext,
+                 run: Callable[[np.ndarray], Any]) -> tuple[np.ndarray, dict[str, Any]]:
+        """``run`` on a read-only float32 1-D view of ``wave``: errors made one-line, its output checked."""
         wave = np.ascontiguousarray(wave, dtype=np.float32)
         if wave.ndim != 1:
             raise SertkError(f"augmentation '{self.name}' takes a mono 1-D waveform (got shape {wave.shape})",
                              "down-mix to mono first")
-        context = context or AugmentContext()
         view = read_only(wave)
         try:
-            result = self.apply(view, rng, context)
+            result = run(view)
         except SertkError:
             raise
         except Exception as exc:
@@ -242,6 +363,7 @@ class Weighted(Augmentation):
         self.probabilities = np.array([weights[n] / total for n in self.names])
         self.needs_partners = any(m.needs_partners for m in methods.values())
         self.partner_emotions = tuple(sorted({e for m in methods.values() for e in m.partner_emotions}))
+        self.keeps_length = all(self.methods[n].keeps_length for n in self.names)
 
     def pick(self, rng: np.random.Generator) -> str:
         """The method for one utterance, drawn with the weights."""
@@ -251,6 +373,17 @@ class Weighted(Augmentation):
         name = self.pick(rng)
         out, params = self.methods[name](wave, rng, context)
         return out, {"method": name, **params}
+
+    def randomize(self, n, rng, context=None):
+        name = self.pick(rng)
+        return {"method": name, "_plan": self.methods[name].plan(n, rng, context)}
+
+    def apply_params(self, wave, plan, context=None):
+        out, params = self.methods[plan["method"]].render(wave, plan["_plan"], context)
+        return out, {"method": plan["method"], **params}
+
+    def output_length(self, n, plan):
+        return self.methods[plan["method"]].planned_length(n, plan["_plan"])
 
     def __repr__(self) -> str:
         return f"Weighted({dict(zip(self.names, self.probabilities.round(3)))})"

@@ -18,7 +18,7 @@ import typer
 
 from ser_toolkit import __version__
 from ser_toolkit.errors import SertkError
-from ser_toolkit.settings import SETTINGS
+from ser_toolkit.settings import EXECUTION, SETTINGS
 
 app = typer.Typer(
     name="sertk",
@@ -641,7 +641,8 @@ def train(
 
     cache_path = resolve_cache(cfg.dataset, cfg.cache_dir)  # fails before anything is written
     created = not run_dir.exists()
-    if not resume:
+    main_process = int(os.environ.get("RANK", 0)) == 0  # under torchrun only rank 0 writes and prints
+    if not resume and main_process:
         from ser_toolkit.registry import get
         from ser_toolkit.settings import sources
 
@@ -651,7 +652,8 @@ def train(
             "sources": sources(cfg.model, {n: "user" for n in _given_fields(given)}),  # user, model or default
             "plugins": {f"{e.kind}:{e.name}": {"distribution": e.provider.distribution,
                                                "version": e.provider.version} for e in entries},
-            "seeds": {"seed": cfg.seed, "split": cfg.split, "torch_per_epoch": "seed * 1000003 + epoch * 7919 + 17",
+            "seeds": {"seed": cfg.seed, "split": cfg.split,
+                      "torch_per_epoch": "seed * 1000003 + epoch * 7919 + rank * 104729 + 17",
                       "augmentation": "sha256(seed, utterance id, epoch, copy)"},
             "command": ["sertk", *_sys.argv[1:]],
             "commit": runs.git_commit(), "versions": runs.versions(), "hardware": runs.hardware(),
@@ -660,11 +662,13 @@ def train(
     try:
         summary = run_training(cfg, run_dir, resume=resume, quiet=quiet)
     except SertkError:
-        if created and not runs.last_epoch_checkpoint(run_dir):  # refused before any epoch: leave nothing
+        if created and main_process and not runs.last_epoch_checkpoint(run_dir):  # refused before any epoch: none left
             import shutil
 
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
+    if not main_process:
+        return
     if "classifier" in summary:  # a feature classifier, fitted once
         fitted = summary["classifier"]
         chosen = ", ".join(f"{k.replace('clf__', '')}={v}" for k, v in fitted["chosen"].items())
@@ -766,6 +770,9 @@ def predict(
         _console().print(f"{r['file']}: [bold]{r['emotion']}[/bold] (" + ", ".join(f"{e} {v:.2f}" for e, v in top) + ")")
 
 
+_EXECUTION = {s.name: s for s in EXECUTION}
+
+
 @app.command()
 @_with_settings(study=True)
 def study(
@@ -782,6 +789,10 @@ def study(
                                         "the preset's lr, epochs, batch size... are for its own model."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Report path (default from the config)."),
     runs_dir: Optional[Path] = typer.Option(None, "--runs-dir", help="Where the study's runs go."),
+    executor: Optional[str] = typer.Option(None, "--executor", help=_EXECUTION["executor"].help[0].upper()
+                                           + _EXECUTION["executor"].help[1:] + "."),
+    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help=_EXECUTION["jobs"].help[0].upper()
+                                       + _EXECUTION["jobs"].help[1:] + "."),
     save_config: Optional[Path] = typer.Option(None, "--save-config", help="Write the resolved config and stop."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only errors and the report path."),
     **settings_given: object,
@@ -825,6 +836,9 @@ def study(
         overrides.setdefault("study", {})["report"] = str(output)
     if runs_dir is not None:
         overrides.setdefault("study", {})["runs_dir"] = str(runs_dir)
+    for key, value in (("executor", executor), ("jobs", jobs)):
+        if value is not None:
+            overrides.setdefault("study", {})[key] = value
     cfg = load_config(preset, config_file, overrides)
     if cross_matrix:
         cfg = with_cross_matrix(cfg)

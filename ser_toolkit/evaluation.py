@@ -14,7 +14,7 @@ import csv
 import hashlib
 import io
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -43,48 +43,117 @@ def compute_metrics(y_true: Sequence[int], y_pred: Sequence[int]) -> dict[str, A
     }
 
 
-def predict_waves(model, featurize, waves, batch_size: int, device) -> np.ndarray:
-    """Class probabilities (N, 7) for an iterable of waveforms, batched by similar length."""
-    return predict_features(model, [featurize(w) for w in waves], batch_size, device)
+DEFAULT_BATCH_SECONDS = 160.0
+"""Evaluation batches of waveforms hold at most this much padded audio (the batch size caps the count)."""
+GPU_EVAL_BATCH = 64
+"""Default cap on utterances per evaluation batch on CUDA (inference keeps no activations for backward)."""
+IN_FLIGHT = 2
+"""On CUDA, batches queued on the device before the host waits for the oldest: reading and featurising the
+next batch overlaps the model, and the queue (its pinned inputs) stays bounded."""
 
 
-def predict_features(model, feats: Sequence[np.ndarray], batch_size: int, device) -> np.ndarray:
-    """Class probabilities (N, 7) for featurised inputs, batched by similar length."""
+def length_batches(lengths: Sequence[int], batch_size: int, max_samples: float | None = None) -> list[np.ndarray]:
+    """Positions in increasing length order (stable) cut into batches of at most ``batch_size`` whose padded
+    size (count x longest) is at most ``max_samples`` (a longer utterance alone; no limit when None)."""
+    order = np.argsort(np.asarray(lengths, dtype=np.int64), kind="stable")
+    batches: list[np.ndarray] = []
+    start = 0
+    for end in range(1, len(order) + 1):
+        full = end - start > batch_size or (max_samples is not None and end - start > 1 and
+                                            (end - start) * int(lengths[order[end - 1]]) > max_samples)
+        if full:
+            batches.append(order[start:end - 1])
+            start = end - 1
+    if start < len(order):
+        batches.append(order[start:])
+    return batches
+
+
+def predict_batches(model, batches: Iterable[tuple[np.ndarray, list[np.ndarray]]], n: int, device) -> np.ndarray:
+    """Class probabilities (n, 7) from (positions, featurised inputs) batches, consumed lazily one at a time.
+
+    On CUDA: inputs pinned and copied without blocking, probabilities kept on the device and read back once;
+    at most :data:`IN_FLIGHT` batches queued.
+    """
+    from collections import deque
+
     import torch
 
     from ser_toolkit.training.data import Collate
 
-    order = np.argsort([f.shape[0] for f in feats], kind="stable")
-    probs = np.zeros((len(feats), len(EMOTIONS)), dtype=np.float32)
+    cuda = device.type == "cuda"
     collate = Collate(model.input_kind)
     was_training = model.training
     model.eval()
-    with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            inputs, mask, _, _ = collate([(feats[i], 0, None) for i in idx])
-            inputs = inputs.to(device)
-            mask = mask.to(device) if mask is not None else None
-            with torch.autocast(device.type, dtype=torch.bfloat16,
-                                enabled=device.type == "cuda" and torch.cuda.is_bf16_supported()):
-                logits = model(inputs, mask)
-            probs[idx] = torch.softmax(logits.float(), -1).cpu().numpy()
-    model.train(was_training)
+    positions, parts, queued = [], [], deque()
+    try:
+        with torch.inference_mode():
+            for idx, feats in batches:
+                inputs, mask, _, _ = collate([(f, 0, None) for f in feats])
+                if cuda:
+                    inputs = inputs.pin_memory()
+                    mask = mask.pin_memory() if mask is not None else None
+                inputs = inputs.to(device, non_blocking=cuda)
+                mask = mask.to(device, non_blocking=cuda) if mask is not None else None
+                with torch.autocast(device.type, dtype=torch.bfloat16,
+                                    enabled=cuda and torch.cuda.is_bf16_supported()):
+                    logits = model(inputs, mask)
+                parts.append(torch.softmax(logits.float(), -1))
+                positions.append(np.asarray(idx))
+                if cuda:
+                    queued.append(torch.cuda.Event())
+                    queued[-1].record()
+                    if len(queued) > IN_FLIGHT:
+                        queued.popleft().synchronize()
+            probs = np.zeros((n, len(EMOTIONS)), dtype=np.float32)
+            if parts:
+                probs[np.concatenate(positions)] = torch.cat(parts).cpu().numpy()  # the one read-back
+    finally:
+        model.train(was_training)
     return probs
 
 
+def predict_waves(model, featurize, waves, batch_size: int, device, *,
+                  batch_seconds: float | None = DEFAULT_BATCH_SECONDS, rate: int = 16000) -> np.ndarray:
+    """Class probabilities (N, 7) for an iterable of waveforms, batched by similar length."""
+    return predict_features(model, [featurize(w) for w in waves], batch_size, device, batch_seconds=batch_seconds,
+                            rate=rate)
+
+
+def predict_features(model, feats: Sequence[np.ndarray], batch_size: int, device, *,
+                     batch_seconds: float | None = None, rate: int = 16000) -> np.ndarray:
+    """Class probabilities (N, 7) for featurised inputs, batched by similar length (for waveform models, at
+    most ``batch_seconds`` of padded audio at ``rate`` per batch)."""
+    budget = batch_seconds * rate if batch_seconds and model.input_kind == "wave" else None
+    batches = length_batches([f.shape[0] for f in feats], batch_size, budget)
+    return predict_batches(model, ((idx, [feats[i] for i in idx]) for idx in batches), len(feats), device)
+
+
 def predict_rows(model, featurize, reader, rows: Sequence[int], batch_size: int, device,
-                 workers: int = 1) -> np.ndarray:
-    """Class probabilities for rows of a cache (features memoised for static featurisers)."""
+                 workers: int = 1, *, batch_seconds: float | None = DEFAULT_BATCH_SECONDS) -> np.ndarray:
+    """Class probabilities for rows of a cache (features memoised for static featurisers).
+
+    Waveform models stream: the rows are read from ``reader`` one batch at a time, in length order, in
+    batches of at most ``batch_size`` and ``batch_seconds`` of padded audio (``workers`` is then unused);
+    the probabilities come back in the order of ``rows``.
+    """
     from ser_toolkit.training.data import featurize_rows
 
-    feats = featurize_rows(featurize, reader, list(rows), getattr(model, "static_features", False), workers)
+    rows = list(rows)
+    static = getattr(model, "static_features", False)
+    if getattr(model, "input_kind", None) == "wave" and featurize is not None and not static:
+        budget = batch_seconds * reader.sample_rate if batch_seconds else None
+        batches = length_batches(reader.lengths[rows] if rows else [], batch_size, budget)
+        stream = ((idx, [featurize(reader.wave(rows[i])) for i in idx]) for idx in batches)
+        return predict_batches(model, stream, len(rows), device)
+    feats = featurize_rows(featurize, reader, rows, static, workers)
     return predict_features(model, feats, batch_size, device)
 
 
-def evaluate_rows(model, featurize, reader, rows: Sequence[int], batch_size: int, device) -> dict[str, Any]:
+def evaluate_rows(model, featurize, reader, rows: Sequence[int], batch_size: int, device, *,
+                  batch_seconds: float | None = DEFAULT_BATCH_SECONDS) -> dict[str, Any]:
     """Metrics of ``model`` on rows of a cache reader."""
-    probs = predict_rows(model, featurize, reader, rows, batch_size, device)
+    probs = predict_rows(model, featurize, reader, rows, batch_size, device, batch_seconds=batch_seconds)
     return compute_metrics(reader.labels[list(rows)], probs.argmax(1))
 
 
@@ -153,13 +222,15 @@ def load_run_model(run_dir: Path, device=None, allow_unfinished: bool = False, i
 
 
 def run_probs(model, featurize, cfg: Mapping[str, Any], reader, rows: Sequence[int], batch_size: int, device,
-              workers: int = 1) -> tuple[np.ndarray, dict[str, Any]]:
+              workers: int = 1, *, batch_seconds: float | None = DEFAULT_BATCH_SECONDS,
+              ) -> tuple[np.ndarray, dict[str, Any]]:
     """Class probabilities of a run's model on rows of a cache, and what they were computed from (the feature
     cache's digest and the normalisation, for models on cached features)."""
     spec = getattr(model, "feature_spec", None) or (model.featurizer_spec() if hasattr(model, "predict_proba")
                                                     else None)
     if spec is None:
-        return predict_rows(model, featurize, reader, rows, batch_size, device, workers), {}
+        return predict_rows(model, featurize, reader, rows, batch_size, device, workers,
+                            batch_seconds=batch_seconds), {}
     from ser_toolkit.training.features import set_features
 
     x, info = set_features(reader, rows, spec, cfg.get("normalize", "none"), workers)
@@ -264,11 +335,14 @@ def _check_disjoint(other, reader, assignment: Mapping[str, str]) -> None:
 
 def evaluate_run(run_dir: Path, specs: Sequence[str] | None = None, batch_size: int | None = None,
                  workers: int = 2, allow_changed: bool = False, allow_unfinished: bool = False,
-                 cross: Sequence[str] | None = None, folder: str = "eval") -> dict[str, Any]:
+                 cross: Sequence[str] | None = None, folder: str = "eval", *,
+                 batch_seconds: float | None = DEFAULT_BATCH_SECONDS) -> dict[str, Any]:
     """Evaluate a finished run on its test sets; writes <folder>/<name>.json, .predictions.csv, summary.json.
 
     Each eval JSON records the run id and the content digest of the set it was computed on. A study
-    evaluates its validation sets into ``folder="selection"``, apart from the test results.
+    evaluates its validation sets into ``folder="selection"``, apart from the test results. Waveform
+    models stream each set (:func:`predict_rows`) in batches of at most ``batch_seconds`` of audio and
+    ``batch_size`` utterances (default: the run's batch size, at least 8, or :data:`GPU_EVAL_BATCH` on CUDA).
     """
     from ser_toolkit.atomic import write_text
     from ser_toolkit.training import runs
@@ -277,13 +351,15 @@ def evaluate_run(run_dir: Path, specs: Sequence[str] | None = None, batch_size: 
     info = runs.check_run(run_dir, allow_unfinished)
     sets = test_sets(run_dir, specs, info, allow_changed, cross)
     model, featurize, cfg, device = load_run_model(run_dir, info=info)
-    batch = batch_size or max(8, cfg["batch_size"])
+    cuda = device is not None and device.type == "cuda"
+    batch = batch_size or max(GPU_EVAL_BATCH if cuda else 8, cfg["batch_size"])
     summary: dict[str, Any] = {}
     for name, reader, rows, provenance in sets:
         rows = list(range(len(reader))) if rows is None else rows
         if getattr(model, "input_kind", None) == "wave":
             check_wave_lengths(reader.lengths[rows], [reader.ids[i] for i in rows], reader.sample_rate, "test")
-        probs, features = run_probs(model, featurize, cfg, reader, rows, batch, device, workers)
+        probs, features = run_probs(model, featurize, cfg, reader, rows, batch, device, workers,
+                                    batch_seconds=batch_seconds)
         if features:
             provenance = {**provenance, "features": features}
         y_true = reader.labels[rows]

@@ -69,9 +69,30 @@ def register_augmentations(registry: "ProviderRegistry") -> None:
       same seed gives bit-identical output.
     - ``context``: an :class:`ser_toolkit.augmentations.AugmentContext` with the
       input's ``utterance_id`` and ``emotion`` and ``partners``, a pool of
-      training-split utterances (``context.partners.draw(rng, "neutral")``).
+      training-split utterances (``context.partners.draw(rng, "neutral")``;
+      ``pick`` draws the id alone and ``size(id)`` gives its length, for ``randomize``).
     - ``params``: the values actually sampled, JSON-serialisable (they are logged
       per utterance).
+
+    Or, in two steps (as audiomentations does; optional, recommended for
+    augmentations that change the length):
+
+    - ``randomize(n, rng, context) -> plan``: every parameter sampled for an
+      ``n``-sample input, before any audio is processed; the same draws from
+      ``rng``, in the same order, as a one-step ``apply`` would make. A plan is a
+      picklable dict (keys starting with ``_`` may hold what is not logged, e.g. a
+      generator state or an impulse response).
+    - ``apply_params(wave, plan, context) -> (new_wave, params)``: renders the
+      plan, drawing nothing. ``apply`` is then ``randomize`` + ``apply_params``.
+    - ``output_length(n, plan) -> int``: the output's samples (default ``n``;
+      override it when the length changes, e.g. ``timestretch``).
+
+    ``keeps_length = True`` declares that the output always has the input's
+    length. Training with ``--batch-seconds`` forms each epoch's batches on the
+    lengths that epoch's augmentation produces: it samples the plans first and
+    computes their lengths. For a one-step plugin it renders the audio to learn
+    the length, in the training process, every epoch (slow; ``keeps_length``
+    avoids it).
 
     Augmentations keep the input's label. Objects must pickle (they run in
     DataLoader workers). Run ``ser_toolkit.testing.check_augmentation(MyAugmentation)``

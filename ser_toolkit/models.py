@@ -54,6 +54,9 @@ class SerModelMixin:
 
     input_kind: str = "wave"  # "wave": padded 1-D audio batches; "vector": fixed-size feature vectors
     static_features: bool = False  # featurize() output may be memoised across epochs
+    find_unused_parameters: bool = False
+    """Some trainable parameters may get no gradient on some steps (e.g. layerdrop): DDP then looks for them
+    after every backward (a graph traversal per step), so only models that need it say so."""
 
     def featurizer(self) -> Callable[[np.ndarray], np.ndarray]:
         """A picklable per-utterance preprocessing function, run in DataLoader workers; None for a model that

@@ -95,6 +95,7 @@ class StudyProgress:
         self.corpus: str | None = None
         self._started = 0.0
         self._trains = False  # the current model has run an epoch
+        self.parallel = 1  # runs executing at once (the ETA divides by it)
         self._progress = None
         self._overall = None
         self._epochs = None
@@ -213,6 +214,16 @@ class StudyProgress:
         self._update()
         return rec
 
+    def model_done(self, run: str, name: str, seed: int, fold: int | None, state: str,
+                   seconds: float) -> ModelRecord:
+        """A model that ran elsewhere (a worker process or a Slurm job) is done: one record, one line."""
+        rec = ModelRecord(run, name, seed, fold, self.corpus if self.corpora > 1 else None, state, seconds)
+        self.records.append(rec)
+        self.say(f"{rec.run}: {state} in {seconds:.1f} s; {self.of(len(self.records))} done, "
+                 f"elapsed {duration(self.elapsed())}, ETA {self.eta_text()}")
+        self._update()
+        return rec
+
     def report(self, path: Any) -> None:
         self.say(f"report: {path}")
 
@@ -224,7 +235,8 @@ class StudyProgress:
         """Estimated seconds left for the runs planned (see :func:`estimate_left`)."""
         trained = [r.seconds for r in self.records if r.state != REUSED]
         running = self.clock() - self._started if self.current is not None and self._trains else None
-        return estimate_left(trained, self.planned - len(self.records), running)
+        left = estimate_left(trained, self.planned - len(self.records), running)
+        return None if left is None else left / max(1, self.parallel)
 
     def eta_text(self) -> str:
         left = self.eta()

@@ -179,6 +179,15 @@ def check_table(values: Mapping[str, Any], keys: Sequence[Setting], where: str, 
     return out
 
 
+def available_cpus(most: int = 8) -> int:
+    """The CPUs this process may use (its affinity, not the machine's count), at most ``most``."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        n = os.cpu_count() or 1
+    return max(1, min(most, n))
+
+
 SCHEDULES = ("constant", "linear", "cosine")
 METRICS = ("uar", "weighted_f1", "macro_f1", "accuracy")
 
@@ -211,7 +220,11 @@ TRAIN_SETTINGS: tuple[Setting, ...] = (
             "paths, repeat --cross; recorded as paths.", type="list[str]", flag="--cross", generated=False,
             study=False, runtime=True),
     Setting("epochs", 7, "Epochs.", type="int", min=1, model_default=True),
-    Setting("batch_size", 8, "Batch size.", type="int", min=1, unit="utterances", model_default=True),
+    Setting("batch_size", 8, "Batch size (with --batch-seconds: the most utterances in a batch).", type="int",
+            min=1, unit="utterances", model_default=True),
+    Setting("batch_seconds", None, "Fill batches up to this much padded audio (longest clip x count, on the "
+            "lengths each epoch's augmentation produces); default: fixed --batch-size batches.", type="float",
+            min=0, min_exclusive=True, unit="seconds", nullable=True, model_default=True),
     Setting("lr", 1e-5, "AdamW learning rate.", type="float", min=0, min_exclusive=True, model_default=True),
     Setting("weight_decay", 0.01, "AdamW weight decay.", type="float", min=0, model_default=True),
     Setting("schedule", "constant", "Learning-rate decay after the warm-up.", choices=SCHEDULES,
@@ -226,10 +239,12 @@ TRAIN_SETTINGS: tuple[Setting, ...] = (
     Setting("early_stopping", 0, "Patience in epochs, 0 = off (needs --valid).", type="int", min=0),
     Setting("select_metric", "uar", "Best-checkpoint metric on the validation split.", choices=METRICS),
     Setting("seed", 42, "Seed of every random choice.", type="int", min=0),
-    Setting("workers", min(4, os.cpu_count() or 1), "DataLoader workers (0: load in the training process).",
+    Setting("workers", available_cpus(), "DataLoader workers, started once per run (0: load in the training process; "
+            "default: the CPUs this process may use, at most 8).",
             type="int", min=0, runtime=True),
     Setting("bucket", True, "Batch utterances of similar lengths (--no-bucket: plain shuffle).", type="bool"),
-    Setting("bf16", True, "bf16 autocast on GPUs that support it.", type="bool"),
+    Setting("bf16", True, "Mixed precision on GPUs: bf16 autocast where native (Ampere and later), else fp16 "
+            "with loss scaling; --no-bf16: fp32.", type="bool"),
     Setting("compile", False, "torch.compile the model.", type="bool", runtime=True),
     Setting("device", "auto", "Where to train: auto, cpu, mps, cuda or cuda:N.", pattern=r"auto|cpu|mps|cuda(:\d+)?",
             allowed_text="auto, cpu, mps, cuda or cuda:N", runtime=True),
@@ -343,6 +358,35 @@ def dataclass_of(settings: Sequence[Setting]) -> Callable[[type], type]:
 
 # ----------------------------------------------------------------------------- study config
 
+EXECUTORS = ("local", "slurm", "submitit-local")
+SLURM = (
+    Setting("partition", None, "Slurm partition (default: the cluster's)"),
+    Setting("account", None, "Slurm account to charge"),
+    Setting("qos", None, "Slurm quality of service"),
+    Setting("constraint", None, "Slurm node constraint (e.g. a GPU model)"),
+    Setting("gpus", 1, "GPUs per run", type="int", min=0),
+    Setting("cpus", 8, "CPUs per run (data loading, features)", type="int", min=1),
+    Setting("mem_gb", 64.0, "memory per run", type="float", min=0, min_exclusive=True, unit="GiB"),
+    Setting("time_min", 240, "time limit per run (a run cut off resumes from its last epoch when resubmitted)",
+            type="int", min=1, unit="minutes"),
+    Setting("setup", [], "shell lines each job runs first (e.g. module load, activating the environment)",
+            type="list[str]"),
+    Setting("sbatch", {}, "more #SBATCH options, e.g. { mail-type = \"END\" }", type="table"),
+)
+"""``[study] slurm``: the resources of each run's Slurm job (``executor = "slurm"``; submitit)."""
+EXECUTION = (
+    Setting("executor", "local", "where the runs execute: local (this machine, jobs at a time), slurm (one "
+            "Slurm job per run, via submitit) or submitit-local (submitit's subprocess jobs on this machine: the "
+            "Slurm path without Slurm)", choices=EXECUTORS),
+    Setting("jobs", 1, "runs at a time (local: worker processes, one visible GPU each in turn; slurm: jobs "
+            "queued at once, 0 = all)", type="int", min=0),
+    Setting("slurm", {}, "Slurm resources per run: " + ", ".join(s.name for s in SLURM), type="table",
+            entries=SLURM),
+)
+"""How a study's runs are executed (``[study]`` keys; ``sertk study --executor/--jobs``): they never change a
+result, so a study may be resumed with other values."""
+
+
 @functools.lru_cache(maxsize=None)
 def study_schema() -> tuple[Setting, ...]:
     """Every section and key of a study config (top-level keys; sections are tables)."""
@@ -398,6 +442,7 @@ def study_schema() -> tuple[Setting, ...]:
         Setting("valid", 0.2, "share of the training data carved out for validation (speaker-disjoint with >= 4 "
                 "training speakers, else stratified)", type="float", min=0, max=1, min_exclusive=True,
                 max_exclusive=True),
+        *EXECUTION,
     )
     return (
         Setting("name", "study", "study name (default folders: runs/<name>, reports/<name>.md)"),

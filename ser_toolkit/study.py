@@ -343,13 +343,15 @@ def _evaluated(run_dir: Path, specs: list[str] | None, cross: list[str], folder:
         return False
 
 
-def run_model(run_dir: Path, tcfg, log, digest: str, selection: bool = False) -> str:
+def run_model(run_dir: Path, tcfg, log, digest: str, selection: bool = False,
+              command: list[str] | None = None) -> str:
     """Train and evaluate one model unless already done on this data (``digest``); returns what happened.
 
     Test and the declared cross sets go to ``RUN/eval/``; with ``selection`` the validation part and its
     augmented versions go to ``RUN/selection/`` (used for gains and weights, never reported as test).
     ``log``: a :class:`ser_toolkit.progress.StudyProgress` (it gets the epochs and the evaluation; its
-    ``model_end`` says what happened), or a plain function (it gets ``RUN: STATE``).
+    ``model_end`` says what happened), or a plain function (it gets ``RUN: STATE``). ``command``: the
+    command line recorded in the run's config (default: this process's).
     """
     from ser_toolkit.evaluation import evaluate_run
     from ser_toolkit.progress import StudyProgress, as_reporter
@@ -377,7 +379,7 @@ def run_model(run_dir: Path, tcfg, log, digest: str, selection: bool = False) ->
             shutil.rmtree(run_dir, ignore_errors=True)
             runs.write_json(run_dir / "config.json", {
                 "train": wanted, "commit": runs.git_commit(), "versions": runs.versions(),
-                "hardware": runs.hardware(), "command": ["sertk", *sys.argv[1:]],
+                "hardware": runs.hardware(), "command": command or ["sertk", *sys.argv[1:]],
                 "seeds": {"seed": tcfg.seed, "split": tcfg.split},
                 "data": {"cache": tcfg.dataset}})
         t = time.perf_counter()
@@ -585,6 +587,7 @@ def _execute(prepared: _Prepared, progress) -> Path:
 
     from ser_toolkit.augmentations import weights_from_gains
     from ser_toolkit.combination import PARTS, gains_from_runs
+    from ser_toolkit.executors import RunTask, describe, run_tasks
     from ser_toolkit.report import write_report
     from ser_toolkit.training import runs
 
@@ -596,22 +599,26 @@ def _execute(prepared: _Prepared, progress) -> Path:
     methods = list(aug["methods"])
     reference = study_cfg.get("reference", "control")
 
-    def train_one(name: str, role: str, plugins: list[str], weights: dict | None, seed: int, fold) -> None:
+    command = ["sertk", *sys.argv[1:]]
+
+    def task(name: str, role: str, plugins: list[str], weights: dict | None, seed: int, fold) -> RunTask:
         tag, index, split = fold
-        run_dir = runs_dir / f"{name}{tag}-s{seed}"
+        run_dir = (runs_dir / f"{name}{tag}-s{seed}").resolve()
         tcfg = dataclasses.replace(_train_config(cfg, cache, plugins, weights, seed), split=split, cross=cross)
-        progress.model_start(run_dir.name, name, seed, index)
-        state = run_model(run_dir, tcfg, progress, reader.digest, selection=part == "valid" and role != "combination")
-        progress.model_end(state)
-        plan.append({"name": name, "role": role, "seed": seed, "run": str(run_dir), "plugins": plugins,
-                     **({"weights": weights} if weights else {}), **({"fold": index} if index is not None else {})})
+        plan.append({"name": name, "role": role, "seed": seed, "run": str(runs_dir / run_dir.name),
+                     "plugins": plugins, **({"weights": weights} if weights else {}),
+                     **({"fold": index} if index is not None else {})})
+        return RunTask(str(run_dir), asdict(tcfg), reader.digest, part == "valid" and role != "combination",
+                       name, seed, index, tuple(command))
 
     plan: list[dict[str, Any]] = []
     control = aug.get("control", "duplicate")
-    for fold in folds:
-        for seed in seeds:
-            for role, plugins in [("baseline", []), *[("single", [m]) for m in methods], ("control", [control])]:
-                train_one("baseline" if role == "baseline" else plugins[0], role, plugins, None, seed, fold)
+    first_wave = [task("baseline" if role == "baseline" else plugins[0], role, plugins, None, seed, fold)
+                  for fold in folds for seed in seeds
+                  for role, plugins in [("baseline", []), *[("single", [m]) for m in methods], ("control", [control])]]
+    if study_cfg.get("executor", "local") != "local" or int(study_cfg.get("jobs", 1)) > 1:
+        progress(f"runs: {describe(study_cfg)}")
+    run_tasks(first_wave, study_cfg, runs_dir, progress)
     # gains -> weights, averaged over seeds and folds: each method's model against the reference model of the
     # same seed and fold, on clean + that method's augmented set of the selection part (validation unless the
     # reference mode is asked)
@@ -643,10 +650,8 @@ def _execute(prepared: _Prepared, progress) -> Path:
         more = len(combos) * len(folds) * len(seeds)
         progress(f"top-k models: {', '.join(combos) or 'none'}; {more} more run{'' if more == 1 else 's'}, "
                  f"{progress.planned} planned")
-    for name, weights in combos.items():
-        for fold in folds:
-            for seed in seeds:
-                train_one(name, "combination", list(weights), weights, seed, fold)
+    run_tasks([task(name, "combination", list(weights), weights, seed, fold)
+               for name, weights in combos.items() for fold in folds for seed in seeds], study_cfg, runs_dir, progress)
     study = {"config": cfg, "runs": plan, "gains": gains, "combined_f1": f1s, "baseline_combined_f1": base_f1s,
              "weights": combos, "cache": str(cache), "split": data["split"], "digest": reader.digest,
              "cross": cross, "folds": [{"fold": i, "split": s} for _, i, s in folds] if len(folds) > 1 else None,

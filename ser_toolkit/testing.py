@@ -13,6 +13,10 @@ declared and validated at construction, the same seed gives bit-identical
 output, different seeds differ (for stochastic augmentations), sampled
 parameters are JSON-serialisable, output is finite float32 1-D audio, the
 object pickles, the input is not modified, and 10 ms and long inputs work.
+For a two-step augmentation (``randomize``/``apply_params``) it also checks that
+the plan draws what ``apply`` draws, in the same order, pickles, and renders to
+``apply``'s very output, of ``output_length`` samples; with ``keeps_length``, that
+every output has the input's length.
 The output checks run on what ``apply`` itself returns, by the rules sertk
 enforces when it calls a plugin (:func:`ser_toolkit.augmentations.check_output`).
 """
@@ -113,6 +117,37 @@ def check_augmentation(cls: type[Augmentation], options: Mapping[str, Any] | Non
         y, p = _apply(aug, x, 7, f" (on a {seconds} s input)")
         assert y.ndim == 1 and y.size > 0 and np.isfinite(y).all(), f"{cls.name}: failed on a {seconds} s input"
         json.dumps(p)
+        _check_two_step(aug, x, 7, y, p, f" (on a {seconds} s input)")
+    _check_two_step(aug, wave, 0, out1, params1)
+
+
+def _check_two_step(aug: Augmentation, wave: np.ndarray, seed: int, out: np.ndarray, params: dict[str, Any],
+                    where: str = "") -> None:
+    """randomize + apply_params against apply's ``(out, params)`` for ``seed`` (see the module doc)."""
+    name = aug.name
+    if aug.keeps_length:
+        assert out.size == wave.size, f"{name}: keeps_length, but returned {out.size} of {wave.size} samples{where}"
+    if not aug.two_step():
+        return
+    rng, after_apply = np.random.default_rng(seed), np.random.default_rng(seed)
+    aug.apply(read_only(wave), after_apply, _context())
+    plan = aug.randomize(wave.size, rng, _context())
+    assert isinstance(plan, dict), f"{name}: randomize must return a dict{where}"
+    assert rng.integers(1 << 62) == after_apply.integers(1 << 62), \
+        f"{name}: randomize draws differently from apply{where}"
+    plan = pickle.loads(pickle.dumps(plan))  # plans travel to DataLoader workers
+    for _ in range(2):  # rendering a plan twice gives the same: apply_params neither draws nor changes it
+        context = _context()
+        try:
+            result = aug.apply_params(read_only(wave), plan, context)
+        except SertkError:
+            raise
+        except Exception as exc:
+            raise AssertionError(f"{apply_error(name, exc, context.utterance_id)}{where}") from exc
+        y, p = check_output(name, result, context.utterance_id)
+        assert np.array_equal(y, out) and p == params, f"{name}: apply_params(randomize(...)) differs from apply{where}"
+    length = aug.output_length(wave.size, plan)
+    assert length == out.size, f"{name}: output_length said {length}, apply_params returned {out.size} samples{where}"
 
 
 def _apply(aug: Augmentation, wave: np.ndarray, seed: int, where: str = "") -> tuple[np.ndarray, dict[str, Any]]:

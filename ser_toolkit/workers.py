@@ -12,11 +12,9 @@ _STATE: dict[str, Any] = {}
 
 def default_workers() -> int:
     """Worker processes when none are asked for: the CPUs this process may use, at most 8."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        n = os.cpu_count() or 1
-    return max(1, min(8, n))
+    from ser_toolkit.settings import available_cpus
+
+    return available_cpus()
 
 
 def start_worker(parent: int, **state: Any) -> None:

@@ -17,8 +17,12 @@ class Duplicate(Augmentation):
     description = "identity (the clean x2 control with as many steps as an augmented model)"
     stochastic = False
     identity = True  # training may reuse the clean rows instead of copying the audio
+    keeps_length = True
 
-    def apply(self, wave, rng, context=None):
+    def randomize(self, n, rng, context=None):
+        return {}
+
+    def apply_params(self, wave, plan, context=None):
         return wave.copy(), {}
 
 

@@ -117,7 +117,116 @@ class Normalize:
         return ((wave - wave.mean()) / np.sqrt(wave.var() + 1e-7)).astype(np.float32)
 
 
+def uses_attention_mask(config) -> bool:
+    """Whether the encoder takes the attention mask. Hugging Face: checkpoints with a group-norm feature
+    encoder (``feat_extract_norm == "group"``: hubert-base, wav2vec2-base) were trained without one and must get
+    zero-padded input and no mask; layer-norm ones (hubert-large, superb/hubert-large-superb-er) take it."""
+    return getattr(config, "feat_extract_norm", "layer") != "group"
+
+
+def frame_mask(hf_model, attention_mask, frames: int):
+    """(B, frames) bool: the encoder frames of real audio, by arithmetic on the input lengths (the conv
+    kernels and strides); no data-dependent op. Every utterance keeps at least its first frame."""
+    import torch
+
+    lengths = hf_model._get_feat_extract_output_lengths(attention_mask.sum(-1))
+    return torch.arange(frames, device=attention_mask.device) < lengths.clamp(min=1)[:, None]
+
+
+def masked_mean(hidden, mask):
+    """Mean over time of (B, T, H) hidden states over the frames of ``mask`` (all frames when None), by
+    multiply-and-sum: no boolean indexing, so no host-device sync."""
+    if mask is None:
+        return hidden.mean(1)
+    weights = mask.to(hidden.dtype)
+    return (hidden * weights[..., None]).sum(1) / weights.sum(1, keepdim=True)
+
+
+_ENCODERS = {f"{arch}Encoder{kind}" for arch in ("Hubert", "Wav2Vec2", "Data2VecAudio")
+             for kind in ("", "StableLayerNorm")}
+"""Encoders whose forward :func:`encode` replays from their own modules (the same weights and state-dict
+keys); other architectures (WavLM...) run Hugging Face's forward."""
+
+
+def encode(hf_model, inputs, attention_mask=None, hidden_states: bool = False):
+    """The base model's forward without data-dependent syncs: (last hidden state (B, T, H), frame mask
+    (B, T) bool or None, every layer's hidden states as Hugging Face returns them when ``hidden_states``).
+
+    The same computation as ``hf_model.base_model(inputs, attention_mask)``, except that padded frames are
+    zeroed with ``torch.where`` (HF: boolean-mask assignment, a sync), the attention mask is always
+    materialised (HF checks ``mask.all()``, a sync) and group-norm checkpoints get no mask
+    (:func:`uses_attention_mask`). HF's own SpecAugment (``mask_time_prob``, off by default) still syncs.
+    """
+    import torch
+    from transformers.masking_utils import create_bidirectional_mask
+
+    base, config = hf_model.base_model, hf_model.config
+    encoder = getattr(base, "encoder", None)
+    give_mask = attention_mask is not None and uses_attention_mask(config)
+    if type(encoder).__name__ not in _ENCODERS or getattr(base, "adapter", None) is not None:
+        out = base(input_values=inputs, attention_mask=attention_mask if give_mask else None,
+                   output_hidden_states=hidden_states)
+        hidden = out.last_hidden_state
+        mask = None if attention_mask is None else frame_mask(hf_model, attention_mask, hidden.shape[1])
+        return hidden, mask, list(out.hidden_states) if hidden_states else None
+    features = _conv_features(base.feature_extractor, inputs).transpose(1, 2)
+    mask = None if attention_mask is None else frame_mask(hf_model, attention_mask, features.shape[1])
+    hidden = base.feature_projection(features)
+    hidden = hidden[0] if isinstance(hidden, tuple) else hidden  # wav2vec2: (hidden, normalised features)
+    if base.training and getattr(config, "apply_spec_augment", True) and \
+            (config.mask_time_prob > 0 or config.mask_feature_prob > 0):
+        hidden = base._mask_hidden_states(hidden, attention_mask=mask if give_mask else None)
+    attention = None
+    if give_mask:
+        hidden = torch.where(mask[..., None], hidden, 0.0)  # padded frames are zero, as in HF's encoder
+        attention = create_bidirectional_mask(config=encoder.config, inputs_embeds=hidden, attention_mask=mask,
+                                              allow_is_bidirectional_skip=False)
+    stable = type(encoder).__name__.endswith("StableLayerNorm")
+    hidden = hidden + encoder.pos_conv_embed(hidden)
+    if not stable:
+        hidden = encoder.layer_norm(hidden)
+    hidden = encoder.dropout(hidden)
+    states = [hidden] if hidden_states else None
+    layerdrop = encoder.training and config.layerdrop > 0.0 and not _synced(encoder)
+    for layer in encoder.layers:
+        if layerdrop and torch.rand([]) < config.layerdrop:  # drawn on the host, as HF does
+            continue
+        out = layer(hidden, attention_mask=attention)
+        hidden = out[0] if isinstance(out, tuple) else out
+        if states is not None:
+            states.append(hidden)
+    if stable:
+        hidden = encoder.layer_norm(hidden)
+    return hidden, mask, states
+
+
+def _conv_features(extractor, inputs):
+    """The convolutional feature encoder's forward. HF marks the input as requiring grad whenever it trains
+    (for reentrant checkpointing), which breaks ``torch.compile`` graphs; here only under checkpointing."""
+    layers = getattr(extractor, "conv_layers", None)
+    if layers is None:
+        return extractor(inputs)
+    hidden = inputs[:, None]
+    if getattr(extractor, "_requires_grad", False) and extractor.training and \
+            any(getattr(layer, "gradient_checkpointing", False) for layer in layers):
+        hidden.requires_grad = True
+    for layer in layers:
+        hidden = layer(hidden)
+    return hidden
+
+
+def _synced(encoder) -> bool:
+    """Under DeepSpeed ZeRO-3 or FSDP every rank runs every layer (HF skips layerdrop there)."""
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+    from transformers.integrations.fsdp import is_fsdp_managed_module
+
+    return bool(is_deepspeed_zero3_enabled() or is_fsdp_managed_module(encoder))
+
+
 def _wrap(hf_model, extractor, probe: bool):
+    """The model sertk trains: :func:`encode`, a masked mean (:func:`masked_mean`), then the checkpoint's
+    ``projector`` and ``classifier`` (pooling first: the projector is linear, so this equals HF's
+    projector-then-pool). State-dict keys are HF's under ``hf.`` (plus ``layer_weights`` for a probe)."""
     import torch
 
     class Wrapped(torch.nn.Module, SerModelMixin):
@@ -128,6 +237,9 @@ def _wrap(hf_model, extractor, probe: bool):
             self.hf = hf_model
             self.normalize = bool(getattr(extractor, "do_normalize", True))
             self.probe = probe
+            c = hf_model.config  # HF's layerdrop and masking leave some parameters without gradient on some steps
+            self.find_unused_parameters = bool(getattr(c, "layerdrop", 0) or getattr(c, "mask_time_prob", 0)
+                                               or getattr(c, "mask_feature_prob", 0))
             if probe:
                 n = hf_model.config.num_hidden_layers + 1
                 self.layer_weights = torch.nn.Parameter(torch.zeros(n))
@@ -138,19 +250,13 @@ def _wrap(hf_model, extractor, probe: bool):
             return Normalize(self.normalize)
 
         def forward(self, inputs, attention_mask=None):
-            if not self.probe:
-                return self.hf(input_values=inputs, attention_mask=attention_mask).logits
-            base = getattr(self.hf, self.hf.base_model_prefix)
-            out = base(input_values=inputs, attention_mask=attention_mask, output_hidden_states=True)
-            stack = torch.stack(out.hidden_states, dim=0)
-            hidden = (torch.softmax(self.layer_weights, 0)[:, None, None, None] * stack).sum(0)
-            hidden = self.hf.projector(hidden)
-            if attention_mask is not None:
-                mask = self.hf._get_feature_vector_attention_mask(hidden.shape[1], attention_mask)
-                pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
-            else:
-                pooled = hidden.mean(1)
-            return self.hf.classifier(pooled)
+            weights = self.layer_weights if self.probe else \
+                getattr(self.hf, "layer_weights", None) if getattr(self.hf.config, "use_weighted_layer_sum",
+                                                                   False) else None
+            hidden, mask, states = encode(self.hf, inputs, attention_mask, hidden_states=weights is not None)
+            if weights is not None:  # a learnable weighted sum of every layer (SUPERB style)
+                hidden = (torch.softmax(weights, 0)[:, None, None, None] * torch.stack(states, dim=0)).sum(0)
+            return self.hf.classifier(self.hf.projector(masked_mean(hidden, mask)))
 
     return Wrapped()
 
@@ -281,7 +387,9 @@ class Hubert(ModelPlugin):
         if self.options["freeze_feature_encoder"] and hasattr(model, "freeze_feature_encoder"):
             model.freeze_feature_encoder()
         if self.options["gradient_checkpointing"] and hasattr(model, "gradient_checkpointing_enable"):
-            model.gradient_checkpointing_enable()
+            # non-reentrant: correct under DDP without find_unused_parameters (transformers 5 renamed the method)
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable({"use_reentrant": False})
         if run_dir is not None:  # what rebuild() needs, offline: the config and the feature extractor
             model.config.save_pretrained(run_dir / "model")
             if extractor is not None:

@@ -63,22 +63,34 @@ class NeutralCopyPaste(Augmentation):
               min=0.0, max=100.0, unit="ms"),
     )
 
-    def apply(self, wave, rng, context=None):
+    def randomize(self, n, rng, context=None):
         if context is None or context.partners is None:
             raise SertkError("augmentation 'ncp' needs partner utterances",
                              "give it a training-split partner pool (or --partner FILE with 'sertk augment')")
         forced = context.extra.get("partner_id")
         if forced is not None:
-            partner_id, partner = forced, context.partners.load(forced)
+            partner_id = forced
         else:
-            partner_id, partner = context.partners.draw(rng, "neutral", exclude=context.utterance_id)
-        partner = np.asarray(partner, dtype=np.float32)
-        params = {"mode": self.options["mode"], "partner": partner_id,
-                  "input_emotion": context.emotion, "label": context.emotion}
+            partner_id = context.partners.pick(rng, "neutral", exclude=context.utterance_id)
+        plan = {"mode": self.options["mode"], "partner": partner_id, "input_emotion": context.emotion,
+                "label": context.emotion, "_partner_samples": context.partners.size(partner_id)}
         if self.options["mode"] == "concat":
-            first = "input" if rng.random() < 0.5 else "partner"
-            parts = [wave, partner] if first == "input" else [partner, wave]
-            return np.concatenate(parts), {**params, "first": first}
+            plan["first"] = "input" if rng.random() < 0.5 else "partner"
+        return plan
+
+    def output_length(self, n, plan):
+        m = plan["_partner_samples"]
+        return n + m if plan["mode"] == "concat" else m - m // 3 + min(m // 3, n)
+
+    def apply_params(self, wave, plan, context=None):
+        if context is None or context.partners is None:
+            raise SertkError("augmentation 'ncp' needs partner utterances",
+                             "give it a training-split partner pool (or --partner FILE with 'sertk augment')")
+        partner = np.asarray(context.partners.load(plan["partner"]), dtype=np.float32)
+        params = {k: plan[k] for k in ("mode", "partner", "input_emotion", "label")}
+        if plan["mode"] == "concat":
+            parts = [wave, partner] if plan["first"] == "input" else [partner, wave]
+            return np.concatenate(parts), {**params, "first": plan["first"]}
         out, info = paste_middle(partner, wave, int(self.options["crossfade_ms"] * RATE / 1000))
         return out, {**params, **info}
 

@@ -94,25 +94,51 @@ class Noise(Augmentation):
             raise ParameterError(f"augmentation 'noise': noise_dir {self.options['noise_dir']} is not a folder",
                                  "point it at a folder of noise recordings")
 
-    def _noise(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
-        if self.options["noise_dir"] is None:
-            return rng.standard_normal(n), {"noise": "white"}
-        files = _noise_files(str(self.options["noise_dir"]))
-        path = files[int(rng.integers(len(files)))]
-        source = _noise_audio(path)
-        if source.size == 0:
-            return rng.standard_normal(n), {"noise": "white"}
-        start = int(rng.integers(source.size))
-        idx = (start + np.arange(n)) % source.size  # crop, looping when too short
-        noise = source[idx].astype(np.float64)
-        return noise / (noise.std() + 1e-12), {"noise": Path(path).name, "noise_offset_s": start / 16000}
+    keeps_length = True
 
-    def apply(self, wave, rng, context=None):
-        noise, info = self._noise(wave.size, rng)
+    def randomize(self, n, rng, context=None):
+        """The noise source (white: the generator's state, then its n draws skipped; a file and an offset),
+        then the level or SNR: the draws of the one-step noise, in its order."""
+        if self.options["noise_dir"] is None:
+            plan = self._white(n, rng)
+        else:
+            files = _noise_files(str(self.options["noise_dir"]))
+            path = files[int(rng.integers(len(files)))]
+            size = _noise_audio(path).size
+            if size == 0:
+                plan = self._white(n, rng)
+            else:
+                start = int(rng.integers(size))
+                plan = {"noise": Path(path).name, "noise_offset_s": start / 16000, "_path": path, "_start": start}
         if self.options["mode"] == "level":
-            level = pick(rng, self.options["level"], self.options["levels"], None)
+            plan["_level"] = pick(rng, self.options["level"], self.options["levels"], None)
+        else:
+            plan["_snr"] = pick(rng, self.options["snr_db"], None, self.options["snr_range"])
+        return plan
+
+    @staticmethod
+    def _white(n: int, rng: np.random.Generator) -> dict:
+        state = rng.bit_generator.state
+        rng.standard_normal(n)  # advanced as the one-step call advances it; apply_params draws them again
+        return {"noise": "white", "_state": state}
+
+    def _noise(self, n: int, plan) -> np.ndarray:
+        if plan["noise"] == "white" and "_state" in plan:
+            bits = getattr(np.random, plan["_state"]["bit_generator"])()
+            bits.state = plan["_state"]
+            return np.random.Generator(bits).standard_normal(n)
+        source = _noise_audio(plan["_path"])
+        idx = (plan["_start"] + np.arange(n)) % source.size  # crop, looping when too short
+        noise = source[idx].astype(np.float64)
+        return noise / (noise.std() + 1e-12)
+
+    def apply_params(self, wave, plan, context=None):
+        noise = self._noise(wave.size, plan)
+        info = {k: v for k, v in plan.items() if not k.startswith("_")}
+        if self.options["mode"] == "level":
+            level = plan["_level"]
             return (wave + level * noise).astype(np.float32), {"mode": "level", "level": level, **info}
-        snr = pick(rng, self.options["snr_db"], None, self.options["snr_range"])
+        snr = plan["_snr"]
         signal_power = active_power(wave)
         noise_power = float(np.mean(noise ** 2))
         if signal_power <= 0 or noise_power <= 0:

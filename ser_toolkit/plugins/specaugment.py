@@ -17,6 +17,8 @@ units: ``time_masks_s`` ([start, end] in seconds, frame centres) and
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 
 from ser_toolkit import hookimpl
@@ -86,9 +88,11 @@ class SpecAugment(Augmentation):
               unit="frames (10 ms)"),
     )
 
-    def apply(self, wave, rng, context=None):
-        spec = stft(wave)
-        n_bins, n_frames = spec.shape
+    keeps_length = True
+
+    def randomize(self, n, rng, context=None):
+        n_frames = 1 + n // HOP  # librosa.stft(center=True) frames of an n-sample input (any n >= 1)
+        n_bins = N_FFT // 2 + 1
         freqs = np.arange(n_bins) * RATE / N_FFT
         o = self.options
         params: dict = {"T": None, "F": None, "time_masks": [], "freq_masks": [], "time_masks_s": [],
@@ -97,7 +101,6 @@ class SpecAugment(Augmentation):
             w = o["time_warp"]
             center = int(rng.integers(w, n_frames - w))
             shift = int(rng.integers(-w, w + 1))
-            spec = _warp(spec, center, shift)
             params["time_warp"] = {"center_frame": center, "shift_frames": shift}
         T = int(o["time_mask"][int(rng.integers(len(o["time_mask"])))])
         F = int(o["freq_mask"][int(rng.integers(len(o["freq_mask"])))])
@@ -106,7 +109,6 @@ class SpecAugment(Augmentation):
         for _ in range(o["n_time_masks"]):
             t = int(rng.integers(0, t_max + 1))
             t0 = int(rng.integers(0, n_frames - t + 1))
-            spec[:, t0:t0 + t] = 0
             params["time_masks"].append([t0, t0 + t])
             params["time_masks_s"].append([t0 * HOP / RATE, (t0 + t) * HOP / RATE])
         n_bands = o["n_mels"] if o["scale"] == "mel" else n_bins
@@ -116,15 +118,28 @@ class SpecAugment(Augmentation):
             f0 = int(rng.integers(0, n_bands - f + 1))
             if edges is not None:
                 lo, hi = float(edges[f0]), float(edges[f0 + f])
-                rows = (freqs >= lo) & (freqs < hi) if f else np.zeros(n_bins, bool)
             else:
                 lo, hi = float(freqs[f0]) if f else 0.0, float(freqs[f0 + f - 1]) if f else 0.0
-                rows = np.zeros(n_bins, bool)
-                rows[f0:f0 + f] = True
-            spec[rows, :] = 0
             params["freq_masks"].append([f0, f0 + f])
             params["freq_masks_hz"].append([lo, hi])
-        return istft(spec, wave.size).astype(np.float32), params
+        return params
+
+    def apply_params(self, wave, plan, context=None):
+        spec = stft(wave)
+        n_bins = spec.shape[0]
+        freqs = np.arange(n_bins) * RATE / N_FFT
+        if "time_warp" in plan:
+            spec = _warp(spec, plan["time_warp"]["center_frame"], plan["time_warp"]["shift_frames"])
+        for t0, t1 in plan["time_masks"]:
+            spec[:, t0:t1] = 0
+        for (f0, f1), (lo, hi) in zip(plan["freq_masks"], plan["freq_masks_hz"]):
+            if self.options["scale"] == "mel":
+                rows = (freqs >= lo) & (freqs < hi) if f1 > f0 else np.zeros(n_bins, bool)
+            else:
+                rows = np.zeros(n_bins, bool)
+                rows[f0:f1] = True
+            spec[rows, :] = 0
+        return istft(spec, wave.size).astype(np.float32), copy.deepcopy(dict(plan))
 
 
 @hookimpl

@@ -32,10 +32,16 @@ class TimeStretch(Augmentation):
     def check_options(self) -> None:
         check_range(f"augmentation '{self.name}'", "rate_range", self.options["rate_range"])
 
-    def apply(self, wave, rng, context=None):
+    def randomize(self, n, rng, context=None):
+        return {"rate": pick(rng, self.options["rate"], self.options["rates"], self.options["rate_range"])}
+
+    def output_length(self, n, plan):
+        return n if plan["rate"] == 1.0 else max(1, int(round(n / plan["rate"])))
+
+    def apply_params(self, wave, plan, context=None):
         import librosa
 
-        rate = pick(rng, self.options["rate"], self.options["rates"], self.options["rate_range"])
+        rate = plan["rate"]
         if rate == 1.0:
             return wave.copy(), {"rate": rate}
         target = int(round(wave.size / rate))

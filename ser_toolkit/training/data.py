@@ -5,13 +5,20 @@ higher sources are materialised augmented sets (offline mode); ``copy >= 0``
 marks an on-the-fly augmented version (online mode). Every random choice (order,
 augmentation, crop) is seeded by (seed, epoch, utterance id), so an epoch is the
 same whatever the worker count, and a resumed run repeats it exactly.
+
+One DataLoader serves a whole run (:func:`train_loader`): persistent workers, and
+an :class:`EpochBatches` sampler whose indices carry their epoch. With a budget of
+audio seconds (``batch_seconds``) an epoch's batches are formed on the lengths its
+items will have (:meth:`TrainItems.epoch_lengths`: augmentation plans sampled
+first, output lengths computed from them, crops applied), and the workers then
+render those very plans.
 """
 
 from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -48,44 +55,92 @@ class TrainItems:
         return len(self.items)
 
     def lengths(self) -> np.ndarray:
+        """Samples of each item's stored audio (before augmentation and crops)."""
         return np.array([self.readers[r].lengths[i] for r, i, _ in self.items], dtype=np.int64)
+
+    def _context(self, k: int) -> AugmentContext:
+        r, i, _ = self.items[k]
+        reader = self.readers[r]
+        return AugmentContext(utterance_id=reader.ids[i], emotion=reader.utterance(i).emotion,
+                              partners=self.partners)
+
+    def plan(self, k: int, epoch: int | None = None) -> dict[str, Any] | None:
+        """The augmentation plan of item ``k`` in ``epoch`` (None if not augmented on the fly).
+
+        Seeded by (seed, utterance id, epoch, copy), as the one-step call was: any process gets the same plan.
+        """
+        r, i, copy = self.items[k]
+        if copy < 0 or self.augmentation is None:
+            return None
+        reader = self.readers[r]
+        rng = utterance_seed(self.seed, reader.ids[i], "online", self.epoch if epoch is None else epoch, copy)
+        return self.augmentation.plan(int(reader.lengths[i]), rng, self._context(k))
+
+    def epoch_lengths(self, epoch: int) -> np.ndarray:
+        """Samples each item will have in ``epoch``: after its online augmentation and the ``max_samples`` crop.
+
+        Lengths come from the epoch's plans (:meth:`plan`) without processing audio; an augmentation that
+        cannot tell its output length (a one-step plugin, no ``randomize``/``keeps_length``) is rendered
+        here to learn it, in this process (slow: worth avoiding for large sets).
+        """
+        out = self.lengths()
+        aug = self.augmentation
+        if aug is not None and not aug.keeps_length:
+            for k, (r, i, copy) in enumerate(self.items):
+                if copy < 0 or (self.memo is not None and k in self.memo):
+                    continue
+                plan = self.plan(k, epoch)
+                n = aug.planned_length(int(out[k]), plan)
+                if n is None:
+                    n = aug.render(self.readers[r].wave(i), plan, self._context(k))[0].size
+                out[k] = n
+            if self.partners is not None:
+                self.partners.drawn.clear()
+        if self.max_samples is not None:
+            out = np.minimum(out, self.max_samples)
+        return out
 
     def labels(self) -> np.ndarray:
         return np.array([self.readers[r].labels[i] for r, i, _ in self.items], dtype=np.int64)
 
-    def raw(self, k: int) -> tuple[np.ndarray, int, dict[str, Any]]:
-        """Item ``k`` before featurisation: (wave, label, log entry)."""
+    def raw(self, k: int, epoch: int | None = None) -> tuple[np.ndarray, int, dict[str, Any]]:
+        """Item ``k`` of ``epoch`` (default: :attr:`epoch`) before featurisation: (wave, label, log entry).
+
+        An online augmentation renders the item's :meth:`plan`: the one-step call's very audio, of the length
+        :meth:`epoch_lengths` predicted.
+        """
+        epoch = self.epoch if epoch is None else epoch
         r, i, copy = self.items[k]
         reader = self.readers[r]
         uid = reader.ids[i]
         wave = reader.wave(i)
-        entry: dict[str, Any] = {"id": uid, "epoch": self.epoch}
+        entry: dict[str, Any] = {"id": uid, "epoch": epoch}
         if r > 0:
             entry["set"] = reader.path.stem
         if copy >= 0 and self.augmentation is not None:
-            u = reader.utterance(i)
-            rng = utterance_seed(self.seed, uid, "online", self.epoch, copy)
-            wave, params = self.augmentation(wave, rng, AugmentContext(utterance_id=uid, emotion=u.emotion,
-                                                                        partners=self.partners))
+            if self.partners is not None:
+                self.partners.drawn.clear()  # nothing reads it here: bounded over a run
+            wave, params = self.augmentation.render(wave, self.plan(k, epoch), self._context(k))
             entry.update(copy=copy, params=params)
         if self.max_samples is not None and wave.size > self.max_samples:
-            rng = utterance_seed(self.seed, uid, "crop", self.epoch, copy)
+            rng = utterance_seed(self.seed, uid, "crop", epoch, copy)
             start = int(rng.integers(0, wave.size - self.max_samples + 1))
             wave = wave[start:start + self.max_samples]
             entry["crop_start"] = start
         return wave, int(reader.labels[i]), entry
 
-    def __getitem__(self, k: int) -> tuple[np.ndarray, int, dict[str, Any] | None] | SertkError:
-        """Item ``k``: (features, label, log entry or None).
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[np.ndarray, int, dict[str, Any] | None] | SertkError:
+        """Item ``k`` or ``(epoch, k)`` (what :class:`EpochBatches` yields): (features, label, log entry or None).
 
         In a DataLoader worker a :class:`SertkError` is *returned*, not raised: torch would re-raise it in
         the main process as a multi-line traceback; :class:`Collate` passes it on as the batch and the
         training loop raises the original.
         """
+        epoch, k = (int(key[0]), int(key[1])) if isinstance(key, tuple) else (self.epoch, key)
         try:
             if self.memo is not None and k in self.memo:
                 return self.memo[k], int(self.readers[self.items[k][0]].labels[self.items[k][1]]), None
-            wave, label, entry = self.raw(k)
+            wave, label, entry = self.raw(k, epoch)
             x = self.featurize(wave) if self.featurize is not None else wave
             return x, label, entry if (self.log and "params" in entry) else None
         except SertkError as exc:
@@ -95,29 +150,147 @@ class TrainItems:
 
 
 def bucket_batches(lengths: Sequence[int], batch_size: int, seed: int, epoch: int, bucket: bool = True,
-                   rank: int = 0, world: int = 1, chunk: int = 50) -> list[list[int]]:
+                   rank: int = 0, world: int = 1, chunk: int = 50, budget: int | None = None) -> list[list[int]]:
     """Batches of similar lengths, in a seeded random order (the same on every rank).
 
     Indices are shuffled, cut into chunks of ``chunk`` batches, sorted by
     length within each chunk and cut into batches; the batches are shuffled. With
-    ``world > 1`` rank ``r`` gets batches ``r, r + world, ...``, truncated so every
-    rank takes the same number of steps.
+    ``budget`` (samples) a batch takes items in that order while its padded size
+    (longest × count) stays within the budget, at most ``batch_size`` of them (an
+    item longer than the budget gets a batch of its own); without, every batch
+    has ``batch_size`` items. With ``world > 1`` rank ``r`` gets batches
+    ``r, r + world, ...``, truncated so every rank takes the same number of steps.
     """
     rng = np.random.default_rng([seed, epoch, 7919])
     order = rng.permutation(len(lengths))
-    lengths = np.asarray(lengths)
+    lengths = np.asarray(lengths, dtype=np.int64)
     batches: list[list[int]] = []
-    step = batch_size * chunk if bucket else len(order)
+    per_batch = batch_size
+    if budget is not None and len(lengths):
+        per_batch = max(1, min(batch_size, int(budget // max(1.0, float(lengths.mean())))))
+    step = max(1, per_batch * chunk if bucket else len(order))
     for start in range(0, len(order), step):
         part = order[start:start + step]
         if bucket:
             part = part[np.argsort(lengths[part], kind="stable")]
-        batches += [part[i:i + batch_size].tolist() for i in range(0, len(part), batch_size)]
+        if budget is None:
+            batches += [part[i:i + batch_size].tolist() for i in range(0, len(part), batch_size)]
+        else:
+            batches += _fill(part, lengths, budget, batch_size)
     batches = [batches[i] for i in rng.permutation(len(batches))]
     if world > 1:
         usable = len(batches) // world * world
         batches = batches[:usable][rank::world]
     return batches
+
+
+def _fill(part: np.ndarray, lengths: np.ndarray, budget: int, cap: int) -> list[list[int]]:
+    """``part`` cut in order into batches of padded size (longest × count) <= ``budget``, count <= ``cap``."""
+    batches: list[list[int]] = []
+    batch: list[int] = []
+    longest = 0
+    for k in part.tolist():
+        n = int(lengths[k])
+        if batch and (len(batch) >= cap or (len(batch) + 1) * max(longest, n) > budget):
+            batches.append(batch)
+            batch, longest = [], 0
+        batch.append(k)
+        longest = max(longest, n)
+    if batch:
+        batches.append(batch)
+    return batches
+
+
+def padding_efficiency(lengths: Sequence[int], batches: Sequence[Sequence[int]]) -> float:
+    """Real samples / padded samples (each batch padded to its longest item) over ``batches``."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    real = sum(int(lengths[b].sum()) for b in batches if len(b))
+    padded = sum(int(lengths[b].max()) * len(b) for b in batches if len(b))
+    return real / padded if padded else 1.0
+
+
+class EpochBatches:
+    """The batch sampler of a whole run: :meth:`set_epoch` forms that epoch's batches.
+
+    It yields lists of ``(epoch, item)``: a persistent worker's copy of the dataset
+    then augments for the epoch the batch belongs to. With ``batch_seconds`` the
+    batches are formed on :meth:`TrainItems.epoch_lengths`; without, on the stored
+    lengths (fixed ``batch_size`` batches, as before ``batch_seconds`` existed).
+    """
+
+    def __init__(self, data: TrainItems, batch_size: int, seed: int, bucket: bool = True, rank: int = 0,
+                 world: int = 1, batch_seconds: float | None = None, sample_rate: int = 16000) -> None:
+        self.data, self.batch_size, self.seed, self.bucket = data, batch_size, seed, bucket
+        self.rank, self.world = rank, world
+        self.budget = None if batch_seconds is None else max(1, int(round(batch_seconds * sample_rate)))
+        self.epoch = 0
+        self._formed: tuple[np.ndarray, list[list[int]]] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self._formed = epoch, None
+
+    def _form(self) -> tuple[np.ndarray, list[list[int]]]:
+        if self._formed is None:
+            lengths = self.data.lengths() if self.budget is None else self.data.epoch_lengths(self.epoch)
+            self._formed = lengths, bucket_batches(lengths, self.batch_size, self.seed, self.epoch, self.bucket,
+                                                   self.rank, self.world, budget=self.budget)
+        return self._formed
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """The item lengths this epoch's batches are formed on."""
+        return self._form()[0]
+
+    @property
+    def batches(self) -> list[list[int]]:
+        """This epoch's batches (of this rank) as item indices."""
+        return self._form()[1]
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch = self.epoch
+        for batch in self.batches:
+            yield [(epoch, k) for k in batch]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def loader_context() -> str:
+    """Start method of loader workers: ``forkserver`` once CUDA is initialised (a forked CUDA context is
+    unusable and unsafe), else ``fork`` (no pickling, nothing re-imported: cheapest), ``spawn`` without fork."""
+    import multiprocessing as mp
+
+    import torch
+
+    methods = mp.get_all_start_methods()
+    if torch.cuda.is_initialized() or "fork" not in methods:
+        return "forkserver" if "forkserver" in methods else "spawn"
+    return "fork"
+
+
+def train_loader(data: TrainItems, sampler: EpochBatches, collate: "Collate", workers: int,
+                 pin_memory: bool = False):
+    """The run's one DataLoader: ``workers`` persistent processes (started on the first epoch, kept to the end).
+
+    It has a generator of its own: starting an epoch never draws from torch's global one (which the loop seeds
+    per epoch for dropout), so a run is the same with any worker count.
+    """
+    import torch
+
+    return torch.utils.data.DataLoader(data, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
+                                       pin_memory=pin_memory, persistent_workers=workers > 0,
+                                       multiprocessing_context=loader_context() if workers > 0 else None,
+                                       generator=torch.Generator().manual_seed(0))
+
+
+def close_loader(loader: Any) -> None:
+    """Stop a loader's persistent workers now (else they live until the loader is garbage-collected)."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()
+    if loader is not None:
+        loader._iterator = None
 
 
 @dataclass

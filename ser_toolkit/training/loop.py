@@ -1,11 +1,22 @@
 """The training loop: one loop for every model plugin, GPU-efficient, reproducible, resumable.
 
-- Batches of similar lengths (bucketing), attention masks, dynamic padding.
-- On CUDA: bf16 autocast where supported, TF32, fused AdamW, pinned memory,
-  non-blocking copies; the loss is accumulated on the device and read back only
-  when logging.
-- Loader workers read the cache and augment in parallel.
-- ``torchrun --nproc_per_node N`` runs DistributedDataParallel (gloo on CPU).
+- Batches of similar lengths (bucketing), attention masks, dynamic padding; with
+  ``--batch-seconds`` filled up to a budget of padded audio, on the lengths each
+  epoch's augmentation will produce (its plans are sampled first).
+- On CUDA: bf16 autocast where the GPU computes bf16 natively, else fp16 autocast
+  with a gradient scaler (its state is resumed; ``precision`` in train_summary.json),
+  TF32, fused AdamW, pinned memory, non-blocking copies; the loss is accumulated on
+  the device and read back only when logging. CPU trains in fp32.
+- Loader workers read the cache and augment in parallel: one loader per run, its
+  workers persistent (fork; forkserver once CUDA is initialised).
+- ``torchrun --nproc_per_node N`` runs DistributedDataParallel (NCCL on CUDA, each
+  rank on its own GPU; gloo on CPU): gradients are all-reduced only on the
+  micro-batch an optimizer step follows (``no_sync``), unused parameters are searched
+  for only when the model says some may get no gradient (``find_unused_parameters``,
+  e.g. layerdrop), dropout is seeded per rank, validation is sharded across ranks
+  and gathered on rank 0, which alone decides (best epoch, early stopping) and
+  broadcasts, so every rank runs the same epochs; rank 0 alone writes, and the
+  ranks wait for its snapshot after each epoch and for the seal at the end.
 - Bounded checkpoints: after each epoch a CPU snapshot of the resumable state
   (model, optimizer, scheduler, epoch) is written off the training thread and
   replaces the previous one; the best weights are written when validation
@@ -73,7 +84,113 @@ def _device(name: str, local_rank: int):
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise SertkError("--device cuda asked for, but no GPU is available", "use --device cpu or auto")
-    return torch.device(name)
+    return torch.device(f"cuda:{local_rank}" if name == "cuda" else name)  # under torchrun: each rank its GPU
+
+
+def _init_distributed(device) -> bool:
+    """Join torchrun's process group (NCCL on CUDA, gloo on CPU); True when this call created it.
+
+    The rank's GPU is made current first, so NCCL and the object collectives use it, not GPU 0.
+    """
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if torch.distributed.is_initialized():
+        return False
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return True
+
+
+def precision_for(device_type: str, mixed: bool, bf16_native: bool) -> str:
+    """The training precision: ``bf16`` autocast on GPUs that compute bf16 natively (Ampere and later), else
+    ``fp16`` autocast with a gradient scaler; ``fp32`` on CPU and MPS, and with ``--no-bf16``."""
+    if device_type != "cuda" or not mixed:
+        return "fp32"
+    return "bf16" if bf16_native else "fp16"
+
+
+def _bf16_native() -> bool:
+    """Whether the current GPU computes bf16 natively (``is_bf16_supported`` alone also counts emulation)."""
+    import torch
+
+    try:
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    except TypeError:  # torch < 2.4 has no emulation flag
+        return torch.version.hip is not None or torch.cuda.get_device_capability() >= (8, 0)
+
+
+def _grad_scaler(enabled: bool):
+    """A CUDA gradient scaler (fp16 autocast); disabled, its calls pass through."""
+    import torch
+
+    amp = getattr(torch, "amp", None)
+    if amp is not None and hasattr(amp, "GradScaler"):
+        return amp.GradScaler("cuda", enabled=enabled)
+    return torch.cuda.amp.GradScaler(enabled=enabled)  # torch < 2.3
+
+
+def _broadcast(obj: Any, distributed: bool) -> Any:
+    """Rank 0's ``obj`` on every rank (every rank waits for rank 0 here)."""
+    if not distributed:
+        return obj
+    import torch
+
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _gather_text(text: str, distributed: bool) -> str:
+    """Every rank's ``text``, concatenated in rank order, on rank 0 (other ranks get '')."""
+    if not distributed:
+        return text
+    import torch
+
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    parts: list[Any] | None = [None] * world if rank == 0 else None
+    torch.distributed.gather_object(text, parts, dst=0)
+    return "".join(parts) if parts is not None else ""
+
+
+def _check_same_steps(steps: int, distributed: bool) -> None:
+    """Every rank must take the same number of steps, or DDP's all-reduces wait forever."""
+    if not distributed:
+        return
+    import torch
+
+    counts = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(counts, steps)
+    if len(set(counts)) > 1:
+        raise SertkError(f"the ranks would take different numbers of steps this epoch ({counts}); DDP would hang",
+                         "report this bug; train on one process meanwhile")
+
+
+def validate(model, featurize, reader, rows: list[int], features: Any, batch_size: int, device,
+             rank: int = 0, world: int = 1) -> dict[str, Any] | None:
+    """Validation metrics (``valid_accuracy``, ``valid_uar``...), sharded across ranks.
+
+    Rank ``r`` predicts rows ``r, r + world, ...`` (from ``features``, the cached features of ``rows``, when
+    given); the probabilities are gathered on rank 0, which alone computes the metrics (other ranks get None).
+    """
+    from ser_toolkit.evaluation import compute_metrics, predict_features, predict_rows
+
+    if features is not None:
+        probs = predict_features(model, list(features)[rank::world], batch_size, device)
+    else:
+        probs = predict_rows(model, featurize, reader, rows[rank::world], batch_size, device)
+    if world > 1:
+        import torch
+
+        parts: list[Any] | None = [None] * world if rank == 0 else None
+        torch.distributed.gather_object(probs, parts, dst=0)
+        if rank != 0:
+            return None
+        probs = np.zeros((len(rows), probs.shape[1]), dtype=np.float32)
+        for r, part in enumerate(parts):
+            probs[r::world] = part
+    metrics = compute_metrics(reader.labels[rows], probs.argmax(1))
+    return {f"valid_{k}": metrics[k] for k in ("accuracy", "weighted_f1", "macro_f1", "uar")}
 
 
 def _lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
@@ -102,8 +219,10 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-def epoch_seed(seed: int, epoch: int) -> int:
-    return (seed * 1_000_003 + epoch * 7919 + 17) % (2**31)
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """The global generators' seed of an epoch on a rank (dropout, HF's masks and layerdrop differ between
+    ranks); rank 0's is the single-process seed."""
+    return (seed * 1_000_003 + epoch * 7919 + rank * 104_729 + 17) % (2**31)
 
 
 @dataclass
@@ -240,19 +359,16 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = F
     """
     import torch
 
-    from ser_toolkit.evaluation import compute_metrics, evaluate_rows, predict_features
     from ser_toolkit.registry import get
     from ser_toolkit.training import runs
-    from ser_toolkit.training.data import Collate, bucket_batches, featurize_all
+    from ser_toolkit.training.data import Collate, EpochBatches, close_loader, featurize_all, train_loader
 
     cfg.validate()
     rank, world, local_rank = _dist()
     distributed = world > 1
     device = _device(cfg.device, local_rank)
-    if distributed and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    created_group = distributed and _init_distributed(device)
     if device.type == "cuda":
-        torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     main_process = rank == 0
@@ -308,7 +424,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = F
     clean_feats = [train_items[k][0] for k in range(len(train_items)) if train_items.items[k][0] == 0
                    and train_items.items[k][2] < 0] if model.static_features else []
     model.prepare(clean_feats)
-    # all inputs already in memory: worker processes would only add start-up cost every epoch
+    # all inputs already in memory: worker processes would only add their start-up cost
     loader_workers = 0 if train_items.memo is not None and len(train_items.memo) == len(train_items) else cfg.workers
     model.to(device)
     threads = torch.get_num_threads()
@@ -317,31 +433,40 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = F
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   fused=device.type == "cuda")
-    lengths = train_items.lengths()
-    steps_per_epoch = math.ceil(len(bucket_batches(lengths, cfg.batch_size, cfg.seed, 0, cfg.bucket, rank, world))
-                                / cfg.grad_accum)
+    # one loader per run (persistent workers); its sampler forms each epoch's batches (by --batch-seconds: on
+    # the lengths that epoch's augmentation produces) and tags every index with its epoch
+    sampler = EpochBatches(train_items, cfg.batch_size, cfg.seed, cfg.bucket, rank, world, cfg.batch_seconds,
+                           data.reader.sample_rate)
+    loader = None
+    steps_per_epoch = math.ceil(len(sampler) / cfg.grad_accum)  # epoch 0's (--batch-seconds: varies a little)
     total_steps = steps_per_epoch * cfg.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_lambda(cfg.schedule, int(cfg.warmup * total_steps), total_steps))
+    precision = precision_for(device.type, cfg.bf16, device.type == "cuda" and _bf16_native())
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    scaler = _grad_scaler(precision == "fp16")
+    patience_left = cfg.early_stopping
     if ckpt_path is not None:
         state = runs.load_checkpoint(ckpt_path, run_id)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):  # fp16: the loss scale reached so far
+            scaler.load_state_dict(state["scaler"])
         start_epoch, best, history = state["epoch"] + 1, state["best"], state["history"]
+        patience_left = state.get("patience_left", patience_left)
         step_log = state.get("steps", [])
     net = model
-    if distributed:
-        # HuBERT's layerdrop and masking leave some parameters without gradient on some steps
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if device.type == "cuda"
-                                                        else None, find_unused_parameters=True)
+    ddp = None
+    if distributed:  # unused-parameter search (a graph walk every step) only for models that need it
+        net = ddp = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None,
+            find_unused_parameters=bool(getattr(model, "find_unused_parameters", False)))
     if cfg.compile:
         net = torch.compile(net)
     loss_fn = torch.nn.CrossEntropyLoss(weight=None if (w := _class_weights(train_items.labels(), cfg.class_weights))
                                         is None else w.to(device))
-    use_bf16 = cfg.bf16 and device.type == "cuda" and torch.cuda.is_bf16_supported()
     collate = Collate(model.input_kind)
-    patience_left = cfg.early_stopping
     writer = runs.CheckpointWriter(run_dir)
     progress = None
     if main_process and not quiet:
@@ -353,13 +478,12 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = F
         progress.start()
     try:
         for epoch in range(start_epoch, cfg.epochs):
-            _seed_everything(epoch_seed(cfg.seed, epoch))
+            _seed_everything(epoch_seed(cfg.seed, epoch, rank))
             train_items.set_epoch(epoch)
-            batches = bucket_batches(lengths, cfg.batch_size, cfg.seed, epoch, cfg.bucket, rank, world)
-            loader = torch.utils.data.DataLoader(
-                train_items, batch_sampler=batches, collate_fn=collate, num_workers=loader_workers,
-                pin_memory=device.type == "cuda", persistent_workers=False,
-                multiprocessing_context="fork" if loader_workers > 0 else None)
+            sampler.set_epoch(epoch)
+            batches = sampler.batches
+            if loader is None:  # started once: its workers serve every epoch
+                loader = train_loader(train_items, sampler, collate, loader_workers, device.type == "cuda")
             net.train()
             loss_sum = torch.zeros((), device=device)
             step_losses = []
@@ -367,6 +491,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = F
             task = progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(batches), loss=0.0, rate=0.0) \
                 if progress else None
             optimizer.zero_grad(set_to_none=True)
+            _check_same_steps(len(batches), distributed)
             for step, batch in enumerate(loader):
                 if isinstance(batch, SertkError):  # raised in a loader worker (see TrainItems.__getitem__)
                     raise batch
@@ -374,12 +499,16 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = F
                 inputs = inputs.to(device, non_blocking=True)
                 mask = mask.to(device, non_blocking=True) if mask is not None else None
                 labels = labels.to(device, non_blocking=True)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    logits = net(inputs, mask)
-                loss = loss_fn(logits.float(), labels)
-                (loss / cfg.grad_accum).backward()
-                if (step + 1) % cfg.grad_accum == 0 or step + 1 == len(batches):
-                    optimizer.step()
+                update = (step + 1) % cfg.grad_accum == 0 or step + 1 == len(batches)
+                # DDP all-reduces the gradients only on the micro-batch whose step follows
+                with ddp.no_sync() if ddp is not None and not update else contextlib.nullcontext():
+                    with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+                        logits = net(inputs, mask)
+                    loss = loss_fn(logits.float(), labels)
+                    scaler.scale(loss / cfg.grad_accum).backward()
+                if update:
+                    scaler.step(optimizer)  # fp16: skipped when the gradients overflowed
+                    scaler.update()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                 loss_sum += loss.detach() * labels.numel()
@@ -392,60 +521,67 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = F
                     progress.update(task, completed=step + 1, loss=float(loss_sum) / max(n_seen, 1),
                                     rate=n_seen * world / max(elapsed, 1e-9))
             if step_losses:
-                step_log += [[epoch + 1, j + 1, v] for j, v in enumerate(torch.stack(step_losses).float().cpu().tolist())]
+                losses = torch.stack(step_losses).float()
+                if distributed:  # the ranks take the same steps: each step's loss is the mean over ranks
+                    torch.distributed.all_reduce(losses)
+                    losses /= world
+                step_log += [[epoch + 1, j + 1, v] for j, v in enumerate(losses.cpu().tolist())]
             if distributed:
                 torch.distributed.all_reduce(loss_sum)
             seconds = time.perf_counter() - t0
             row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": float(loss_sum) / max(n_seen * world, 1),
                                    "lr": scheduler.get_last_lr()[0], "utterances_per_s": n_seen * world / seconds,
                                    "seconds": seconds}
-            if data.valid_rows and main_process and valid_x is not None:
-                probs = predict_features(model, list(valid_x), cfg.batch_size, device)
-                metrics = compute_metrics(data.reader.labels[data.valid_rows], probs.argmax(1))
-                row.update({f"valid_{k}": metrics[k] for k in ("accuracy", "weighted_f1", "macro_f1", "uar")})
-            elif data.valid_rows and main_process:
-                metrics = evaluate_rows(model, featurize, data.reader, data.valid_rows, cfg.batch_size, device)
-                row.update({f"valid_{k}": metrics[k] for k in ("accuracy", "weighted_f1", "macro_f1", "uar")})
+            if data.valid_rows:  # every rank predicts its share; rank 0 gets the metrics
+                row.update(validate(model, featurize, data.reader, data.valid_rows, valid_x, cfg.batch_size, device,
+                                    rank, world) or {})
+            aug_log = _gather_text(log_lines.getvalue(), distributed)
+            decision = None
+            if main_process:  # decided once, on rank 0, and broadcast: every rank takes the same epochs
+                score = row.get(f"valid_{cfg.select_metric}", epoch)  # no validation: the last epoch is the best
+                improved = score > best
+                decision = (row, improved, max(score, best), cfg.early_stopping if improved else patience_left - 1)
+            row, improved, best, patience_left = _broadcast(decision, distributed)
+            stop = bool(cfg.early_stopping and patience_left <= 0 and data.valid_rows)
             history.append(row)
-            score = row.get(f"valid_{cfg.select_metric}", epoch)  # no validation: the last epoch is the best
-            improved = score > best
-            if improved:
-                best = score
             if main_process:
-                if log_lines.getvalue():
-                    write_text(run_dir / "aug_log" / f"epoch-{epoch + 1:03d}.jsonl", log_lines.getvalue())
+                if aug_log:
+                    write_text(run_dir / "aug_log" / f"epoch-{epoch + 1:03d}.jsonl", aug_log)
                 live = model.state_dict()
                 weights = runs.cpu_copy(live)  # a snapshot: the writer thread saves it while training goes on
                 state = {"model": weights, "optimizer": runs.cpu_copy(optimizer.state_dict()),
-                         "scheduler": copy.deepcopy(scheduler.state_dict()), "epoch": epoch, "best": best,
+                         "scheduler": copy.deepcopy(scheduler.state_dict()), "scaler": scaler.state_dict(),
+                         "epoch": epoch, "best": best, "patience_left": patience_left,
                          "history": copy.deepcopy(history), "steps": list(step_log), "config": asdict(cfg),
                          "run_id": run_id}
                 best_weights = None
                 if improved and data.valid_rows:  # without validation the last epoch's are written at the end
                     best_weights = ({k: weights[k] for k in runs.unique_names(live)},
-                                    {"run_id": run_id, "epoch": epoch + 1, "score": score,
+                                    {"run_id": run_id, "epoch": epoch + 1, "score": best,
                                      "metric": cfg.select_metric})
                 writer.save(epoch + 1, state, best_weights)
                 _write_curves(run_dir / "curves.csv", history)
                 write_text(run_dir / "steps.csv", "epoch,step,loss\n" + "".join(f"{e},{j},{v:.6f}\n"
                                                                                for e, j, v in step_log))
+            if distributed:  # no rank goes on before rank 0 has its snapshot of this epoch
+                torch.distributed.barrier()
             if task is not None:
                 progress.remove_task(task)
             if on_epoch is not None and main_process:
                 on_epoch({**row, "epochs": cfg.epochs})
-            patience_left = cfg.early_stopping if improved else patience_left - 1
-            if cfg.early_stopping and patience_left <= 0 and data.valid_rows:
+            if stop:
                 break
     except BaseException:
         with contextlib.suppress(Exception):  # a save in flight finishes (atomically); the first error is shown
             writer.wait()
         raise
     finally:
+        close_loader(loader)  # its persistent workers end with the training loop
         torch.set_num_threads(threads)
         if progress is not None:
             progress.stop()
     summary = {"epochs_run": len(history), "best": best, "history": history, "parameters": parameters,
-               **data.summary}
+               "precision": precision, "processes": world, **data.summary}
     if main_process:
         writer.wait()
         if not data.valid_rows:  # the selected weights are the last epoch's: written once
@@ -455,8 +591,10 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = F
         summary["checkpoint_bytes_written"] = writer.bytes_written  # by this invocation
         runs.write_json(run_dir / "train_summary.json", summary)
         runs.seal(run_dir, run_id)  # last: only now is the run finished
-    if distributed:
+    if distributed:  # no rank returns before the run is sealed
         torch.distributed.barrier()
+        if created_group:
+            torch.distributed.destroy_process_group()
     return summary
 
 

@@ -50,3 +50,15 @@ def test_sertk_augment_accepts_it(tmp_path):
                         str(tmp_path / "out.wav"), "--set", "rt60=0.5", "--json"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout) == {"augmentation": "reverb", "params": {"rt60": 0.5, "wet": 0.5}}
+
+
+def test_two_steps_are_the_one_step_call():
+    """randomize samples everything (the impulse response too) before any audio; the log leaves it out."""
+    x = speechlike(0.7)
+    aug = Reverb()
+    plan = aug.randomize(x.size, np.random.default_rng(4))
+    assert set(plan) == {"rt60", "wet", "_ir"} and plan["_ir"].size == int(plan["rt60"] * 16000)
+    y, p = aug.render(x, plan)
+    ref, ref_p = aug(x, np.random.default_rng(4))
+    assert np.array_equal(y, ref) and p == ref_p == {"rt60": plan["rt60"], "wet": 0.5}
+    assert aug.planned_length(x.size, plan) == x.size == y.size

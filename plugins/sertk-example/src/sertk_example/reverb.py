@@ -23,15 +23,22 @@ class Reverb(Augmentation):
     def check_options(self) -> None:
         check_range(f"augmentation '{self.name}'", "rt60_range", self.options["rt60_range"])
 
-    def apply(self, wave, rng, context=None):
+    keeps_length = True  # the reverberant tail is cut: training needs no randomise pass to bucket
+
+    # Two steps (optional; ``apply(wave, rng, context)`` alone works too): every draw happens in randomize,
+    # before any audio is processed, in the order a one-step apply would make them.
+    def randomize(self, n, rng, context=None):
+        rt60 = pick(rng, self.options["rt60"], None, self.options["rt60_range"])
+        m = int(rt60 * RATE)
+        # 60 dB of decay over rt60 seconds: amplitude envelope exp(-6.91 t / rt60)
+        ir = rng.standard_normal(m) * np.exp(-6.91 * np.arange(m) / m)
+        ir /= np.sqrt(np.sum(ir ** 2)) + 1e-12
+        return {"rt60": rt60, "wet": self.options["wet"], "_ir": ir}  # "_ir": used, not logged
+
+    def apply_params(self, wave, plan, context=None):
         from scipy.signal import fftconvolve
 
-        rt60 = pick(rng, self.options["rt60"], None, self.options["rt60_range"])
-        n = int(rt60 * RATE)
-        # 60 dB of decay over rt60 seconds: amplitude envelope exp(-6.91 t / rt60)
-        ir = rng.standard_normal(n) * np.exp(-6.91 * np.arange(n) / n)
-        ir /= np.sqrt(np.sum(ir ** 2)) + 1e-12
-        wet = fftconvolve(wave, ir)[: wave.size]
-        w = self.options["wet"]
+        wet = fftconvolve(wave, plan["_ir"])[: wave.size]
+        w = plan["wet"]
         out = (1 - w) * wave + w * wet * (np.std(wave) / (np.std(wet) + 1e-12))
-        return out.astype(np.float32), {"rt60": rt60, "wet": w}
+        return out.astype(np.float32), {"rt60": plan["rt60"], "wet": w}

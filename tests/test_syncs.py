@@ -13,7 +13,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from ser_toolkit.training.syncs import SyncCounter, count_train_step  # noqa: E402
+from ser_toolkit.training.syncs import SyncCounter, count_train_step
 
 MAX_SYNCS_PER_STEP = 1
 LENGTHS = (16000, 11000, 5000)

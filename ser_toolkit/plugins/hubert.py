@@ -8,6 +8,13 @@ the checkpoint's own feature extractor normalisation is applied. Without
 network access an id that is not in the local Hugging Face cache fails at once
 with one line asking for a local directory.
 
+The forward is sertk's own (:func:`encode`, :func:`masked_mean`), on the
+checkpoint's modules and weights (same state-dict keys): no data-dependent
+host-device sync (HF's pooling and encoder zero padded frames by boolean-mask
+assignment), logits equal to HF's. Group-norm checkpoints
+(``feat_extract_norm == "group"``) get no attention mask, as HF prescribes
+(:func:`uses_attention_mask`); the mean covers the frames of real audio.
+
 ``probe=true`` freezes the encoder and classifies from a learnable weighted sum
 of all hidden layers (SUPERB style). ``hubert`` probes read every layer's
 mean-pooled hidden states from the feature cache (the ``ssl`` featurizer,

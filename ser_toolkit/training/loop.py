@@ -463,7 +463,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = F
             model, device_ids=[device] if device.type == "cuda" else None,
             find_unused_parameters=bool(getattr(model, "find_unused_parameters", False)))
     if cfg.compile:
-        net = torch.compile(net)
+        net = torch.compile(net, dynamic=False)  # dynamic shapes crash inductor on HuBERT (docs/benchmarks.md)
     loss_fn = torch.nn.CrossEntropyLoss(weight=None if (w := _class_weights(train_items.labels(), cfg.class_weights))
                                         is None else w.to(device))
     collate = Collate(model.input_kind)

@@ -18,7 +18,8 @@ optimizer's step counters of the for-loop AdamW); measure GPU-like settings
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -61,11 +62,11 @@ class SyncCounter(TorchDispatchMode):
     NumPy or Python lists count too. Use as a context manager around the code to measure.
     """
 
-    def __init__(self, device: Optional[str] = None) -> None:
+    def __init__(self, device: str | None = None) -> None:
         super().__init__()
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.by_kind: Counter[str] = Counter()
-        self._patched: dict[str, Callable] = {}
+        self._patched: dict[str, Callable | None] = {}  # name -> torch.Tensor's own attribute, None if inherited
 
     @property
     def total(self) -> int:
@@ -77,7 +78,7 @@ class SyncCounter(TorchDispatchMode):
     def _on_device(self, args: Any, kwargs: Any) -> bool:
         return any(t.device.type == self.device for t in _tensors([*args, *kwargs.values()]))
 
-    def _kind(self, func, args: tuple, kwargs: dict) -> Optional[str]:
+    def _kind(self, func, args: tuple, kwargs: dict) -> str | None:
         if func in ALWAYS:
             return ALWAYS[func] if self._on_device(args, kwargs) else None
         if func is aten.repeat_interleave.Tensor:
@@ -89,13 +90,14 @@ class SyncCounter(TorchDispatchMode):
                    for t in _tensors(indices)):
                 return "boolean-mask indexing"
             return None
-        if func in COPIES and self.device != "cpu":
+        if func in COPIES and self.device != "cpu":  # a non-blocking copy (into pinned memory) does not wait
             if func is aten._to_copy.default:
                 src, dst = args[0], kwargs.get("device")
-                to_host = dst is not None and torch.device(dst).type == "cpu"
+                to_host = dst is not None and torch.device(dst).type == "cpu" and not kwargs.get("non_blocking")
             else:
                 dst, src = args[0], args[1]
-                to_host = isinstance(src, torch.Tensor) and dst.device.type == "cpu"
+                blocking = not (args[2] if len(args) > 2 else kwargs.get("non_blocking", False))
+                to_host = isinstance(src, torch.Tensor) and dst.device.type == "cpu" and blocking
             if to_host and isinstance(src, torch.Tensor) and src.device.type == self.device:
                 return "copy to host"
         return None
@@ -111,7 +113,7 @@ class SyncCounter(TorchDispatchMode):
         if self.device == "cpu":  # on CPU these never dispatch a copy: count the hand-over to the host instead
             for name in ("numpy", "tolist"):
                 original = getattr(torch.Tensor, name)
-                self._patched[name] = original
+                self._patched[name] = torch.Tensor.__dict__.get(name)
 
                 def counted(t, *a, _original=original, _name=name, **k):
                     self.by_kind[f"to host ({_name})"] += 1
@@ -124,13 +126,16 @@ class SyncCounter(TorchDispatchMode):
         try:
             return super().__exit__(*exc)
         finally:
-            for name, original in self._patched.items():
-                setattr(torch.Tensor, name, original)
+            for name, own in self._patched.items():
+                if own is None:
+                    delattr(torch.Tensor, name)
+                else:
+                    setattr(torch.Tensor, name, own)
             self._patched.clear()
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor,
-               mask: Optional[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+               mask: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
     """One step as the training loop takes it: forward, cross-entropy, backward, optimizer step; the loss
     (detached, on the device: not read back)."""
     logits = model(inputs, mask)
@@ -141,7 +146,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, inputs:
     return loss.detach()
 
 
-def count_train_step(model: torch.nn.Module, inputs: torch.Tensor, mask: Optional[torch.Tensor],
+def count_train_step(model: torch.nn.Module, inputs: torch.Tensor, mask: torch.Tensor | None,
                      labels: torch.Tensor, steps: int = 2, lr: float = 1e-5) -> SyncCounter:
     """Syncs of ``steps`` training steps (after one uncounted warm-up step), with the optimizer the loop
     uses on a GPU (fused AdamW: its step counters never reach the host). ``total / steps`` is per step."""

@@ -245,7 +245,8 @@ TRAIN_SETTINGS: tuple[Setting, ...] = (
     Setting("bucket", True, "Batch utterances of similar lengths (--no-bucket: plain shuffle).", type="bool"),
     Setting("bf16", True, "Mixed precision on GPUs: bf16 autocast where native (Ampere and later), else fp16 "
             "with loss scaling; --no-bf16: fp32.", type="bool"),
-    Setting("compile", False, "torch.compile the model.", type="bool", runtime=True),
+    Setting("compile", False, "torch.compile the model, batches padded to whole seconds (one graph per "
+            "length bucket).", type="bool", runtime=True),
     Setting("device", "auto", "Where to train: auto, cpu, mps, cuda or cuda:N.", pattern=r"auto|cpu|mps|cuda(:\d+)?",
             allowed_text="auto, cpu, mps, cuda or cuda:N", runtime=True),
     Setting("log_every", 20, "Refresh the progress line every N steps.", type="int", min=1, unit="steps",

@@ -393,3 +393,17 @@ def test_forkserver_workers_give_the_same_batches(small_cache, monkeypatch):
     assert len(serial) == len(parallel)
     for a, b in zip(serial, parallel):
         assert all(torch.equal(u, v) for u, v in zip(a[:3], b[:3])) and a[3] == b[3]
+
+
+def test_compile_collate_pads_to_whole_buckets_and_masks_the_padding():
+    import numpy as np
+
+    from ser_toolkit.training.data import Collate
+    from ser_toolkit.training.loop import COMPILE_BUCKET
+
+    waves = [np.ones(n, dtype=np.float32) for n in (12_000, 20_001, 7)]
+    inputs, mask, labels, _ = Collate("wave", pad_to=COMPILE_BUCKET)([(w, 1, None) for w in waves])
+    assert inputs.shape == (3, 2 * COMPILE_BUCKET) and mask.shape == inputs.shape
+    assert mask.sum(1).tolist() == [12_000, 20_001, 7] and float(inputs.sum()) == 12_000 + 20_001 + 7
+    plain, plain_mask, _, _ = Collate("wave")([(w, 1, None) for w in waves])
+    assert plain.shape == (3, 20_001) and (inputs[:, :20_001] == plain).all()

@@ -297,11 +297,14 @@ def close_loader(loader: Any) -> None:
 class Collate:
     """Pads waveforms to the longest in the batch (with an attention mask) or stacks vectors.
 
-    A batch holding a :class:`SertkError` (see :meth:`TrainItems.__getitem__`) collates to that error.
+    ``pad_to``: pad the length further, up to a multiple of this many samples (``--compile``: a few fixed
+    lengths, one compiled graph each, instead of a recompilation per batch). A batch holding a
+    :class:`SertkError` (see :meth:`TrainItems.__getitem__`) collates to that error.
     """
 
     input_kind: str = "wave"
     logs: list = field(default_factory=list)
+    pad_to: int | None = None
 
     def __call__(self, batch):
         import torch
@@ -314,6 +317,8 @@ class Collate:
         if self.input_kind == "vector":
             return torch.as_tensor(np.stack(xs)), None, labels, [e for e in entries if e]
         n = max(x.size for x in xs)
+        if self.pad_to:
+            n = -(-n // self.pad_to) * self.pad_to
         inputs = torch.zeros(len(xs), n, dtype=torch.float32)
         mask = torch.zeros(len(xs), n, dtype=torch.long)
         for j, x in enumerate(xs):

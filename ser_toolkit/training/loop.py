@@ -48,6 +48,9 @@ from ser_toolkit.emotions import EMOTIONS
 from ser_toolkit.errors import SertkError
 from ser_toolkit.settings import SCHEDULES  # noqa: F401  (re-exported)
 
+COMPILE_BUCKET = 16000
+"""--compile pads each batch's length up to a multiple of this many samples (1 s at 16 kHz): a few fixed lengths,
+one compiled graph each (docs/benchmarks.md, "--compile")."""
 LONG_WAVE_SECONDS = 60.0  # longer waveform inputs need --max-seconds (memory grows with length, attention quadratically)
 
 
@@ -466,7 +469,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = F
         net = torch.compile(net, dynamic=False)  # dynamic shapes crash inductor on HuBERT (docs/benchmarks.md)
     loss_fn = torch.nn.CrossEntropyLoss(weight=None if (w := _class_weights(train_items.labels(), cfg.class_weights))
                                         is None else w.to(device))
-    collate = Collate(model.input_kind)
+    collate = Collate(model.input_kind, pad_to=COMPILE_BUCKET if cfg.compile else None)
     writer = runs.CheckpointWriter(run_dir)
     progress = None
     if main_process and not quiet:
@@ -498,6 +501,10 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = F
                 inputs, mask, labels, logs = batch
                 inputs = inputs.to(device, non_blocking=True)
                 mask = mask.to(device, non_blocking=True) if mask is not None else None
+                if cfg.compile:  # one graph per length bucket, whatever the batch size
+                    torch._dynamo.maybe_mark_dynamic(inputs, 0)
+                    if mask is not None:
+                        torch._dynamo.maybe_mark_dynamic(mask, 0)
                 labels = labels.to(device, non_blocking=True)
                 update = (step + 1) % cfg.grad_accum == 0 or step + 1 == len(batches)
                 # DDP all-reduces the gradients only on the micro-batch whose step follows

@@ -54,6 +54,7 @@ from ser_toolkit.augmentations import AugmentContext, Augmentation, PartnerPool,
 from ser_toolkit.cache.reader import CacheReader
 from ser_toolkit.datasets import Utterance
 from ser_toolkit.errors import CacheError, SertkError
+from ser_toolkit.space import new_h5
 
 
 def split_key(assignment: Mapping[str, str]) -> str:
@@ -297,7 +298,6 @@ def materialize(reader: CacheReader, assignment: Mapping[str, str], subset: str,
     CPUs by default) and written in order by this one: every draw is seeded per
     utterance, so the set is the same for any worker count.
     """
-    import h5py
 
     from ser_toolkit.cache.build import table_digest
     from ser_toolkit.cache.writer import create_audio, finish, write_table
@@ -354,7 +354,9 @@ def materialize(reader: CacheReader, assignment: Mapping[str, str], subset: str,
         job = _Job(reader, augmentation, partners, plan, seed, name, copies, donors)
         try:
             with atomic_path(path) as tmp:
-                with h5py.File(tmp, "w") as fh:
+                growth = 1.0 if getattr(augmentation, "keeps_length", False) else 1.3  # time-stretch lengthens
+                size = int(reader.lengths[indices].sum() * copies * 4 * growth) + 512 * len(indices) * copies
+                with new_h5(tmp, size, f"augmented set {path.name}") as fh:
                     audio = create_audio(fh, "float32")
                     pending: list[np.ndarray] = []  # written in blocks: one resize per block, not per row
 

@@ -17,8 +17,8 @@ from typing import List, Optional
 import typer
 
 from ser_toolkit import __version__
-from ser_toolkit.errors import SertkError
-from ser_toolkit.settings import EXECUTION, SETTINGS
+from ser_toolkit.errors import SertkError, os_error_line
+from ser_toolkit.settings import EVAL_BATCH_SECONDS, EXECUTION, GPU_EVAL_BATCH, SETTINGS
 
 app = typer.Typer(
     name="sertk",
@@ -688,6 +688,11 @@ def evaluate(
     allow_changed_data: bool = typer.Option(False, "--allow-changed-data",
                                             help="Evaluate even if the run's data changed since training."),
     allow_unfinished: bool = typer.Option(False, "--allow-unfinished", help="Evaluate a run that did not finish."),
+    batch_seconds: float = typer.Option(EVAL_BATCH_SECONDS, "--batch-seconds",
+                                        help="Waveform models: at most this much padded audio per batch."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1,
+                                             help="At most this many utterances per batch (default: the run's "
+                                                  f"batch size, at least 8; {GPU_EVAL_BATCH} on CUDA)."),
 ) -> None:
     """Evaluate a run on its test split, every augmented test set and cross-corpus sets.
 
@@ -699,7 +704,10 @@ def evaluate(
     from ser_toolkit.diagnostics import run_flags
     from ser_toolkit.evaluation import evaluate_run
 
-    summary = evaluate_run(run, test, allow_changed=allow_changed_data, allow_unfinished=allow_unfinished)
+    if not batch_seconds > 0:
+        raise SertkError(f"--batch-seconds {batch_seconds} is not above 0", f"e.g. --batch-seconds {EVAL_BATCH_SECONDS:g}")
+    summary = evaluate_run(run, test, batch_size, allow_changed=allow_changed_data, allow_unfinished=allow_unfinished,
+                           batch_seconds=batch_seconds)
     flags = run_flags(run, list(summary))
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
@@ -905,9 +913,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     except OSError as exc:
         if debug:
             raise
-        where = f" {exc.filename}" if getattr(exc, "filename", None) else ""
-        print(f"Error: cannot access{where}: {exc.strerror or exc}; check the path and its permissions",
-              file=sys.stderr)
+        print(f"Error: {os_error_line(exc)}", file=sys.stderr)
         sys.exit(2)
     if rc == 130:  # Ctrl-C (typer turns KeyboardInterrupt into exit code 130)
         print("Interrupted; nothing half-written was left behind, rerun the command to resume.", file=sys.stderr)

@@ -36,3 +36,26 @@ class CacheError(SertkError):
 
 class SplitError(SertkError):
     """A split specification or split file that cannot be applied."""
+
+
+def os_error_line(exc: OSError) -> str:
+    """One line for an ``OSError`` a user can act on; a full disk is named as such.
+
+    h5py reports a failed write as a multi-line message with ``errno = 28`` inside
+    rather than as ``ENOSPC``; both forms are recognised.
+    """
+    import errno
+    import re
+    from pathlib import Path
+
+    text = " ".join(str(exc.strerror or exc).split())
+    filename = getattr(exc, "filename", None)
+    named = re.search(r"filename = '([^']+)'", str(exc))
+    if filename is None and named:
+        filename = str(Path(named.group(1)).parent)
+    if exc.errno == errno.ENOSPC or "errno = 28" in text or "No space left on device" in text:
+        where = f" under {filename}" if filename else ""
+        return (f"the disk is full{where} (No space left on device); free space or write elsewhere "
+                "(--cache-dir, --out), then rerun: finished parts are kept, half-written files were removed")
+    where = f" {filename}" if filename else ""
+    return f"cannot access{where}: {text}; check the path and its permissions"

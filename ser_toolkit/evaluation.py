@@ -20,6 +20,7 @@ import numpy as np
 
 from ser_toolkit.emotions import EMOTIONS
 from ser_toolkit.errors import SertkError
+from ser_toolkit.settings import EVAL_BATCH_SECONDS, GPU_EVAL_BATCH
 
 
 def compute_metrics(y_true: Sequence[int], y_pred: Sequence[int]) -> dict[str, Any]:
@@ -43,10 +44,8 @@ def compute_metrics(y_true: Sequence[int], y_pred: Sequence[int]) -> dict[str, A
     }
 
 
-DEFAULT_BATCH_SECONDS = 160.0
+DEFAULT_BATCH_SECONDS = EVAL_BATCH_SECONDS
 """Evaluation batches of waveforms hold at most this much padded audio (the batch size caps the count)."""
-GPU_EVAL_BATCH = 64
-"""Default cap on utterances per evaluation batch on CUDA (inference keeps no activations for backward)."""
 IN_FLIGHT = 2
 """On CUDA, batches queued on the device before the host waits for the oldest: reading and featurising the
 next batch overlaps the model, and the queue (its pinned inputs) stays bounded."""
@@ -80,8 +79,11 @@ def predict_batches(model, batches: Iterable[tuple[np.ndarray, list[np.ndarray]]
     import torch
 
     from ser_toolkit.training.data import Collate
+    from ser_toolkit.training.loop import bf16_native, precision_for
 
     cuda = device.type == "cuda"
+    # inference autocasts on CUDA: bf16 where the GPU computes it natively, else fp16 (no emulated bf16)
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision_for(device.type, True, cuda and bf16_native()))
     collate = Collate(model.input_kind)
     was_training = model.training
     model.eval()
@@ -95,8 +97,7 @@ def predict_batches(model, batches: Iterable[tuple[np.ndarray, list[np.ndarray]]
                     mask = mask.pin_memory() if mask is not None else None
                 inputs = inputs.to(device, non_blocking=cuda)
                 mask = mask.to(device, non_blocking=cuda) if mask is not None else None
-                with torch.autocast(device.type, dtype=torch.bfloat16,
-                                    enabled=cuda and torch.cuda.is_bf16_supported()):
+                with torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
                     logits = model(inputs, mask)
                 parts.append(torch.softmax(logits.float(), -1))
                 positions.append(np.asarray(idx))

@@ -189,6 +189,10 @@ def available_cpus(most: int = 8) -> int:
 
 
 SCHEDULES = ("constant", "linear", "cosine")
+EVAL_BATCH_SECONDS = 160.0
+"""Evaluation batches of waveforms hold at most this much padded audio (``sertk evaluate --batch-seconds``)."""
+GPU_EVAL_BATCH = 64
+"""Default cap on utterances per evaluation batch on CUDA (inference keeps no activations for backward)."""
 METRICS = ("uar", "weighted_f1", "macro_f1", "accuracy")
 
 TRAIN_SETTINGS: tuple[Setting, ...] = (

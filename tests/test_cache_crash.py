@@ -112,3 +112,62 @@ def test_ctrl_c_to_the_process_group_with_workers(tmp_path, reference):
         "Interrupted; nothing half-written was left behind, rerun the command to resume."]
     assert run_sertk(*ARGS, "--cache-dir", tmp_path, env=ENV).code == 0
     _same(CacheReader(tmp_path / "synthetic.h5"), reference)
+
+
+_FULL_DISK = """
+import collections, shutil, sys
+import ser_toolkit.space as space
+real = shutil.disk_usage
+Usage = collections.namedtuple("Usage", "total used free")
+class Fake:  # the disk reports 1 MB free
+    @staticmethod
+    def disk_usage(p):
+        u = real(p)
+        return Usage(u.total, u.total - (1 << 20), 1 << 20)
+space.shutil = Fake
+from ser_toolkit.cli import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_full_disk_is_one_line_and_the_rerun_finishes(tmp_path, reference):
+    proc = subprocess.run([sys.executable, "-c", _FULL_DISK, *ARGS, "--cache-dir", str(tmp_path)],
+                          env={**os.environ, **ENV}, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "not enough disk space for cache synthetic.h5" in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "synthetic.h5").exists()
+    assert not list(tmp_path.rglob("*.tmp-*")), "a half-written file was left behind"
+    r = run_sertk(*ARGS, "--cache-dir", tmp_path, env=ENV)
+    assert r.code == 0, r.err
+    _same(CacheReader(tmp_path / "synthetic.h5"), reference)
+
+
+def test_reserved_space_is_handed_back(tmp_path):
+    import h5py
+
+    from ser_toolkit.space import _fallocate, new_h5
+
+    probe = tmp_path / "probe"
+    probe.write_bytes(b"")
+    if not _fallocate(probe, 1 << 20):
+        pytest.skip("this system cannot reserve space (fallocate); only the preflight check applies")
+    path = tmp_path / "x.h5"
+    with new_h5(path, 32 << 20, "a test file") as fh:
+        assert os.stat(path).st_blocks * 512 >= 32 << 20, "the space was not reserved"
+        fh.create_dataset("audio", data=np.ones(1 << 18, np.float32))
+    assert os.stat(path).st_blocks * 512 < 4 << 20, "the unused reservation was not handed back"
+    with h5py.File(path, "r") as fh:
+        np.testing.assert_array_equal(fh["audio"][:], np.ones(1 << 18, np.float32))
+
+
+def test_h5py_disk_full_message_is_named():
+    from ser_toolkit.errors import os_error_line
+
+    exc = OSError(28, "Driver write request failed (file write failed: time = Wed Nov 25\n, filename = "
+                      "'/data/c/x.h5.tmp-h-1-ab', errno = 28, error message = 'No space left on device')")
+    line = os_error_line(exc)
+    assert "\n" not in line and line.startswith("the disk is full under /data/c ")
+    assert os_error_line(FileNotFoundError(2, "No such file or directory", "/nope")).startswith("cannot access /nope")

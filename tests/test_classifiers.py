@@ -210,3 +210,10 @@ def test_kernel_search_decides_like_the_pipeline_search(model):
     assert score == pytest.approx(search.best_score_, abs=1e-12)
     means = search.cv_results_["mean_test_score"]
     assert len(set(np.round(means, 6))) > 1  # the grid is not flat: the choice is a real one
+
+
+def test_feature_classifiers_refuse_torchrun(cache_dir, tmp_path):
+    env = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29555"}
+    r = run_sertk("train", "--cache-dir", cache_dir, "--out", tmp_path / "run", "--model", "svm", *FAST, env=env)
+    one_line_error(r, "is fitted once on cached features, in one process")
+    assert not (tmp_path / "run" / "train_summary.json").exists()

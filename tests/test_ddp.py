@@ -134,6 +134,26 @@ def test_precision_choice(device, mixed, native, expected):
     assert precision_for(device, mixed, native) == expected
 
 
+def test_schedule_skips_the_steps_the_fp16_scaler_skipped():
+    torch = pytest.importorskip("torch")
+    from ser_toolkit.training.loop import optimizer_step
+
+    w = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.SGD([w], lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)  # the CUDA scaler's logic, runnable on CPU
+    for grad, taken in [(1.0, True), (float("inf"), False), (float("nan"), False), (1.0, True)]:
+        optimizer.zero_grad()
+        scaler.scale((w * torch.full((3,), grad)).sum()).backward()
+        before = w.detach().clone()
+        assert optimizer_step(scaler, optimizer, scheduler) is taken
+        assert torch.equal(w.detach(), before) is not taken
+    assert scheduler.last_epoch == 2, "the schedule advanced on a skipped step"
+    plain = torch.amp.GradScaler("cpu", enabled=False)  # bf16 and fp32: every step is taken
+    w.grad = torch.ones(3)
+    assert optimizer_step(plain, optimizer, scheduler) and scheduler.last_epoch == 3
+
+
 def test_epoch_seeds_differ_by_rank_and_rank_zero_keeps_the_single_process_seed():
     from ser_toolkit.training.loop import epoch_seed
 

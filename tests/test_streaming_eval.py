@@ -126,3 +126,37 @@ def test_rows_are_read_lazily_one_batch_at_a_time(reader):
     for read, n in seen:
         assert read - done == n <= 3  # in flight: this batch only
         done += n
+
+
+def test_evaluate_cli_batch_options_change_batching_not_results(tmp_path):
+    import json
+
+    from helpers import run_sertk
+
+    cache, run = tmp_path / "cache", tmp_path / "run"
+    assert run_sertk("cache", "synthetic", "--set", "per_emotion=2", "--cache-dir", cache, "-q").code == 0
+    r = run_sertk("train", "--cache-dir", cache, "--out", run, "--model", "tiny", "--model-set", "hidden_size=16",
+                  "--epochs", "1", "--workers", "0", "--split", "speaker:test=0.25", "-q")
+    assert r.code == 0, r.err
+    default = run_sertk("evaluate", run, "--json")
+    assert default.code == 0, default.err
+    first = (run / "eval" / "test.predictions.csv").read_text()
+    small = run_sertk("evaluate", run, "--json", "--batch-seconds", "1.5", "--batch-size", "2")
+    assert small.code == 0, small.err
+    assert json.loads(small.out) == json.loads(default.out)
+    # tiny is a group-norm HuBERT: its conv statistics include the padding, as HF's do (no attention mask
+    # for group-norm checkpoints), so other batches move the probabilities by ~1e-4 and no more
+    a, b = _table(first), _table((run / "eval" / "test.predictions.csv").read_text())
+    assert a[0] == b[0] and a[1] == b[1], "other batches changed the utterances or the predicted emotions"
+    np.testing.assert_allclose(a[2], b[2], atol=1e-3)
+    bad = run_sertk("evaluate", run, "--batch-seconds", "0")
+    assert bad.code == 2 and "--batch-seconds 0.0 is not above 0" in bad.err and len(bad.err.splitlines()) == 1
+
+
+def _table(text: str) -> tuple[list[str], list[str], np.ndarray]:
+    import csv
+    import io
+
+    rows = list(csv.DictReader(io.StringIO(text)))
+    probs = [[float(v) for k, v in r.items() if k not in ("utterance", "true", "predicted", "speaker")] for r in rows]
+    return [r["utterance"] for r in rows], [r["predicted"] for r in rows], np.asarray(probs)

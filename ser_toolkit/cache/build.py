@@ -38,6 +38,7 @@ from ser_toolkit.cache.reader import INT16_SCALE, read_header
 from ser_toolkit.cache.writer import create_audio, finish, write_table
 from ser_toolkit.datasets import Dataset, Utterance
 from ser_toolkit.errors import AudioError, CacheError, SertkError
+from ser_toolkit.space import new_h5
 
 DTYPES = ("float32", "int16")
 MIN_SOURCE_RATE = 4000  # Hz; below this a file is not speech audio (or its header is damaged)
@@ -504,7 +505,8 @@ def _assemble(path: Path, rows: list[Utterance], fingerprints: dict[str, str],
         previous = h5py.File(path, "r") if old else None
         part, part_file = None, None  # one part open at a time: memory stays flat
         try:
-            with h5py.File(tmp, "w") as fh:
+            size = int(lengths.sum()) * np.dtype(pre.dtype).itemsize + 512 * len(rows)
+            with new_h5(tmp, size, f"cache {path.name}") as fh:
                 audio = create_audio(fh, pre.dtype, int(lengths.sum()))
                 for src, o, off, n, crc in runs:
                     if src is None:

@@ -78,6 +78,7 @@ import numpy as np
 from ser_toolkit import __version__
 from ser_toolkit.atomic import atomic_path, exclusive_lock, remove_stale_tmp
 from ser_toolkit.errors import CacheError, SertkError
+from ser_toolkit.space import new_h5
 from ser_toolkit.workers import default_workers, start_worker, state
 
 FEATURE_SCHEMA = 1
@@ -585,7 +586,7 @@ def _build(reader: Any, featurizer: Any, path: Path, workers: int | None, quiet:
                "parallel": bool(featurizer.parallel), "compute_seconds": round(compute_seconds, 3),
                "utterances_per_s": round(unique / compute_seconds, 2) if unique and compute_seconds > 0 else None}
     with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as fh:
+        with new_h5(tmp, features.nbytes + 256 * len(ids), f"feature file {path.name}") as fh:
             s = h5py.string_dtype()
             fh.create_dataset("features", data=features)
             fh.create_dataset("ids", data=ids, dtype=s)

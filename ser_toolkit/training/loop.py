@@ -4,7 +4,8 @@
   ``--batch-seconds`` filled up to a budget of padded audio, on the lengths each
   epoch's augmentation will produce (its plans are sampled first).
 - On CUDA: bf16 autocast where the GPU computes bf16 natively, else fp16 autocast
-  with a gradient scaler (its state is resumed; ``precision`` in train_summary.json),
+  with a gradient scaler (its state is resumed; ``precision`` in train_summary.json;
+  the learning-rate schedule advances only on steps the scaler did not skip),
   TF32, fused AdamW, pinned memory, non-blocking copies; the loss is accumulated on
   the device and read back only when logging. CPU trains in fp32.
 - Loader workers read the cache and augment in parallel: one loader per run, its
@@ -113,7 +114,7 @@ def precision_for(device_type: str, mixed: bool, bf16_native: bool) -> str:
     return "bf16" if bf16_native else "fp16"
 
 
-def _bf16_native() -> bool:
+def bf16_native() -> bool:
     """Whether the current GPU computes bf16 natively (``is_bf16_supported`` alone also counts emulation)."""
     import torch
 
@@ -121,6 +122,21 @@ def _bf16_native() -> bool:
         return bool(torch.cuda.is_bf16_supported(including_emulation=False))
     except TypeError:  # torch < 2.4 has no emulation flag
         return torch.version.hip is not None or torch.cuda.get_device_capability() >= (8, 0)
+
+
+def optimizer_step(scaler, optimizer, scheduler) -> bool:
+    """One optimizer step through the gradient scaler; the schedule advances only when the step was taken.
+
+    With fp16 the scaler skips a step whose gradients overflowed (and lowers its scale): the learning-rate
+    schedule must not advance then. Reading the scale costs one sync a step, in fp16 mode only.
+    """
+    scale = scaler.get_scale() if scaler.is_enabled() else None
+    scaler.step(optimizer)
+    scaler.update()
+    taken = scale is None or scaler.get_scale() >= scale
+    if taken:
+        scheduler.step()
+    return taken
 
 
 def _grad_scaler(enabled: bool):
@@ -369,6 +385,12 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = F
     cfg.validate()
     rank, world, local_rank = _dist()
     distributed = world > 1
+    from ser_toolkit.models import FeatureClassifier
+
+    feature_model = issubclass(get("model", cfg.model).obj, FeatureClassifier)
+    if feature_model and distributed:
+        raise SertkError(f"model '{cfg.model}' is fitted once on cached features, in one process",
+                         "run sertk train without torchrun (its hyper-parameter search uses the CPUs by itself)")
     device = _device(cfg.device, local_rank)
     created_group = distributed and _init_distributed(device)
     if device.type == "cuda":
@@ -377,9 +399,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = F
     main_process = rank == 0
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    from ser_toolkit.models import FeatureClassifier
-
-    if issubclass(get("model", cfg.model).obj, FeatureClassifier):  # fitted once on cached features
+    if feature_model:  # fitted once on cached features
         from ser_toolkit.training.features import fit_classifier
 
         return fit_classifier(cfg, run_dir, resume, quiet, on_epoch)
@@ -445,7 +465,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = F
     total_steps = steps_per_epoch * cfg.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _lr_lambda(cfg.schedule, int(cfg.warmup * total_steps), total_steps))
-    precision = precision_for(device.type, cfg.bf16, device.type == "cuda" and _bf16_native())
+    precision = precision_for(device.type, cfg.bf16, device.type == "cuda" and bf16_native())
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     scaler = _grad_scaler(precision == "fp16")
     patience_left = cfg.early_stopping
@@ -514,9 +534,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = F
                     loss = loss_fn(logits.float(), labels)
                     scaler.scale(loss / cfg.grad_accum).backward()
                 if update:
-                    scaler.step(optimizer)  # fp16: skipped when the gradients overflowed
-                    scaler.update()
-                    scheduler.step()
+                    optimizer_step(scaler, optimizer, scheduler)
                     optimizer.zero_grad(set_to_none=True)
                 loss_sum += loss.detach() * labels.numel()
                 step_losses.append(loss.detach())

@@ -1,5 +1,5 @@
 """``python -m ser_toolkit`` runs the ``sertk`` command line."""
 
-from ser_toolkit.cli import main
+from ser_toolkit.cli import entry
 
-main()
+entry()

@@ -918,3 +918,36 @@ def main(argv: Optional[List[str]] = None) -> None:
     if rc == 130:  # Ctrl-C (typer turns KeyboardInterrupt into exit code 130)
         print("Interrupted; nothing half-written was left behind, rerun the command to resume.", file=sys.stderr)
     sys.exit(rc if isinstance(rc, int) else 0)
+
+
+def entry() -> None:
+    """The ``sertk`` console script: :func:`main`, then leave without tearing the interpreter down.
+
+    Finalising torch, scikit-learn, librosa and skops modules takes about 1.5 s after the work is done.
+    Everything sertk writes is complete (fsynced and renamed) before this point, so the process waits for
+    its own non-daemon threads, runs the ``atexit`` handlers (multiprocessing joins its children there),
+    flushes its output and exits at once.
+    """
+    import atexit
+    import threading
+
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can be shown
+            pass
+    os._exit(code)

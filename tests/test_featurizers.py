@@ -137,3 +137,17 @@ def test_missing_opensmile_is_one_line(monkeypatch):
     f = get_featurizer("egemaps")
     with pytest.raises(SertkError, match="the opensmile package is not installed; pip install opensmile"):
         f.extract(sine(), RATE)
+
+
+def test_zero_crossing_rate_is_librosas():
+    import librosa
+
+    from ser_toolkit.plugins.acoustic import _zero_crossing_rate
+
+    rng = np.random.default_rng(0)
+    edge = rng.normal(size=5000).astype(np.float32)
+    edge[::7], edge[::11], edge[100:300] = 0.0, -0.0, 1e-11  # exact zeros, negative zeros, below the threshold
+    for x in (edge, np.zeros(2048, np.float32), rng.normal(size=2049).astype(np.float32),
+              np.sin(np.arange(16000) / 7.0).astype(np.float32)):
+        expected = librosa.feature.zero_crossing_rate(x, frame_length=512, hop_length=160)
+        assert np.array_equal(_zero_crossing_rate(x), expected)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score
 
 from ser_toolkit.emotions import EMOTIONS
 from ser_toolkit.evaluation import compute_metrics
@@ -27,7 +27,7 @@ def test_known_case():
 
 @pytest.mark.filterwarnings("ignore:A single label was found")
 @given(st.lists(st.tuples(st.integers(0, 6), st.integers(0, 6)), min_size=1, max_size=200))
-@settings(max_examples=50, deadline=None)
+@settings(max_examples=200, deadline=None)
 def test_against_sklearn(pairs):
     y_true, y_pred = map(list, zip(*pairs))
     m = compute_metrics(y_true, y_pred)
@@ -38,4 +38,5 @@ def test_against_sklearn(pairs):
     if set(y_pred) <= set(y_true):
         assert np.isclose(m["uar"], balanced_accuracy_score(y_true, y_pred))
     assert m["confusion"] == confusion_matrix(y_true, y_pred, labels=labels).tolist()
+    assert np.isclose(m["accuracy"], accuracy_score(y_true, y_pred))
     assert sum(v["support"] for v in m["per_emotion"].values()) == len(y_true) == m["n"]

@@ -274,6 +274,10 @@ def _decode_all(dataset: Dataset, root: Path | None, todo: list[Utterance], fing
         for utts, fps, part in tasks:
             yield _decode_task(dataset, root, utts, pre, fps, part)
         return
+    try:  # warm this process (lazy imports of the decoder or synthesiser) so forked workers start warm
+        dataset.load(todo[0], root)
+    except Exception:  # noqa: BLE001 - a bad first file is reported by the worker that decodes it
+        pass
     pool = ProcessPoolExecutor(max_workers=workers, initializer=_ignore_sigint)
     try:
         pending = set()

@@ -74,6 +74,16 @@ def _skew(x: np.ndarray) -> np.ndarray:
     return np.where(constant, np.nan, vals)
 
 
+def _zero_crossing_rate(x: np.ndarray, frame: int = 512, hop: int = 160) -> np.ndarray:
+    """= ``librosa.feature.zero_crossing_rate(x, frame_length=frame, hop_length=hop)`` (centred, edge padding,
+    |x| <= 1e-10 counted as 0, 0 as positive), from one cumulative sum instead of a framed copy of the audio."""
+    padded = np.pad(x, frame // 2, mode="edge")
+    negative = np.signbit(np.where(np.abs(padded) <= 1e-10, 0, padded))
+    crossings = np.concatenate([[0], np.cumsum(negative[1:] != negative[:-1])])  # crossings up to each sample
+    starts = np.arange(1 + (padded.size - frame) // hop) * hop
+    return ((crossings[starts + frame - 1] - crossings[starts]) / frame)[None, :]
+
+
 def acoustic_features(wave: np.ndarray) -> np.ndarray:
     """A fixed-size vector of acoustic statistics (see the module doc; names: :func:`acoustic_feature_names`)."""
     import warnings
@@ -93,7 +103,7 @@ def acoustic_features(wave: np.ndarray) -> np.ndarray:
         rms_db = 10 * np.log10(np.mean(spec, axis=0) + 1e-10)
         shape = [*_centroid_bandwidth(spec),
                  librosa.feature.spectral_rolloff(S=spec, sr=RATE), librosa.feature.spectral_flatness(S=spec),
-                 librosa.feature.zero_crossing_rate(x, frame_length=512, hop_length=160)]
+                 _zero_crossing_rate(x)]
         # YIN at 8 kHz (same 64 ms window, 10 ms hop): 3.5x cheaper than at 16 kHz, median pitch within
         # 0.03 semitones of it on RAVDESS (pitch <= 500 Hz needs no more bandwidth)
         x8 = soxr.resample(x, RATE, PITCH_RATE, quality="HQ")

@@ -85,7 +85,7 @@ def _scaling_label(step) -> str:
 
 
 def kernel_search(svc, grid: list[dict[str, list[Any]]], x: np.ndarray, y: np.ndarray,
-                  folds: list[tuple[np.ndarray, np.ndarray]]) -> tuple[dict[str, Any], float, int]:
+                  folds: list[tuple[np.ndarray, np.ndarray]], workers: int = 1) -> tuple[dict[str, Any], float, int]:
     """What ``GridSearchCV(Pipeline([scale, svc]), grid, scoring="balanced_accuracy", cv=folds)`` finds
     (best parameters, their mean fold score, grid size), from precomputed kernels.
 
@@ -94,7 +94,10 @@ def kernel_search(svc, grid: list[dict[str, list[Any]]], x: np.ndarray, y: np.nd
     about 3x faster than the pipeline search on 1,600 x 400 features. Candidates are visited in
     ``ParameterGrid`` order and ties go to the first, as in GridSearchCV; a failing fit scores 0 (its
     ``error_score``). Decisions equal the pipeline search's up to floating-point rounding (tested).
+    libsvm releases the GIL, so the fits run in ``workers`` threads (the same scores for any number).
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     from sklearn.base import clone
     from sklearn.metrics import balanced_accuracy_score
     from sklearn.model_selection import ParameterGrid
@@ -116,21 +119,32 @@ def kernel_search(svc, grid: list[dict[str, list[Any]]], x: np.ndarray, y: np.nd
         return grams[key]
 
     candidates = list(ParameterGrid(grid))
-    scores = []
-    for params in candidates:
+    for params in candidates:  # every Gram matrix first (BLAS uses the cores itself)
+        for f in range(len(folds)):
+            gram(params["scale"], f)
+
+    def score(job: tuple[int, int]) -> float:
+        params, f = candidates[job[0]], job[1]
+        tr, te = folds[f]
         gamma = params.get("clf__gamma", svc.gamma)
-        fold_scores = []
-        for f, (tr, te) in enumerate(folds):
-            k_tr, k_te, n_tr, n_te = gram(params["scale"], f)
-            if svc.kernel == "rbf":
-                k_tr = np.exp(-gamma * np.maximum(n_tr[:, None] + n_tr[None, :] - 2 * k_tr, 0.0))
-                k_te = np.exp(-gamma * np.maximum(n_te[:, None] + n_tr[None, :] - 2 * k_te, 0.0))
-            model = SVC(kernel="precomputed", C=params.get("clf__C", svc.C), random_state=svc.random_state)
-            try:
-                fold_scores.append(balanced_accuracy_score(y[te], model.fit(k_tr, y[tr]).predict(k_te)))
-            except ValueError:
-                fold_scores.append(0.0)
-        scores.append(float(np.mean(fold_scores)))
+        k_tr, k_te, n_tr, n_te = gram(params["scale"], f)
+        if svc.kernel == "rbf":
+            k_tr = np.exp(-gamma * np.maximum(n_tr[:, None] + n_tr[None, :] - 2 * k_tr, 0.0))
+            k_te = np.exp(-gamma * np.maximum(n_te[:, None] + n_tr[None, :] - 2 * k_te, 0.0))
+        model = SVC(kernel="precomputed", C=params.get("clf__C", svc.C), random_state=svc.random_state)
+        try:
+            return float(balanced_accuracy_score(y[te], model.fit(k_tr, y[tr]).predict(k_te)))
+        except ValueError:
+            return 0.0
+
+    jobs = [(c, f) for c in range(len(candidates)) for f in range(len(folds))]
+    if workers > 1:
+        with ThreadPoolExecutor(workers) as pool:
+            fold_scores = list(pool.map(score, jobs))
+    else:
+        fold_scores = [score(job) for job in jobs]
+    per = np.asarray(fold_scores).reshape(len(candidates), len(folds))
+    scores = [float(np.mean(row)) for row in per]
     best = int(np.argmax(scores))
     return candidates[best], scores[best], len(candidates)
 
@@ -181,8 +195,9 @@ class SklearnClassifier(FeatureClassifier):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             kernel = getattr(pipe.named_steps["clf"], "kernel", None)
+            kernel = "linear" if callable(kernel) and kernel.__name__ == "linear_kernel" else kernel
             if kernel == "linear" or (kernel == "rbf" and all("clf__gamma" in g for g in grid)):
-                best, score, size = kernel_search(pipe.named_steps["clf"], grid, x, y, folds)
+                best, score, size = kernel_search(pipe.named_steps["clf"], grid, x, y, folds, workers)
             else:
                 search = GridSearchCV(pipe, grid, scoring="balanced_accuracy", cv=folds, n_jobs=max(1, workers),
                                       refit=False, error_score=0.0).fit(x, y)
@@ -192,7 +207,10 @@ class SklearnClassifier(FeatureClassifier):
                 from sklearn.calibration import CalibratedClassifierCV
 
                 model = CalibratedClassifierCV(model, method="sigmoid", cv=folds, ensemble=False)
-            model.fit(x, y)
+            from joblib import parallel_config
+
+            with parallel_config(backend="threading", n_jobs=max(1, workers)):  # libsvm releases the GIL
+                model.fit(x, y)
         self.estimator_ = model
         chosen = {k: (_scaling_label(v) if k == "scale" else float(f"{v:.4g}") if isinstance(v, float) else v)
                   for k, v in best.items()}
@@ -246,9 +264,13 @@ class LinearSVM(SklearnClassifier):
     calibrate = True
 
     def estimator(self, seed):
+        from sklearn.metrics.pairwise import linear_kernel
         from sklearn.svm import SVC
 
-        return SVC(kernel="linear", random_state=seed)  # libsvm: fast for ~1,000 utterances of any width
+        # the linear kernel as a callable: libsvm then solves on a Gram matrix computed with BLAS, 3x faster to
+        # fit and 4x faster to predict than kernel="linear" on 1,600 x 400 features (the same model up to the
+        # solver's tolerance); the fitted SVC keeps its training vectors (~5 MB)
+        return SVC(kernel=linear_kernel, random_state=seed)
 
     def grid(self, norm):
         return {"clf__C": [c / norm for c in (0.1, 1.0, 10.0)]}

@@ -376,21 +376,26 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = F
     ``train_loss``, ``seconds``, ``valid_*`` with validation...) plus ``epochs``
     (``cfg.epochs``), once that epoch's checkpoint is handed to the writer thread.
     """
-    import torch
-
+    from ser_toolkit.models import FeatureClassifier
     from ser_toolkit.registry import get
-    from ser_toolkit.training import runs
-    from ser_toolkit.training.data import Collate, EpochBatches, close_loader, featurize_all, train_loader
 
     cfg.validate()
     rank, world, local_rank = _dist()
     distributed = world > 1
-    from ser_toolkit.models import FeatureClassifier
+    if issubclass(get("model", cfg.model).obj, FeatureClassifier):  # fitted once on cached features, no torch
+        if distributed:
+            raise SertkError(f"model '{cfg.model}' is fitted once on cached features, in one process",
+                             "run sertk train without torchrun (its hyper-parameter search uses the CPUs itself)")
+        from ser_toolkit.training.features import fit_classifier
 
-    feature_model = issubclass(get("model", cfg.model).obj, FeatureClassifier)
-    if feature_model and distributed:
-        raise SertkError(f"model '{cfg.model}' is fitted once on cached features, in one process",
-                         "run sertk train without torchrun (its hyper-parameter search uses the CPUs by itself)")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return fit_classifier(cfg, run_dir, resume, quiet, on_epoch)
+
+    import torch
+
+    from ser_toolkit.training import runs
+    from ser_toolkit.training.data import Collate, EpochBatches, close_loader, featurize_all, train_loader
+
     device = _device(cfg.device, local_rank)
     created_group = distributed and _init_distributed(device)
     if device.type == "cuda":
@@ -398,11 +403,6 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = F
         torch.backends.cudnn.allow_tf32 = True
     main_process = rank == 0
     run_dir.mkdir(parents=True, exist_ok=True)
-
-    if feature_model:  # fitted once on cached features
-        from ser_toolkit.training.features import fit_classifier
-
-        return fit_classifier(cfg, run_dir, resume, quiet, on_epoch)
     plugin = get("model", cfg.model).obj(**cfg.model_options)
     spec = plugin.featurizer_spec()
     if cfg.normalize != "none" and (spec is None or (cfg.plugins and cfg.aug_mode == "online")):

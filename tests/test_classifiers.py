@@ -170,8 +170,8 @@ def test_a_classifier_on_joined_features(cache_dir, tmp_path):
                   "features=acoustic+egemaps", "--normalize", "speaker", *FAST, timeout=600)
     assert r.code == 0, r.err
     summary = json.loads((run / "train_summary.json").read_text())
-    assert summary["classifier"]["blocks"] == {"acoustic": 399, "egemaps": 88}
-    assert summary["classifier"]["features"] == 487 and "blocks weighted" in summary["classifier"]["chosen"]["scale"]
+    assert summary["classifier"]["blocks"] == {"acoustic": 588, "egemaps": 88}
+    assert summary["classifier"]["features"] == 676 and "blocks weighted" in summary["classifier"]["chosen"]["scale"]
     assert [b["featurizer"] for b in summary["features"][0]["blocks"]] == ["acoustic", "egemaps"]
     r = run_sertk("evaluate", run, "--test", "test", "--json")
     assert r.code == 0, r.err  # the saved ColumnTransformer loads under the skops allow-list
@@ -181,8 +181,9 @@ def test_a_classifier_on_joined_features(cache_dir, tmp_path):
                              "--model-set", "features=acoustic+nope", *FAST), "nope")
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("model", ["svm", "rbf-svm"])
-def test_kernel_search_decides_like_the_pipeline_search(model):
+def test_kernel_search_decides_like_the_pipeline_search(model, workers):
     """The precomputed-kernel search finds GridSearchCV's parameters and fold score on the same folds."""
     from sklearn.base import clone
     from sklearn.model_selection import GridSearchCV
@@ -202,7 +203,7 @@ def test_kernel_search_decides_like_the_pipeline_search(model):
             for label in SCALINGS]
     pipe = Pipeline([("scale", "passthrough"), ("clf", plugin.estimator(0))])
     search = GridSearchCV(clone(pipe), grid, scoring="balanced_accuracy", cv=folds, refit=False).fit(x, y)
-    best, score, size = kernel_search(pipe.named_steps["clf"], grid, x, y, folds)
+    best, score, size = kernel_search(pipe.named_steps["clf"], grid, x, y, folds, workers)
     assert size == len(search.cv_results_["params"]) == (6 if model == "svm" else 12)
     assert {k: v for k, v in best.items() if k != "scale"} == \
         {k: v for k, v in search.best_params_.items() if k != "scale"}
@@ -210,6 +211,17 @@ def test_kernel_search_decides_like_the_pipeline_search(model):
     assert score == pytest.approx(search.best_score_, abs=1e-12)
     means = search.cv_results_["mean_test_score"]
     assert len(set(np.round(means, 6))) > 1  # the grid is not flat: the choice is a real one
+    if model == "rbf-svm":  # the fitted model: gamma folded into the scaling, rbf_kernel as a callable
+        from sklearn.svm import SVC
+
+        from ser_toolkit.plugins.classifiers import _rbf_on_gram
+
+        for params in search.cv_results_["params"]:  # pairwise decision values (ovr ones count votes)
+            pairwise = {**params, "clf__decision_function_shape": "ovo"}
+            plain = clone(pipe).set_params(**pairwise).fit(x, y)
+            fast = _rbf_on_gram(clone(pipe).set_params(**pairwise), params["clf__gamma"], 12).fit(x, y)
+            assert isinstance(plain.named_steps["clf"], SVC) and callable(fast.named_steps["clf"].kernel)
+            np.testing.assert_allclose(fast.decision_function(x), plain.decision_function(x), atol=5e-3)  # tol=1e-3
 
 
 def test_feature_classifiers_refuse_torchrun(cache_dir, tmp_path):

@@ -262,16 +262,16 @@ def test_cli_features_and_inspect(cli, tmp_path):
     assert cli("cache", "synthetic", "--set", "per_emotion=1", "--set", "speakers=1", "--cache-dir", d, "-q").code == 0
     r = cli("features", "synthetic", "--featurizer", "acoustic", "--cache-dir", d, "-q")
     assert r.code == 0, r.err
-    assert "written: 14 utterances, shape (399,) (14 computed, 0 reused, 0 resumed)" in " ".join(r.out.split())
+    assert "written: 14 utterances, shape (588,) (14 computed, 0 reused, 0 resumed)" in " ".join(r.out.split())
     r = cli("features", str(d / "synthetic.h5"), "--featurizer", "acoustic", "--json")
     assert r.code == 0, r.err
     summary = json.loads(r.out)
-    assert summary["unchanged"] and summary["computed"] == 0 and summary["shape"] == [399]
+    assert summary["unchanged"] and summary["computed"] == 0 and summary["shape"] == [588]
     assert Path(summary["path"]).parent == d / "synthetic.features"
     r = cli("inspect", str(d / "synthetic.h5"))
     assert r.code == 0 and "features acoustic (default options; version" in r.out and "current" in r.out, r.out
     listed = json.loads(cli("inspect", str(d / "synthetic.h5"), "--json").out)["feature_caches"]
-    assert [(f["featurizer"], f["shape"], f["state"]) for f in listed] == [("acoustic", [399], "current")]
+    assert [(f["featurizer"], f["shape"], f["state"]) for f in listed] == [("acoustic", [588], "current")]
     assert "unknown featurizer 'nope'" in one_line_error(cli("features", "synthetic", "--featurizer", "nope",
                                                              "--cache-dir", d))
     assert "does not exist" in one_line_error(cli("features", "missing", "--featurizer", "acoustic",

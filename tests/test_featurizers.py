@@ -15,7 +15,7 @@ from ser_toolkit.errors import PluginError
 from ser_toolkit.featurizers import get_featurizer
 
 RATE = 16000
-DIMS = {"egemaps": 88, "compare": 6373, "acoustic": 399}
+DIMS = {"egemaps": 88, "compare": 6373, "acoustic": 588}
 UTTERANCE = "ravdess/Actor_01/03-01-05-02-01-01-01.flac"
 
 

@@ -45,7 +45,7 @@ def test_demo_preset_end_to_end(tmp_path):
                     "## The control", "## Data", "## Reproducibility"):
         assert heading in md
     assert "## Learning curves" not in md  # classifiers fitted once have none (tests/test_report.py: curves)
-    assert "`svm` on `acoustic` features (399 values), normalisation speaker" in md
+    assert "`rbf-svm` on `acoustic` features (588 values), normalisation speaker" in md
     assert "cross-corpus: synthetic-shifted" in md
     assert (files_of(tmp_path / "reports" / "demo.md") / "numbers.json").is_file()
 
@@ -141,6 +141,6 @@ top_k = [2]
     cross = next(n for n in numbers if n["section"] == "headline" and n["metric"] == "weighted_f1"
                  and n["test"] == "cross-savee-reference" and n["model"] == "baseline")
     assert cross["mean"] >= 0.30  # per-speaker standardisation: 0.41 measured, the MLP without it 0.16
-    assert "`svm` on `acoustic` features (399 values), normalisation speaker (transductive" in md
+    assert "`svm` on `acoustic` features (588 values), normalisation speaker (transductive" in md
     assert "fitted once (no epochs)" in md and "augmentation offline, 1 copy per file" in md
     assert {n["method"] for n in numbers if n["section"] == "gains"} == {"specaugment", "timestretch", "ncp", "noise"}

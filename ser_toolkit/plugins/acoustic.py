@@ -5,13 +5,16 @@ Per utterance: MFCCs with deltas and delta-deltas (means and spreads), energy
 zero-crossing rate), pitch from YIN (at 8 kHz) on voiced frames (level, spread,
 percentiles, range in semitones, voiced share), duration, and band-level
 statistics: 40 log-mel bands over the active frames (mean, spread, 10-90 %
-range, mean change), the shape of the MFCC distribution (skew, percentiles),
-spectral flux and spectral contrast. A standardiser
-fitted on the training set and a small MLP (or linear) head classify them, so a
-whole study runs on a CPU in minutes.
+range, mean change, and, since version 4, trend, quartile range and skew), the
+shape of the MFCC distribution (skew, percentiles), MFCCs over the loud and the
+quiet frames apart, centroid and roll-off percentiles over the loud frames,
+energy rises, falls and trend, spectral flux and spectral contrast. A
+standardiser fitted on the training set and a small MLP (or linear) head
+classify them, so a whole study runs on a CPU in minutes.
 
-The same statistics are also the ``acoustic`` featurizer (399 named values; about 11 ms per 3.6 s utterance on one core), so
-they can be computed once into the feature cache.
+The same statistics are also the ``acoustic`` featurizer (588 named values; about
+11 ms per 3.6 s utterance on one core), so they can be computed once into the
+feature cache.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from ser_toolkit.params import Param
 RATE = 16000
 PITCH_RATE = 8000
 N_BANDS = 40
-N_FEATURES = 20 * 3 * 2 + 5 + 10 + 7 + 1 + N_BANDS * 4 + 20 * 4 + 2 + 7 * 2
+N_FEATURES = 20 * 3 * 2 + 5 + 10 + 7 + 1 + N_BANDS * 4 + 20 * 4 + 2 + 7 * 2 + N_BANDS * 3 + 20 * 3 + 6 + 3
 
 
 @functools.lru_cache(maxsize=None)
@@ -120,6 +123,14 @@ def acoustic_features(wave: np.ndarray) -> np.ndarray:
         flux = np.sqrt((np.diff(mag, axis=1) ** 2).sum(0))
         contrast = librosa.feature.spectral_contrast(S=mag, sr=RATE, n_fft=512)
         skew = _skew(mf)
+        # version 4: each active band's trend (least-squares slope over the utterance), quartile range and
+        # skew; MFCCs over the loud frames (within 25 dB of the loudest) and the quiet ones apart; centroid
+        # and roll-off percentiles over the loud frames; energy rises, falls and trend
+        t = np.linspace(-1, 1, bands.shape[1])
+        band_slope = (bands - bands.mean(1, keepdims=True)) @ t / max(float((t ** 2).sum()), 1e-9)
+        q25, q75 = np.percentile(bands, [25, 75], axis=1)
+        band_skew = _skew(bands)
+        rolloff = shape[2][0]
     n = min(f0.size, rms_db.size)
     voiced = (rms_db[:n] > np.percentile(rms_db, 90) - 25) & (f0[:n] < 490)
     semis = 12 * np.log2(f0[:n][voiced] / 100.0) if voiced.any() else np.zeros(1)
@@ -134,6 +145,16 @@ def acoustic_features(wave: np.ndarray) -> np.ndarray:
     feats += [skew, np.percentile(mf, [10, 50, 90], axis=1)]
     feats.append([np.log(flux.mean() + 1e-8), flux.std() / (flux.mean() + 1e-8)])
     feats += [contrast.mean(1), contrast.std(1)]
+    feats += [band_slope, q75 - q25, band_skew]
+    loud = rms_db > np.percentile(rms_db, 90) - 25
+    quiet = ~loud
+    feats += [mfcc[:, loud].mean(1) if loud.sum() > 2 else mfcc.mean(1),
+              mfcc[:, quiet].mean(1) if quiet.sum() > 2 else mfcc.mean(1),
+              mfcc[:, loud].std(1) if loud.sum() > 2 else mfcc.std(1)]
+    feats += [np.percentile(np.log(shape[0][0][loud] + 1), [10, 50, 90]) if loud.any() else np.zeros(3),
+              np.percentile(np.log(rolloff[loud] + 1), [10, 50, 90]) if loud.any() else np.zeros(3)]
+    rise = np.diff(rms_db)
+    feats.append([np.mean(rise > 0.5), np.mean(rise < -0.5), np.polyfit(np.arange(rms_db.size), rms_db, 1)[0] * 100])
     out = np.concatenate([np.ravel(f) for f in feats]).astype(np.float32)
     return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
 
@@ -154,6 +175,11 @@ def acoustic_feature_names() -> list[str]:
     names += [f"mfcc_active{i}_{p}" for p in ("p10", "p50", "p90") for i in range(1, 21)]
     names += ["spectral_flux_log_mean", "spectral_flux_cv"]
     names += [f"spectral_contrast{b}_{stat}" for stat in ("mean", "std") for b in range(1, 8)]
+    names += [f"logmel{b}_{stat}" for stat in ("active_slope", "active_p75_minus_p25", "active_skew")
+              for b in range(1, N_BANDS + 1)]
+    names += [f"mfcc{i}_{stat}" for stat in ("loud_mean", "quiet_mean", "loud_std") for i in range(1, 21)]
+    names += [f"{s}_loud_log_{p}" for s in ("spectral_centroid", "spectral_rolloff") for p in ("p10", "p50", "p90")]
+    names += ["energy_rising_share", "energy_falling_share", "energy_db_slope_per_s"]
     return names
 
 
@@ -161,8 +187,8 @@ class AcousticFeatures(Featurizer):
     """:func:`acoustic_features` as a featurizer (16 kHz input only)."""
 
     name = "acoustic"
-    description = "acoustic statistics (MFCC, energy, spectral shape, pitch, log-mel bands): 399 values, cheap"
-    version = "3"  # 2: pitch tracked at 8 kHz; 3: band-level statistics (143 -> 399 values)
+    description = "acoustic statistics (MFCC, energy, spectral shape, pitch, log-mel bands): 588 values, cheap"
+    version = "4"  # 2: pitch at 8 kHz; 3: band-level statistics (143 -> 399 values); 4: trends, loud frames (588)
 
     def extract(self, wave: np.ndarray, rate: int) -> np.ndarray:
         if rate != RATE:

@@ -103,7 +103,7 @@ def test_acoustic_featurizer_is_the_model_features(featurizers):
     wave = sine(0.7, 300.0)
     np.testing.assert_array_equal(featurizers["acoustic"].extract(wave, RATE), acoustic_features(wave))
     names = featurizers["acoustic"].feature_names()
-    assert names[0] == "mfcc1_mean" and names[20] == "mfcc1_std" and names[142] == "log_duration_s" and names[-1] == "spectral_contrast7_std"
+    assert names[0] == "mfcc1_mean" and names[20] == "mfcc1_std" and names[142] == "log_duration_s" and names[398] == "spectral_contrast7_std" and names[-1] == "energy_db_slope_per_s" and len(names) == 588
 
 
 def test_plugins_lists_featurizers():

@@ -229,3 +229,25 @@ def test_feature_classifiers_refuse_torchrun(cache_dir, tmp_path):
     r = run_sertk("train", "--cache-dir", cache_dir, "--out", tmp_path / "run", "--model", "svm", *FAST, env=env)
     one_line_error(r, "is fitted once on cached features, in one process")
     assert not (tmp_path / "run" / "train_summary.json").exists()
+
+
+@pytest.mark.parametrize("model", ["svm", "rbf-svm"])
+def test_normalised_features_search_one_scaling_with_the_same_choice(model, monkeypatch):
+    """After per-speaker standardisation, standardising again is the identity: the search drops the second
+    scaling and still chooses what the full grid chooses (ties go to ``standardise``)."""
+    from ser_toolkit.normalize import groups, normalize
+    from ser_toolkit.plugins import classifiers
+    from ser_toolkit.registry import get
+
+    rng = np.random.default_rng(5)
+    y = np.repeat(np.arange(4), 40)
+    speakers = np.array([f"s{i % 8}" for i in range(160)], dtype=object)
+    raw = (rng.normal(size=(160, 10)) + np.eye(4, 10)[y] * 1.5 + rng.normal(size=(8, 10))[np.arange(160) % 8] * 3)
+    x = normalize(raw.astype(np.float32), groups(list(speakers), "speaker")[0])
+    assert classifiers._scalings(raw.astype(np.float32)) == classifiers.SCALINGS
+    assert classifiers._scalings(x) == ("standardise",)
+    fast = get("model", model).obj(features="acoustic").fit(x, y, speakers, 0)
+    monkeypatch.setattr(classifiers, "_scalings", lambda _: classifiers.SCALINGS)
+    full = get("model", model).obj(features="acoustic").fit(x, y, speakers, 0)
+    assert fast["grid_size"] * 2 == full["grid_size"]
+    assert fast["chosen"] == full["chosen"] and fast["cv_uar"] == pytest.approx(full["cv_uar"], abs=1e-9)

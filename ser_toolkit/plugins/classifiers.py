@@ -54,6 +54,17 @@ normalisation). Joined feature sets (``egemaps+compare``) weigh each featurizer'
 every featurizer counts the same in a linear model however many values it has."""
 
 
+def _scalings(x: np.ndarray) -> tuple[str, ...]:
+    """The scalings worth searching for ``x``: only ``standardise`` when every column already has mean 0 and
+    SD 1 (or is constant), as after per-speaker or per-corpus normalisation, where standardising on any
+    speakers' rows is the identity and both scalings would score the same (the tie goes to ``standardise``)."""
+    if len(x) < 2:
+        return SCALINGS
+    mean, sd = x.mean(0, dtype=np.float64), x.std(0, dtype=np.float64)
+    standard = bool(np.all(np.abs(mean) < 1e-3) and np.all((np.abs(sd - 1) < 1e-3) | (sd < 1e-6)))
+    return SCALINGS[:1] if standard else SCALINGS
+
+
 def _scaling(label: str, blocks, width: int):
     """The ``scale`` step for a scaling label and the featurizer blocks [(name, width), ...] of the vectors."""
     from sklearn.preprocessing import StandardScaler
@@ -223,7 +234,7 @@ class SklearnClassifier(FeatureClassifier):
                              f"arrays of shape {x.shape[1:]}", "choose a vector featurizer (--model-set features=...)")
         folds, how = _cv(y, groups, seed)
         grid = []
-        for label in SCALINGS:
+        for label in _scalings(x):
             scale = _scaling(label, blocks, x.shape[1])
             norm = float(np.mean(np.sum(np.square(clone(scale).fit_transform(x) if scale != "passthrough"
                                                   else x), axis=1)))

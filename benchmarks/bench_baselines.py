@@ -23,6 +23,20 @@ throughput and the rerun speed-up), :mod:`ser_toolkit.normalize` through
 ``set_features`` (speaker statistics from each part's own utterances) and the
 classifier plugins (hyper-parameters by speaker-grouped CV on the training part
 only). Results: ``benchmarks/results/baselines.json``; a markdown table is printed.
+
+Two more ``--normalize`` values exist only here, to explain the issue's
+reference-split figures (a speaker is on both sides of that split); sertk does
+not offer them:
+
+- ``speaker-train``: a speaker seen in training is standardised, in every part,
+  with the statistics of their training utterances (inductive for them); an
+  unseen speaker as in ``speaker``;
+- ``speaker-pooled``: each speaker's statistics over all of their audio in the
+  training and the held-out part together (the training features then depend
+  on test audio; what sertk's ``speaker`` rule forbids).
+
+On ``folds`` and the SAVEE protocols no speaker is on both sides, so both equal
+``speaker`` there.
 """
 
 from __future__ import annotations
@@ -42,6 +56,36 @@ FOUR = ("neutral", "happy", "sad", "angry")
 
 def ravdess_actor(uid: str) -> int:
     return int(uid.split("-")[-1])
+
+
+def speaker_ids(reader, rows) -> np.ndarray:
+    """Speakers of ``rows``, qualified by corpus (a SAVEE and a RAVDESS speaker never share statistics)."""
+    return np.asarray([f"{reader.config['dataset']['name']}/{s}" for s in
+                       np.asarray(reader.column("speaker"), dtype=object)[rows]], dtype=object)
+
+
+def shared_speaker_stats(xtr: np.ndarray, xte: np.ndarray, str_: np.ndarray, ste: np.ndarray,
+                         mode: str) -> tuple[np.ndarray, np.ndarray]:
+    """Standardise raw features per speaker with ``speaker-train`` or ``speaker-pooled`` statistics (above)."""
+    from ser_toolkit.normalize import EPS
+
+    def stats(x, s):
+        return {g: (x[s == g].mean(0), np.maximum(x[s == g].std(0), EPS)) for g in np.unique(s)}
+
+    own_tr, own_te = stats(xtr, str_), stats(xte, ste)
+    ref_tr = ref_te = stats(np.vstack([xtr, xte]), np.concatenate([str_, ste])) if mode == "speaker-pooled" else None
+    if mode == "speaker-train":
+        ref_tr, ref_te = own_tr, {g: own_tr.get(g, own_te[g]) for g in own_te}
+    elif mode != "speaker-pooled":
+        raise SystemExit(f"unknown --normalize {mode!r}")
+    out = []
+    for x, s, ref in ((xtr, str_, ref_tr), (xte, ste, ref_te)):
+        y = np.empty_like(x)
+        for g in np.unique(s):
+            mean, sd = ref[g]
+            y[s == g] = (x[s == g] - mean) / sd
+        out.append(y)
+    return out[0], out[1]
 
 
 def main() -> None:
@@ -136,9 +180,13 @@ def main() -> None:
                 for proto in wanted:
                     scores = []
                     for tr_reader, tr_rows, te_reader, te_rows in protocols[proto]:
-                        xtr, info = set_features(tr_reader, tr_rows, (f, {}), mode)
+                        sertk_mode = mode if mode in ("none", "speaker", "corpus") else "none"
+                        xtr, info = set_features(tr_reader, tr_rows, (f, {}), sertk_mode)
                         blocks = [(b["featurizer"], b["width"]) for b in info.get("blocks", ())] or None
-                        xte, _ = set_features(te_reader, te_rows, (f, {}), mode)
+                        xte, _ = set_features(te_reader, te_rows, (f, {}), sertk_mode)
+                        if sertk_mode != mode:
+                            xtr, xte = shared_speaker_stats(xtr, xte, speaker_ids(tr_reader, tr_rows),
+                                                            speaker_ids(te_reader, te_rows), mode)
                         plugin = get("model", clf).obj(features=f)
                         speakers = np.asarray(tr_reader.column("speaker"), dtype=object)[tr_rows]
                         chosen = plugin.fit(xtr, tr_reader.labels[tr_rows], speakers, seed=0, workers=args.workers,

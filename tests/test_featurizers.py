@@ -151,3 +151,55 @@ def test_zero_crossing_rate_is_librosas():
               np.sin(np.arange(16000) / 7.0).astype(np.float32)):
         expected = librosa.feature.zero_crossing_rate(x, frame_length=512, hop_length=160)
         assert np.array_equal(_zero_crossing_rate(x), expected)
+
+
+def _yin_inputs(shared_root=None):
+    rng = np.random.default_rng(1)
+    waves = [sine(1.3, 180.0), rng.normal(size=9000).astype(np.float32) * 0.1, np.zeros(4000, np.float32),
+             (sine(2.0, 95.0) + sine(2.0, 310.0)) * np.linspace(0, 1, 32000, dtype=np.float32)]
+    if shared_root is not None:
+        import soundfile as sf
+
+        for path in sorted((shared_root / "ravdess" / "Actor_02").glob("*.flac"))[::9]:
+            waves.append(sf.read(path, dtype="float32")[0])
+    return waves
+
+
+def _check_yin(waves):
+    import librosa
+    import soxr
+
+    from ser_toolkit.plugins.acoustic import PITCH_RATE, _yin
+
+    rng = np.random.default_rng(2)
+    for wave in waves:
+        x8 = soxr.resample(wave, RATE, PITCH_RATE, quality="HQ")
+        expected = librosa.yin(x8, fmin=60, fmax=500, sr=PITCH_RATE, frame_length=512, hop_length=PITCH_RATE // 100)
+        for keep in (np.ones(expected.size, bool), rng.random(expected.size) < 0.5, np.zeros(expected.size, bool)):
+            got = _yin(x8, keep)
+            assert got.shape == expected.shape
+            assert np.array_equal(got[keep], expected[keep])  # bit for bit where kept
+            assert np.isnan(got[~keep]).all()
+
+
+def test_yin_on_kept_frames_is_librosas():
+    _check_yin(_yin_inputs())
+
+
+@pytest.mark.shared_data
+def test_yin_on_kept_frames_is_librosas_on_real_speech(shared_data):
+    _check_yin(_yin_inputs(shared_data))
+
+
+@pytest.mark.filterwarnings("ignore:Precision loss:RuntimeWarning")  # scipy on the constant row
+def test_skew_is_scipys():
+    from scipy.stats import skew
+
+    from ser_toolkit.plugins.acoustic import _skew
+
+    x = np.random.default_rng(3).gamma(2.0, size=(20, 300)).astype(np.float32)
+    x[3] = 0.5  # a constant row: NaN, as scipy
+    expected = skew(x, axis=1)
+    got = _skew(x)
+    assert np.isnan(got[3]) and np.isnan(expected[3])
+    np.testing.assert_allclose(np.delete(got, 3), np.delete(expected, 3), rtol=1e-4, atol=1e-6)

@@ -13,7 +13,7 @@ standardiser fitted on the training set and a small MLP (or linear) head
 classify them, so a whole study runs on a CPU in minutes.
 
 The same statistics are also the ``acoustic`` featurizer (588 named values; about
-11 ms per 3.6 s utterance on one core), so they can be computed once into the
+7.5 ms per 3.7 s utterance on one core), so they can be computed once into the
 feature cache.
 """
 
@@ -70,9 +70,10 @@ def _skew(x: np.ndarray) -> np.ndarray:
     """= ``scipy.stats.skew(x, axis=1)`` (biased), 0 for a constant row (then NaN there, zeroed later)."""
     mean = x.mean(1, keepdims=True)
     d = x - mean
-    m2 = (d ** 2).mean(1)
+    d2 = d * d
+    m2 = d2.mean(1)
     with np.errstate(divide="ignore", invalid="ignore"):
-        vals = (d ** 3).mean(1) / m2 ** 1.5
+        vals = (d2 * d).mean(1) / m2 ** 1.5  # d * d * d: 70x faster than d ** 3 on float32, same to 1 ulp
     constant = m2 <= (np.finfo(m2.dtype).resolution * mean[:, 0]) ** 2  # scipy's test for a constant row
     return np.where(constant, np.nan, vals)
 
@@ -85,6 +86,43 @@ def _zero_crossing_rate(x: np.ndarray, frame: int = 512, hop: int = 160) -> np.n
     crossings = np.concatenate([[0], np.cumsum(negative[1:] != negative[:-1])])  # crossings up to each sample
     starts = np.arange(1 + (padded.size - frame) // hop) * hop
     return ((crossings[starts + frame - 1] - crossings[starts]) / frame)[None, :]
+
+
+def _yin(x: np.ndarray, keep: np.ndarray, fmin: float = 60, fmax: float = 500, sr: int = PITCH_RATE,
+         frame_length: int = 512, hop: int = PITCH_RATE // 100) -> np.ndarray:
+    """= ``librosa.yin(x, fmin=fmin, fmax=fmax, sr=sr, frame_length=frame_length, hop_length=hop)`` on the
+    frames where ``keep`` is true (bit for bit), NaN elsewhere. YIN treats each frame alone, so pitch is
+    computed only where it is used: the loud frames, about half of an utterance."""
+    import librosa
+    import scipy.fft
+
+    frames = librosa.util.frame(np.pad(x, frame_length // 2), frame_length=frame_length, hop_length=hop, axis=0)
+    f0 = np.full(frames.shape[0], np.nan)
+    rows = np.flatnonzero(keep[: frames.shape[0]])
+    if rows.size == 0:
+        return f0
+    fr = np.ascontiguousarray(frames[rows])
+    min_p, max_p = int(np.floor(sr / fmax)), min(int(np.ceil(sr / fmin)), frame_length - 1)
+    n_pad = scipy.fft.next_fast_len(2 * frame_length - 1, real=True)
+    spec = scipy.fft.rfft(fr, n=n_pad, axis=1)
+    acf = scipy.fft.irfft(spec.real ** 2 + spec.imag ** 2, n=n_pad, axis=1)[:, : max_p + 1]
+    energy = np.cumsum(np.square(fr[:, :max_p]), axis=1)  # lags up to max_p need no more
+    energy[:, 0] = 0  # as librosa: the lag-1 difference subtracts no energy
+    diff = np.zeros_like(acf, dtype=energy.dtype)
+    diff[:, 1:] = 2 * (acf[:, :1] - acf[:, 1:]) - energy
+    mean = (np.cumsum(diff[:, 1:], axis=1) / np.arange(1, max_p + 1))[:, min_p - 1: max_p]
+    d = diff[:, min_p: max_p + 1] / (mean + np.finfo(mean.dtype).tiny)  # cumulative mean normalised difference
+    a, b = d[:, 2:] + d[:, :-2] - 2 * d[:, 1:-1], (d[:, 2:] - d[:, :-2]) / 2
+    shifts = np.zeros_like(d)  # parabolic interpolation, 0 where the optimum leaves [n-1, n+1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        shifts[:, 1:-1] = np.where(np.abs(b) >= np.abs(a), 0, -b / a)
+    trough = np.zeros(d.shape, bool)
+    trough[:, 1:-1] = (d[:, 1:-1] < d[:, :-2]) & (d[:, 1:-1] <= d[:, 2:])
+    trough[:, 0], trough[:, -1] = d[:, 0] < d[:, 1], d[:, -1] < d[:, -2]
+    below = trough & (d < 0.1)  # librosa's trough_threshold
+    period = np.where(below.any(1), np.argmax(below, 1), np.argmin(d, 1))
+    f0[rows] = sr / (min_p + period + shifts[np.arange(rows.size), period])
+    return f0
 
 
 def acoustic_features(wave: np.ndarray) -> np.ndarray:
@@ -108,9 +146,9 @@ def acoustic_features(wave: np.ndarray) -> np.ndarray:
                  librosa.feature.spectral_rolloff(S=spec, sr=RATE), librosa.feature.spectral_flatness(S=spec),
                  _zero_crossing_rate(x)]
         # YIN at 8 kHz (same 64 ms window, 10 ms hop): 3.5x cheaper than at 16 kHz, median pitch within
-        # 0.03 semitones of it on RAVDESS (pitch <= 500 Hz needs no more bandwidth)
-        x8 = soxr.resample(x, RATE, PITCH_RATE, quality="HQ")
-        f0 = librosa.yin(x8, fmin=60, fmax=500, sr=PITCH_RATE, frame_length=512, hop_length=PITCH_RATE // 100)
+        # 0.03 semitones of it on RAVDESS (pitch <= 500 Hz needs no more bandwidth), on the loud frames only
+        loud = rms_db > np.percentile(rms_db, 90) - 25
+        f0 = _yin(soxr.resample(x, RATE, PITCH_RATE, quality="HQ"), loud)
         # band-level statistics (version 3): 40 log-mel bands over the active frames (within 30 dB of the
         # loud ones), their spread and change, MFCC distribution shape, spectral flux and contrast
         lm = _log_mel(spec, N_BANDS)
@@ -132,7 +170,7 @@ def acoustic_features(wave: np.ndarray) -> np.ndarray:
         band_skew = _skew(bands)
         rolloff = shape[2][0]
     n = min(f0.size, rms_db.size)
-    voiced = (rms_db[:n] > np.percentile(rms_db, 90) - 25) & (f0[:n] < 490)
+    voiced = loud[:n] & (f0[:n] < 490)
     semis = 12 * np.log2(f0[:n][voiced] / 100.0) if voiced.any() else np.zeros(1)
     pitch = [semis.mean(), semis.std(), *np.percentile(semis, [10, 50, 90]), np.ptp(semis), voiced.mean()]
     feats = [m for block in (mfcc, d1, d2) for m in (block.mean(1), block.std(1))]
@@ -146,7 +184,6 @@ def acoustic_features(wave: np.ndarray) -> np.ndarray:
     feats.append([np.log(flux.mean() + 1e-8), flux.std() / (flux.mean() + 1e-8)])
     feats += [contrast.mean(1), contrast.std(1)]
     feats += [band_slope, q75 - q25, band_skew]
-    loud = rms_db > np.percentile(rms_db, 90) - 25
     quiet = ~loud
     feats += [mfcc[:, loud].mean(1) if loud.sum() > 2 else mfcc.mean(1),
               mfcc[:, quiet].mean(1) if quiet.sum() > 2 else mfcc.mean(1),

@@ -24,19 +24,17 @@ throughput and the rerun speed-up), :mod:`ser_toolkit.normalize` through
 classifier plugins (hyper-parameters by speaker-grouped CV on the training part
 only). Results: ``benchmarks/results/baselines.json``; a markdown table is printed.
 
-Two more ``--normalize`` values exist only here, to explain the issue's
-reference-split figures (a speaker is on both sides of that split); sertk does
-not offer them:
+``--normalize`` takes sertk's modes (``none``, ``speaker``, ``speaker-train``,
+``corpus``; ``speaker-train`` through :class:`ser_toolkit.normalize.SpeakerStats`
+as a run does) and one more that exists only here, to explain the issue's
+reference-split figures (a speaker is on both sides of that split):
 
-- ``speaker-train``: a speaker seen in training is standardised, in every part,
-  with the statistics of their training utterances (inductive for them); an
-  unseen speaker as in ``speaker``;
 - ``speaker-pooled``: each speaker's statistics over all of their audio in the
   training and the held-out part together (the training features then depend
-  on test audio; what sertk's ``speaker`` rule forbids).
+  on test audio; what sertk's rules forbid).
 
-On ``folds`` and the SAVEE protocols no speaker is on both sides, so both equal
-``speaker`` there.
+On ``folds`` and the SAVEE protocols no speaker is on both sides, so
+``speaker-train`` and ``speaker-pooled`` equal ``speaker`` there.
 """
 
 from __future__ import annotations
@@ -66,18 +64,15 @@ def speaker_ids(reader, rows) -> np.ndarray:
 
 def shared_speaker_stats(xtr: np.ndarray, xte: np.ndarray, str_: np.ndarray, ste: np.ndarray,
                          mode: str) -> tuple[np.ndarray, np.ndarray]:
-    """Standardise raw features per speaker with ``speaker-train`` or ``speaker-pooled`` statistics (above)."""
+    """Standardise raw features per speaker with ``speaker-pooled`` statistics (above)."""
     from ser_toolkit.normalize import EPS
 
     def stats(x, s):
         return {g: (x[s == g].mean(0), np.maximum(x[s == g].std(0), EPS)) for g in np.unique(s)}
 
-    own_tr, own_te = stats(xtr, str_), stats(xte, ste)
-    ref_tr = ref_te = stats(np.vstack([xtr, xte]), np.concatenate([str_, ste])) if mode == "speaker-pooled" else None
-    if mode == "speaker-train":
-        ref_tr, ref_te = own_tr, {g: own_tr.get(g, own_te[g]) for g in own_te}
-    elif mode != "speaker-pooled":
+    if mode != "speaker-pooled":
         raise SystemExit(f"unknown --normalize {mode!r}")
+    ref_tr = ref_te = stats(np.vstack([xtr, xte]), np.concatenate([str_, ste]))
     out = []
     for x, s, ref in ((xtr, str_, ref_tr), (xte, ste, ref_te)):
         y = np.empty_like(x)
@@ -98,6 +93,8 @@ def main() -> None:
     ap.add_argument("--classifiers", default="svm,rbf-svm,logreg")
     ap.add_argument("--normalize", default="none,speaker")
     ap.add_argument("--protocols", default="reference,folds,savee7,savee4")
+    ap.add_argument("--class-weights", default="none", choices=("none", "balanced"),
+                    help="the classifiers' class weights (sertk's --class-weights)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--skip-throughput", action="store_true",
                     help="keep the feature caches (no cold rebuild to time feature throughput)")
@@ -175,22 +172,30 @@ def main() -> None:
     for f in featurizers:
         for clf in args.classifiers.split(","):
             for mode in args.normalize.split(","):
-                row = {"features": f, "classifier": clf, "normalize": mode}
+                row = {"features": f, "classifier": clf, "normalize": mode, "class_weights": args.class_weights}
                 t0 = time.perf_counter()
                 for proto in wanted:
                     scores = []
                     for tr_reader, tr_rows, te_reader, te_rows in protocols[proto]:
-                        sertk_mode = mode if mode in ("none", "speaker", "corpus") else "none"
-                        xtr, info = set_features(tr_reader, tr_rows, (f, {}), sertk_mode)
+                        sertk_mode = "none" if mode == "speaker-pooled" else mode
+                        seen = None
+                        if mode == "speaker-train":  # sertk's: the training speakers' statistics, per block
+                            from ser_toolkit.normalize import SpeakerStats, source_of
+
+                            names = list(np.asarray(tr_reader.column("speaker"), dtype=object)[tr_rows])
+                            for block in f.split("+"):
+                                raw, _ = set_features(tr_reader, tr_rows, (block, {}), "none")
+                                seen = SpeakerStats.fit(source_of(tr_reader), block, raw, names, into=seen)
+                        xtr, info = set_features(tr_reader, tr_rows, (f, {}), sertk_mode, seen=seen)
                         blocks = [(b["featurizer"], b["width"]) for b in info.get("blocks", ())] or None
-                        xte, _ = set_features(te_reader, te_rows, (f, {}), sertk_mode)
+                        xte, _ = set_features(te_reader, te_rows, (f, {}), sertk_mode, seen=seen)
                         if sertk_mode != mode:
                             xtr, xte = shared_speaker_stats(xtr, xte, speaker_ids(tr_reader, tr_rows),
                                                             speaker_ids(te_reader, te_rows), mode)
                         plugin = get("model", clf).obj(features=f)
                         speakers = np.asarray(tr_reader.column("speaker"), dtype=object)[tr_rows]
                         chosen = plugin.fit(xtr, tr_reader.labels[tr_rows], speakers, seed=0, workers=args.workers,
-                                             blocks=blocks)
+                                             blocks=blocks, class_weights=args.class_weights)
                         m = compute_metrics(te_reader.labels[te_rows], plugin.predict_proba(xte).argmax(1))
                         scores.append({k: m[k] for k in ("uar", "weighted_f1", "macro_f1")} | {"chosen": chosen})
                     row[proto] = {k: float(np.mean([s[k] for s in scores])) for k in ("uar", "weighted_f1", "macro_f1")}

@@ -220,13 +220,31 @@ def load_run_model(run_dir: Path, device=None, allow_unfinished: bool = False, i
 
     if isinstance(plugin, FeatureClassifier):
         plugin.load(run_dir / "checkpoints" / runs.CLASSIFIER, info["run_id"])
+        plugin.speaker_stats = _speaker_stats(run_dir, cfg, info)
         return plugin, None, cfg, None
     model = plugin.rebuild(len(EMOTIONS), run_dir)
     runs.load_weights(run_dir / "checkpoints" / runs.BEST, model, info["run_id"])
+    model.speaker_stats = _speaker_stats(run_dir, cfg, info)
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
     model.feature_spec = plugin.featurizer_spec()  # cached features (None: the model's own featurizer)
     return model, model.featurizer(), cfg, device
+
+
+def _speaker_stats(run_dir: Path, cfg: Mapping[str, Any], info: dict[str, Any]):
+    """A ``--normalize speaker-train`` run's training speaker statistics (None for other runs), checked
+    against the digest the run was sealed with."""
+    from ser_toolkit.normalize import SEEN, SpeakerStats
+    from ser_toolkit.training import runs
+
+    if cfg.get("normalize") != SEEN:
+        return None
+    stats = run_dir / "checkpoints" / runs.SPEAKER_STATS
+    sealed = runs.read_json(run_dir / runs.SEAL_FILE) if runs.is_sealed(run_dir) else {}
+    recorded = (sealed.get("checkpoints") or {}).get(stats.name)
+    if sealed and (recorded is None or not stats.is_file() or runs.file_digest(stats) != recorded):
+        raise SertkError(f"{stats} is missing or is not the file this run sealed", "retrain the run")
+    return SpeakerStats.load(stats, info["run_id"])
 
 
 def run_probs(model, featurize, cfg: Mapping[str, Any], reader, rows: Sequence[int], batch_size: int, device,
@@ -241,7 +259,8 @@ def run_probs(model, featurize, cfg: Mapping[str, Any], reader, rows: Sequence[i
                             batch_seconds=batch_seconds), {}
     from ser_toolkit.training.features import set_features
 
-    x, info = set_features(reader, rows, spec, cfg.get("normalize", "none"), workers)
+    x, info = set_features(reader, rows, spec, cfg.get("normalize", "none"), workers,
+                           seen=getattr(model, "speaker_stats", None))
     if hasattr(model, "predict_proba"):
         return model.predict_proba(x), info
     return predict_features(model, list(x), batch_size, device), info

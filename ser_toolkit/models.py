@@ -87,12 +87,15 @@ class FeatureClassifier(ModelPlugin):
         return self.options["features"], {}
 
     def fit(self, x: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int, workers: int = 1,
-            blocks: Sequence[tuple[str, int]] | None = None) -> dict[str, Any]:
+            blocks: Sequence[tuple[str, int]] | None = None, class_weights: str = "none") -> dict[str, Any]:
         """Fit on training features ``x`` (N, D), labels ``y`` and CV groups (speakers); returns what was
         chosen (hyper-parameters, cross-validated scores), recorded in ``train_summary.json``.
 
         ``blocks``: for a joined feature set (``features = "egemaps+compare"``), the (featurizer, width) of
-        each block of columns, in order (None for one featurizer)."""
+        each block of columns, in order (None for one featurizer). ``class_weights``: the run's
+        ``--class-weights`` (``none`` or ``balanced``: inverse class frequency); a classifier that cannot
+        weight classes raises :class:`~ser_toolkit.errors.SertkError` for ``balanced``. A ``fit`` without
+        this parameter is called without it, and the run refuses ``balanced`` for it."""
         raise NotImplementedError
 
     def predict_proba(self, x: np.ndarray) -> np.ndarray:

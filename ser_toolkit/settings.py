@@ -214,8 +214,9 @@ TRAIN_SETTINGS: tuple[Setting, ...] = (
             "copies.", choices=("online", "offline")),
     Setting("aug_copies", 1, "Augmented copies per utterance (1 = the reference 1:1).", type="int", min=1),
     Setting("normalize", "none", "Feature normalisation of feature models: none, speaker (each speaker's own "
-            "utterances in the same set and part; transductive over unlabelled test audio) or corpus.",
-            choices=("none", "speaker", "corpus"), model_default=True),
+            "utterances in the same set and part; transductive over unlabelled test audio), speaker-train (as "
+            "speaker, but speakers seen in training keep their training statistics in every set) or corpus.",
+            choices=("none", "speaker", "speaker-train", "corpus"), model_default=True),
     Setting("model", "hubert", "Model plugin (tiny, acoustic, hubert), hub id or folder.", flag="--model",
             generated=False, study=False),
     Setting("model_options", {}, "Model parameters (key=value).", type="table", flag="--model-set",
@@ -238,7 +239,8 @@ TRAIN_SETTINGS: tuple[Setting, ...] = (
     Setting("grad_accum", 1, "Gradient accumulation steps.", type="int", min=1),
     Setting("max_seconds", None, "Random crop of longer training clips (default: no crop).", type="float",
             min=0, min_exclusive=True, unit="seconds", nullable=True),
-    Setting("class_weights", "none", "Loss weights per class: none or balanced (inverse frequency).",
+    Setting("class_weights", "none", "Weights per class: none or balanced (inverse frequency), in the loss of "
+            "trained models and in the fit of feature classifiers.",
             choices=("none", "balanced")),
     Setting("early_stopping", 0, "Patience in epochs, 0 = off (needs --valid).", type="int", min=0),
     Setting("select_metric", "uar", "Best-checkpoint metric on the validation split.", choices=METRICS),

@@ -25,7 +25,7 @@ def svm_run(cache_dir, tmp_path_factory):
     run = tmp_path_factory.mktemp("runs") / "svm"
     r = run_sertk("train", "--cache-dir", cache_dir, "--out", run, "--model", "svm", "--model-set",
                   "features=acoustic", "--normalize", "speaker", "--plugins", "noise", "--aug-copies", "2",
-                  "--cross", "synthetic-shifted", *FAST, timeout=600)
+                  "--cross", "synthetic-shifted", "--class-weights", "balanced", *FAST, timeout=600)
     assert r.code == 0, r.err
     return run
 
@@ -37,6 +37,7 @@ def test_svm_trains_on_cached_features_of_clean_and_materialised_copies(svm_run,
     assert cfg["aug_mode"] == "offline" and cfg["normalize"] == "speaker"  # the model's default, recorded
     fitted = summary["classifier"]
     assert set(fitted["chosen"]) == {"scale", "clf__C"} and "speaker-grouped" in fitted["cv"]
+    assert fitted["class_weights"] == cfg["class_weights"] == "balanced"  # the setting reaches the fit
     sets = summary["features"]
     assert len(sets) == 2 and sets[0]["rows"] == summary["train_utterances"]
     assert sets[1]["rows"] == 2 * summary["train_utterances"]  # two materialised copies per training file
@@ -74,7 +75,10 @@ def test_feature_settings_that_cannot_apply_are_refused(cache_dir, tmp_path):
                              "--normalize", "speaker", *FAST), "--normalize speaker needs a model on cached features")
     one_line_error(run_sertk("train", "--cache-dir", cache_dir, "--out", tmp_path / "c", "--model", "svm",
                              "--model-set", "features=nope", *FAST), "unknown featurizer 'nope'")
-    assert not any((tmp_path / n).exists() and any((tmp_path / n).rglob("*.skops")) for n in "abc")
+    one_line_error(run_sertk("train", "--cache-dir", cache_dir, "--out", tmp_path / "d", "--model", "mlp",
+                             "--model-set", "features=acoustic", "--class-weights", "balanced", *FAST),
+                   "model 'mlp' cannot weight classes")
+    assert not any((tmp_path / n).exists() and any((tmp_path / n).rglob("*.skops")) for n in "abcd")
 
 
 @pytest.mark.timeout(900)
@@ -181,10 +185,11 @@ def test_a_classifier_on_joined_features(cache_dir, tmp_path):
                              "--model-set", "features=acoustic+nope", *FAST), "nope")
 
 
-@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("workers, class_weight", [(1, None), (2, None), (2, "balanced")])
 @pytest.mark.parametrize("model", ["svm", "rbf-svm"])
-def test_kernel_search_decides_like_the_pipeline_search(model, workers):
-    """The precomputed-kernel search finds GridSearchCV's parameters and fold score on the same folds."""
+def test_kernel_search_decides_like_the_pipeline_search(model, workers, class_weight):
+    """The precomputed-kernel search finds GridSearchCV's parameters and fold score on the same folds (with
+    and without class weights, on unequal classes)."""
     from sklearn.base import clone
     from sklearn.model_selection import GridSearchCV
     from sklearn.pipeline import Pipeline
@@ -193,7 +198,7 @@ def test_kernel_search_decides_like_the_pipeline_search(model, workers):
     from ser_toolkit.registry import get
 
     rng = np.random.default_rng(3)
-    y = np.repeat(np.arange(4), 30)
+    y = np.repeat(np.arange(4), [15, 30, 30, 45])
     x = (rng.normal(size=(120, 12)) + 0.6 * np.eye(4, 12)[y] * rng.uniform(0.5, 3, 12)).astype(np.float32)
     x[:, 5] *= 40.0  # a badly scaled column: standardising matters
     speakers = np.array([f"s{i % 6}" for i in range(120)])
@@ -201,7 +206,7 @@ def test_kernel_search_decides_like_the_pipeline_search(model, workers):
     folds, _ = _cv(y, speakers, 0)
     grid = [{"scale": [_scaling(label, None, 12)], **plugin.grid(10.0 if label == "none" else 12.0)}
             for label in SCALINGS]
-    pipe = Pipeline([("scale", "passthrough"), ("clf", plugin.estimator(0))])
+    pipe = Pipeline([("scale", "passthrough"), ("clf", plugin.estimator(0))]).set_params(clf__class_weight=class_weight)
     search = GridSearchCV(clone(pipe), grid, scoring="balanced_accuracy", cv=folds, refit=False).fit(x, y)
     best, score, size = kernel_search(pipe.named_steps["clf"], grid, x, y, folds, workers)
     assert size == len(search.cv_results_["params"]) == (6 if model == "svm" else 12)
@@ -251,3 +256,75 @@ def test_normalised_features_search_one_scaling_with_the_same_choice(model, monk
     full = get("model", model).obj(features="acoustic").fit(x, y, speakers, 0)
     assert fast["grid_size"] * 2 == full["grid_size"]
     assert fast["chosen"] == full["chosen"] and fast["cv_uar"] == pytest.approx(full["cv_uar"], abs=1e-9)
+
+
+def test_class_weights_reach_every_fit_and_are_refused_where_they_cannot_apply():
+    """--class-weights balanced weighs the search's fits and the final one (other choices on unequal classes);
+    a classifier that cannot weight classes (mlp, or a fit without the parameter) refuses in one message."""
+    from ser_toolkit.errors import SertkError
+    from ser_toolkit.registry import get
+    from ser_toolkit.training.features import _class_weights
+
+    rng = np.random.default_rng(5)
+    y = np.repeat(np.arange(3), [10, 40, 70])
+    x = (rng.normal(size=(120, 6)) + np.eye(3, 6)[y]).astype(np.float32)
+    speakers = np.array([f"s{i % 6}" for i in range(120)])
+    recalls = {}
+    for weights in ("none", "balanced"):  # the calibration is weighted too: its argmax keeps the weighting
+        plugin = get("model", "svm").obj(features="acoustic")
+        chosen = plugin.fit(x, y, speakers, seed=0, class_weights=weights)
+        assert chosen["class_weights"] == weights
+        svc = plugin.estimator_.estimator.named_steps["clf"]
+        assert svc.class_weight == (None if weights == "none" else "balanced")
+        pred = plugin.predict_proba(x).argmax(1)
+        recalls[weights] = float(np.mean(pred[y == 0] == 0))
+    assert recalls["none"] < 0.2 and recalls["balanced"] > 0.6  # the rare class is found when weighted
+    with pytest.raises(SertkError, match="cannot weight classes"):
+        get("model", "mlp").obj(features="acoustic").fit(x, y, speakers, seed=0, class_weights="balanced")
+    with pytest.raises(SertkError, match="unknown class weights"):
+        get("model", "svm").obj(features="acoustic").fit(x, y, speakers, seed=0, class_weights="inverse")
+
+    class Older:  # a third-party classifier written before the parameter existed
+        name = "older"
+
+        def fit(self, x, y, groups, seed, workers=1, blocks=None):
+            return {}
+
+    assert _class_weights(Older(), "none") == {}
+    with pytest.raises(SertkError, match="model 'older' cannot weight classes"):
+        _class_weights(Older(), "balanced")
+    assert _class_weights(get("model", "svm").obj(features="acoustic"), "balanced") == {"class_weights": "balanced"}
+
+
+@pytest.mark.timeout(900)
+def test_speaker_train_keeps_seen_speakers_training_statistics(cache_dir, tmp_path):
+    """--normalize speaker-train: the training speakers' statistics are saved and sealed with the run; a test
+    set of the same audio uses them for its seen speakers, another corpus its own; torch models refuse it."""
+    run = tmp_path / "st"
+    r = run_sertk("train", "--cache-dir", cache_dir, "--out", run, "--model", "svm", "--model-set",
+                  "features=acoustic", "--normalize", "speaker-train", "--split", "stratified:test=0.25",
+                  "--cross", "synthetic-shifted", "--workers", "1", "-q", timeout=600)
+    assert r.code == 0, r.err
+    stats = run / "checkpoints" / "speaker_stats.safetensors"
+    assert "speaker_stats.safetensors" in json.loads((run / "final.json").read_text())["checkpoints"]
+    r = run_sertk("evaluate", run, "--json")
+    assert r.code == 0, r.err
+    test = json.loads((run / "eval" / "test.json").read_text())["data"]["features"]
+    cross = json.loads((run / "eval" / "cross-synthetic-shifted.json").read_text())["data"]["features"]
+    assert test["normalize"] == "speaker-train" and test["train_statistics"] > 0  # stratified: speakers seen
+    assert cross["train_statistics"] == 0  # another corpus: its speakers' own statistics
+    stats.write_bytes(stats.read_bytes()[:-8] + b"\0" * 8)
+    one_line_error(run_sertk("evaluate", run), "is not the file this run sealed")
+    # a model trained by epochs on cached features (the acoustic MLP) saves and applies them the same way
+    mlp = tmp_path / "mlp"
+    r = run_sertk("train", "--cache-dir", cache_dir, "--out", mlp, "--model", "acoustic", "--normalize",
+                  "speaker-train", "--split", "stratified:test=0.25", "--epochs", "2", "--workers", "0", "-q",
+                  timeout=600)
+    assert r.code == 0, r.err
+    assert "speaker_stats.safetensors" in json.loads((mlp / "final.json").read_text())["checkpoints"]
+    assert run_sertk("evaluate", mlp, "--test", "test").code == 0
+    test = json.loads((mlp / "eval" / "test.json").read_text())["data"]["features"]
+    assert test["train_statistics"] > 0 and "fewer than" not in test.get("note", "")  # all seen
+    one_line_error(run_sertk("train", "--cache-dir", cache_dir, "--out", tmp_path / "a", "--model", "acoustic",
+                             "--normalize", "speaker-train", "--max-seconds", "2", *FAST),
+                   "needs cached features of whole utterances")

@@ -84,3 +84,53 @@ def test_set_features_never_read_labels(cache_dir):
     rows = list(range(0, len(reader.ids), 2))
     x, info = set_features(_NoLabels(reader), rows, ("acoustic", {}), "speaker")
     assert x.shape[0] == len(rows) and info["normalize"] == "speaker" and info["features"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(sets(), st.integers(0, 2**31))
+def test_speaker_train_uses_a_seen_speakers_training_statistics_only(data, seed):
+    """speaker-train: a seen speaker of the same source audio is standardised with their training statistics
+    (nobody else's, no labels); unseen speakers and other sources keep the per-set statistics."""
+    from ser_toolkit.normalize import SpeakerStats
+
+    x_train, speakers, _ = data
+    rng = np.random.default_rng(seed)
+    stats = SpeakerStats.fit("src", "acoustic", x_train, speakers)
+    x_test = rng.normal(1.0, 3.0, (9, 4)).astype(np.float32)
+    test_speakers = [speakers[0]] * 5 + ["unseen"] * 4
+    per_set = normalize(x_test, groups(test_speakers, "speaker")[0])
+    out, seen = stats.apply(x_test, per_set, test_speakers, "src", "acoustic")
+    assert seen == 5
+    own = np.asarray(speakers) == speakers[0]
+    expected = (x_test[:5] - x_train[own].mean(0)) / x_train[own].std(0)
+    np.testing.assert_allclose(out[:5], expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(out[5:], per_set[5:])  # unseen: their own unlabelled audio
+    # another speaker's training features do not move this speaker's statistics
+    other = ~own
+    if other.any():
+        moved = x_train.copy()
+        moved[other] += 100.0
+        again, _ = SpeakerStats.fit("src", "acoustic", moved, speakers).apply(x_test, per_set, test_speakers,
+                                                                            "src", "acoustic")
+        np.testing.assert_array_equal(again[:5], out[:5])
+    # another source (another corpus or cache) or another feature block: nothing is replaced
+    for source, block in (("other", "acoustic"), ("src", "egemaps")):
+        same, n = stats.apply(x_test, per_set, test_speakers, source, block)
+        assert n == 0 and same is per_set
+
+
+def test_speaker_statistics_file_round_trip_and_refusals(tmp_path):
+    from ser_toolkit.normalize import SpeakerStats
+
+    x = np.random.default_rng(0).normal(size=(12, 3)).astype(np.float32)
+    stats = SpeakerStats.fit("src", "acoustic", x, ["a"] * 6 + ["b"] * 6)
+    path = tmp_path / "speaker_stats.safetensors"
+    stats.save(path, "run-1")
+    back = SpeakerStats.load(path, "run-1")
+    assert back.source == "src" and set(back.blocks["acoustic"]) == {"a", "b"}
+    np.testing.assert_array_equal(back.blocks["acoustic"]["a"][0], x[:6].mean(0))
+    with pytest.raises(SertkError, match="belong to another run"):
+        SpeakerStats.load(path, "run-2")
+    path.write_bytes(b"not safetensors")
+    with pytest.raises(SertkError, match="missing or unreadable"):
+        SpeakerStats.load(path, "run-1")

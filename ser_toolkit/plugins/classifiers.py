@@ -5,6 +5,8 @@ pipeline *scaling → classifier*; the scaling (standardise or none) and C (and
 gamma, alpha) are chosen by cross-validation on the training part only, with
 folds grouped by speaker (an utterance and its augmented copies share their
 speaker, so they never straddle folds), scored by UAR (balanced accuracy).
+``--class-weights balanced`` weighs each class by its inverse frequency in every
+fit (the search's and the final one; not ``mlp``, which cannot weight classes).
 Probabilities are calibrated (sigmoid, on the same grouped folds) where the
 classifier has none of its own (SVMs). The fitted pipeline is saved with the
 run as ``checkpoints/classifier.skops`` (the skops format: JSON schema + numpy
@@ -150,7 +152,8 @@ def kernel_search(svc, grid: list[dict[str, list[Any]]], x: np.ndarray, y: np.nd
             k_te = np.exp(-gamma * np.maximum(n_te[:, None] + n_tr[None, :] - 2 * k_te, 0.0))
         out = []
         for c in members:
-            model = SVC(kernel="precomputed", C=candidates[c].get("clf__C", svc.C), random_state=svc.random_state)
+            model = SVC(kernel="precomputed", C=candidates[c].get("clf__C", svc.C), class_weight=svc.class_weight,
+                        random_state=svc.random_state)
             try:
                 out.append((c, float(balanced_accuracy_score(y[te], model.fit(k_tr, y[tr]).predict(k_te)))))
             except ValueError:
@@ -220,7 +223,7 @@ class SklearnClassifier(FeatureClassifier):
         norm of the scaled training vectors, so C and gamma scale with the features."""
         raise NotImplementedError
 
-    def fit(self, x, y, groups, seed, workers=1, blocks=None):
+    def fit(self, x, y, groups, seed, workers=1, blocks=None, class_weights="none"):
         import warnings
 
         from sklearn.base import clone
@@ -240,6 +243,12 @@ class SklearnClassifier(FeatureClassifier):
                                                   else x), axis=1)))
             grid.append({"scale": [scale], **self.grid(max(norm, 1e-12))})
         pipe = Pipeline([("scale", "passthrough"), ("clf", self.estimator(seed))])
+        if class_weights == "balanced":
+            if "class_weight" not in pipe.named_steps["clf"].get_params():
+                raise SertkError(f"model '{self.name}' cannot weight classes", "use --class-weights none")
+            pipe.set_params(clf__class_weight="balanced")  # n / (classes x count), on every fit of the search
+        elif class_weights != "none":
+            raise SertkError(f"unknown class weights {class_weights!r}", "use --class-weights none or balanced")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             kernel = getattr(pipe.named_steps["clf"], "kernel", None)
@@ -259,13 +268,21 @@ class SklearnClassifier(FeatureClassifier):
                 model = CalibratedClassifierCV(model, method="sigmoid", cv=folds, ensemble=False)
             from joblib import parallel_config
 
+            fit_params = {}
+            if self.calibrate and class_weights == "balanced":
+                from sklearn.utils.class_weight import compute_sample_weight
+
+                # the calibration weighs classes too, else its probabilities restore the training priors and
+                # their argmax undoes the weighting (the SVMs themselves take class_weight, not these weights)
+                fit_params["sample_weight"] = compute_sample_weight("balanced", y)
+                warnings.filterwarnings("ignore", message=".*sample weights will only be used for the calibration")
             with parallel_config(backend="threading", n_jobs=max(1, workers)):  # libsvm releases the GIL
-                model.fit(x, y)
+                model.fit(x, y, **fit_params)
         self.estimator_ = model
         chosen = {k: (_scaling_label(v) if k == "scale" else float(f"{v:.4g}") if isinstance(v, float) else v)
                   for k, v in best.items()}
         out = {"chosen": chosen, "cv": how, "cv_uar": float(score), "grid_size": int(size),
-               "features": int(x.shape[1])}
+               "features": int(x.shape[1]), "class_weights": class_weights}
         if blocks and len(blocks) > 1:
             out["blocks"] = {name: int(width) for name, width in blocks}
         return out

@@ -23,6 +23,12 @@ COLLAPSE_SHARE = 0.5
 """A model predicting one emotion for more than this share of a set is named in the findings."""
 
 
+NORMALISATION_NOTES = {
+    "speaker": " (transductive: each test speaker's own unlabelled audio)",
+    "speaker-train": (" (speakers seen in training: their training statistics, no test audio; unseen speakers: "
+                      "their own unlabelled audio, transductive)"),
+}
+
 def _read(path: Path) -> dict[str, Any]:
     from ser_toolkit.training.runs import read_json
 
@@ -50,8 +56,8 @@ def setup_lines(models: list[Model], study: dict[str, Any]) -> list[str]:
     if isinstance(fitted, dict):  # a feature classifier, fitted once
         chosen = ", ".join(f"{k.replace('clf__', '')} {v}" for k, v in (fitted.get("chosen") or {}).items())
         model += (f" on `{opts.get('features')}` features ({fitted.get('features')} values), normalisation "
-                  f"{norm}" + (" (transductive: each test speaker's own unlabelled audio)" if norm == "speaker"
-                               else "") + f"; {chosen} chosen by {fitted.get('cv')} on the training part")
+                  f"{norm}" + NORMALISATION_NOTES.get(norm, "") + f"; {chosen} chosen by {fitted.get('cv')} on the "
+                  "training part")
     elif params:
         model += f", {_millions(params.get('trainable'))} of {_millions(params.get('total'))} parameters trained"
         if norm != "none":

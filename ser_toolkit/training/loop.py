@@ -422,15 +422,20 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = F
                          f"({'online augmentation' if train_items.augmentation is not None else '--max-seconds'} "
                          "would need them again every epoch)", "use --aug-mode offline (materialised copies) and "
                          "no --max-seconds")
-    valid_x = None
+    valid_x = seen = None
+    if cfg.normalize != "none" and not cached:  # normalisation applies to cached features only
+        raise SertkError(f"--normalize {cfg.normalize} needs cached features of whole utterances",
+                         "drop --max-seconds and use --aug-mode offline, or --normalize none")
     if cached:  # features from the feature cache, normalised per set (--normalize)
-        from ser_toolkit.training.features import item_features, set_features
+        from ser_toolkit.normalize import SEEN
+        from ser_toolkit.training.features import item_features, set_features, training_statistics
 
-        x, sets = item_features(train_items, spec, cfg.normalize, cfg.workers)
+        seen = training_statistics(data, spec, cfg.workers) if cfg.normalize == SEEN else None
+        x, sets = item_features(train_items, spec, cfg.normalize, cfg.workers, seen=seen)
         train_items.memo = {k: x[k] for k in range(len(x))}
         data.data["features"] = [{"set": f["set"], "digest": f["features"]} for f in sets]
         if data.valid_rows:
-            valid_x, _ = set_features(data.reader, data.valid_rows, spec, cfg.normalize, cfg.workers)
+            valid_x, _ = set_features(data.reader, data.valid_rows, spec, cfg.normalize, cfg.workers, seen=seen)
     if model.input_kind == "wave" and cfg.max_seconds is None:
         check_wave_lengths(train_items.lengths(), [train_items.readers[r].ids[i] for r, i, _ in train_items.items],
                            data.reader.sample_rate, "training")
@@ -439,6 +444,8 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = F
     ckpt_path = runs.last_epoch_checkpoint(run_dir) if resume else None
     resuming = ckpt_path is not None and (run_dir / runs.RUN_FILE).is_file()
     run_id = _start_run(run_dir, data.data, resuming, main_process)  # only rank 0's id is ever written
+    if seen is not None and main_process:  # --normalize speaker-train: what evaluation applies, sealed with the run
+        seen.save(run_dir / "checkpoints" / runs.SPEAKER_STATS, run_id)
     if not resuming:
         ckpt_path = None
 

@@ -114,6 +114,8 @@ RUN_FILE = "run.json"
 SEAL_FILE = "final.json"
 BEST = "best.safetensors"
 CLASSIFIER = "classifier.skops"
+SPEAKER_STATS = "speaker_stats.safetensors"
+"""``--normalize speaker-train``: the training speakers' feature statistics (beside the classifier)."""
 """A feature classifier's fitted pipeline (instead of :data:`BEST`), see ``ser_toolkit/plugins/classifiers.py``."""
 SEALED_FILES = ("config.json", RUN_FILE)
 STATE = "epoch-{epoch:03d}.pt"  # the latest resumable state (epochs counted from 1)

@@ -105,9 +105,11 @@ class SpeakerStats:
         """Add one block's statistics (speakers with at least :data:`MIN_GROUP` utterances; labels unused)."""
         x = np.asarray(x, dtype=np.float32)
         names = np.asarray([str(s) for s in speakers], dtype=object)
-        group, _ = groups(list(names), "speaker")
-        stats = {str(names[group == g][0]): (x[group == g].mean(0), x[group == g].std(0))
-                 for g in np.unique(group) if g >= 0}
+        stats = {}
+        for name in sorted(set(names)):  # unknown speakers are nobody: never "seen"
+            idx = names == name
+            if name.strip().lower() not in UNKNOWN_SPEAKERS and idx.sum() >= MIN_GROUP:
+                stats[name] = (x[idx].mean(0), x[idx].std(0))
         out = into or cls(source, {})
         out.blocks[block] = stats
         return out

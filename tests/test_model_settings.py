@@ -118,7 +118,7 @@ def test_reference_cpu_preset(cli, tmp_path):
     reference = tomllib.loads(resources.files("ser_toolkit.presets").joinpath("reference.toml").read_text())
     assert cfg["model"] == {"name": "rbf-svm", "options": {"features": "acoustic"}} and cfg["study"]["seeds"] == 3
     assert {k: cfg["data"][k] for k in reference["data"]} == reference["data"]  # the same corpora and split
-    assert (values["normalize"], values["aug_mode"]) == ("speaker", "offline")
+    assert (values["normalize"], values["aug_mode"]) == ("speaker-train", "offline")
     assert cfg["training_sources"]["normalize"] == "preset"
     # the MLP of earlier versions brings its own settings
     values, cfg = saved(cli, tmp_path, "--preset", "reference-cpu", "--model", "acoustic")

@@ -134,3 +134,13 @@ def test_speaker_statistics_file_round_trip_and_refusals(tmp_path):
     path.write_bytes(b"not safetensors")
     with pytest.raises(SertkError, match="missing or unreadable"):
         SpeakerStats.load(path, "run-1")
+
+
+def test_speaker_train_never_treats_unknown_or_rare_speakers_as_seen():
+    from ser_toolkit.normalize import MIN_GROUP, SpeakerStats
+
+    x = np.random.default_rng(1).normal(size=(3 * MIN_GROUP + 2, 2)).astype(np.float32)
+    speakers = ["a"] * MIN_GROUP + ["unknown"] * MIN_GROUP + [""] * MIN_GROUP + ["rare"] * 2
+    stats = SpeakerStats.fit("src", "acoustic", x, speakers)
+    assert set(stats.blocks["acoustic"]) == {"a"}
+    assert stats.seen(["a", "unknown", "", "rare"], "src", "acoustic").tolist() == [True, False, False, False]

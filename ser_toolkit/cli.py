@@ -112,6 +112,14 @@ def cache(
     from ser_toolkit.cache.build import build_cache, cache_file, preprocess_for
 
     if verify:
+        ignored = [flag for flag, value in (("--root", root), ("--name", name), ("--set", assignments),
+                                            ("--mono", mono), ("--dtype", dtype), ("--resampler", resampler),
+                                            ("--max-seconds", max_seconds), ("--strict", strict),
+                                            ("--force", force)) if value]
+        if ignored:
+            raise SertkError(f"--verify checks an existing cache and builds nothing, so {', '.join(ignored)} "
+                             f"{'does' if len(ignored) == 1 else 'do'} not apply",
+                             "drop them, or build without --verify")
         _verify_cache(dataset, cache_dir, quiet or as_json, as_json)
         return
     ds = _dataset(dataset, assignments)

@@ -331,6 +331,9 @@ def _(w, d):
 
 case("cache-verify-damaged")(lambda w, d: Call(["cache", chunk_damaged(w, d), "--verify"], mention=("damaged",)))
 case("cache-verify-not-hdf5")(lambda w, d: Call(["cache", text_h5(d), "--verify"]))
+case("cache-verify-with-build-options")(lambda w, d: Call(
+    ["cache", w.cache, "--verify", "--force", "--root", w.corpus, "--name", "other"],
+    mention=("--force", "--root", "--name", "builds nothing")))
 
 # --- inspect / split / materialize over broken cache files
 

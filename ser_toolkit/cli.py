@@ -575,6 +575,7 @@ def train(
     study's [training] section takes the same names. Every resolved value is saved
     in RUN/config.json.
     """
+    import signal
     import sys as _sys
     from dataclasses import asdict
 
@@ -582,6 +583,7 @@ def train(
     from ser_toolkit.registry import get_registry
     from ser_toolkit.settings import RUNTIME
     from ser_toolkit.training import runs
+    from ser_toolkit.training.checkpoints import TrainingStopped
     from ser_toolkit.training.loop import TrainConfig, train as run_training
 
     given = _given(ctx)
@@ -604,7 +606,8 @@ def train(
             if flag not in known:
                 raise SertkError(f"--{flag.replace('_', '-')} does not apply to model '{model}'", "drop the flag")
             model_options[flag] = True
-    plugin_cls(**model_options)  # validate now
+    checked = plugin_cls(**model_options).options  # validated now; recorded with their declared types
+    model_options = {k: checked[k] for k in model_options}
     combo = _parse_weights(weights)
     weights_info = None
     if weights_from:
@@ -651,24 +654,16 @@ def train(
     created = not run_dir.exists()
     main_process = int(os.environ.get("RANK", 0)) == 0  # under torchrun only rank 0 writes and prints
     if not resume and main_process:
-        from ser_toolkit.registry import get
-        from ser_toolkit.settings import sources
-
-        entries = [get("model", cfg.model)] + [get("augmentation", n) for n in cfg.plugins]
-        runs.write_json(run_dir / "config.json", {
-            "train": asdict(cfg),
-            "sources": sources(cfg.model, {n: "user" for n in _given_fields(given)}),  # user, model or default
-            "plugins": {f"{e.kind}:{e.name}": {"distribution": e.provider.distribution,
-                                               "version": e.provider.version} for e in entries},
-            "seeds": {"seed": cfg.seed, "split": cfg.split,
-                      "torch_per_epoch": "seed * 1000003 + epoch * 7919 + rank * 104729 + 17",
-                      "augmentation": "sha256(seed, utterance id, epoch, copy)"},
-            "command": ["sertk", *_sys.argv[1:]],
-            "commit": runs.git_commit(), "versions": runs.versions(), "hardware": runs.hardware(),
-            "data": {"cache": str(cache_path.resolve())},
-        })
+        runs.write_run_config(run_dir, cfg, cache_path, ["sertk", *_sys.argv[1:]], _given_fields(given))
     try:
         summary = run_training(cfg, run_dir, resume=resume, quiet=quiet)
+    except TrainingStopped as exc:  # its state is on disk: say how to go on (typer would turn it into "130")
+        name = signal.Signals(exc.signum).name
+        print(f"Stopped by {name}; run {run_dir} keeps its state after epoch {exc.epochs_done} of {cfg.epochs}: "
+              f"continue it with 'sertk train --out {run_dir} --resume'" if exc.epochs_done else
+              f"Stopped by {name} before the first epoch ended; nothing to resume (run the command again)",
+              file=_sys.stderr)
+        _sys.exit(exc.exit_code)
     except SertkError:
         if created and main_process and not runs.last_epoch_checkpoint(run_dir):  # refused before any epoch: none left
             import shutil
@@ -809,6 +804,10 @@ def study(
                                            + _EXECUTION["executor"].help[1:] + "."),
     jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help=_EXECUTION["jobs"].help[0].upper()
                                        + _EXECUTION["jobs"].help[1:] + "."),
+    runs_per_gpu: Optional[int] = typer.Option(None, "--runs-per-gpu", help=_EXECUTION["runs_per_gpu"].help[0].upper()
+                                               + _EXECUTION["runs_per_gpu"].help[1:] + "."),
+    oom_retry: Optional[bool] = typer.Option(None, "--oom-retry/--no-oom-retry", help=_EXECUTION["oom_retry"].help[0]
+                                             .upper() + _EXECUTION["oom_retry"].help[1:] + "."),
     save_config: Optional[Path] = typer.Option(None, "--save-config", help="Write the resolved config and stop."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only errors and the report path."),
     **settings_given: object,
@@ -852,7 +851,8 @@ def study(
         overrides.setdefault("study", {})["report"] = str(output)
     if runs_dir is not None:
         overrides.setdefault("study", {})["runs_dir"] = str(runs_dir)
-    for key, value in (("executor", executor), ("jobs", jobs)):
+    for key, value in (("executor", executor), ("jobs", jobs), ("runs_per_gpu", runs_per_gpu),
+                       ("oom_retry", oom_retry)):
         if value is not None:
             overrides.setdefault("study", {})[key] = value
     cfg = load_config(preset, config_file, overrides)
@@ -928,13 +928,31 @@ def main(argv: Optional[List[str]] = None) -> None:
     sys.exit(rc if isinstance(rc, int) else 0)
 
 
+OWN_THREADS = "sertk-"
+"""The name prefix of the threads sertk starts (e.g. ``sertk-checkpoint``): the ones :func:`entry` waits for."""
+
+
+def _stop_library_pools() -> None:
+    """Stop the worker pools libraries keep for reuse: joblib/loky's workers idle for 300 s before they exit,
+    and multiprocessing's exit handler would wait for them."""
+    loky = sys.modules.get("joblib.externals.loky.reusable_executor")
+    executor = getattr(loky, "_executor", None)
+    if executor is not None:
+        try:
+            executor.shutdown(wait=True, kill_workers=True)
+        except Exception:  # noqa: BLE001 - leaving: nothing of sertk's depends on it
+            pass
+
+
 def entry() -> None:
     """The ``sertk`` console script: :func:`main`, then leave without tearing the interpreter down.
 
     Finalising torch, scikit-learn, librosa and skops modules takes about 1.5 s after the work is done.
     Everything sertk writes is complete (fsynced and renamed) before this point, so the process waits for
-    its own non-daemon threads, runs the ``atexit`` handlers (multiprocessing joins its children there),
-    flushes its output and exits at once.
+    its own threads (named ``sertk-*``; library threads such as joblib/loky's executor manager or
+    ``torch.compile``'s worker pools wait for an interpreter shutdown that never comes, and hold nothing of
+    sertk's), runs the ``atexit`` handlers (multiprocessing joins its children there), flushes its output
+    and exits at once.
     """
     import atexit
     import threading
@@ -950,8 +968,9 @@ def entry() -> None:
         print(code, file=sys.stderr)
         code = 1
     for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
+        if thread is not threading.main_thread() and thread.name.startswith(OWN_THREADS):
             thread.join()
+    _stop_library_pools()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:

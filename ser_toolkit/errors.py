@@ -38,6 +38,17 @@ class SplitError(SertkError):
     """A split specification or split file that cannot be applied."""
 
 
+class OutOfMemory(SertkError):
+    """The device ran out of memory on a batch; ``batch`` says which (utterances, padded seconds)."""
+
+    def __init__(self, message: str, hint: str | None = None, batch: dict | None = None) -> None:
+        super().__init__(message, hint)
+        self.batch = batch or {}
+
+    def __reduce__(self):  # one line across process boundaries (study workers, Slurm jobs)
+        return type(self), (self.message, self.hint, self.batch)
+
+
 def os_error_line(exc: OSError) -> str:
     """One line for an ``OSError`` a user can act on; a full disk is named as such.
 

@@ -75,15 +75,20 @@ def length_batches(lengths: Sequence[int], batch_size: int, max_samples: float |
     return batches
 
 
-def predict_batches(model, batches: Iterable[tuple[np.ndarray, list[np.ndarray]]], n: int, device) -> np.ndarray:
+def predict_batches(model, batches: Iterable[tuple[np.ndarray, list[np.ndarray]]], n: int, device, *,
+                    batch_seconds: float | None = None, batch_size: int | None = None,
+                    rate: int = 16000) -> np.ndarray:
     """Class probabilities (n, 7) from (positions, featurised inputs) batches, consumed lazily one at a time.
 
     On CUDA: inputs pinned and copied without blocking, probabilities kept on the device and read back once;
-    at most :data:`IN_FLIGHT` batches queued.
+    at most :data:`IN_FLIGHT` batches queued. Out of memory: one line naming the batch and ``batch_seconds`` /
+    ``batch_size``, the limits the batches were formed with.
     """
     from collections import deque
 
     import torch
+
+    from ser_toolkit.memory import EVAL_FIX, batch_facts, is_out_of_memory, out_of_memory
 
     from ser_toolkit.training.data import Collate
     from ser_toolkit.training.loop import bf16_native, precision_for
@@ -95,10 +100,12 @@ def predict_batches(model, batches: Iterable[tuple[np.ndarray, list[np.ndarray]]
     was_training = model.training
     model.eval()
     positions, parts, queued = [], [], deque()
+    oom, facts = None, {}
     try:
         with torch.inference_mode():
             for idx, feats in batches:
                 inputs, mask, _, _ = collate([(f, 0, None) for f in feats])
+                facts = batch_facts(inputs, mask, rate)
                 if cuda:
                     inputs = inputs.pin_memory()
                     mask = mask.pin_memory() if mask is not None else None
@@ -116,8 +123,15 @@ def predict_batches(model, batches: Iterable[tuple[np.ndarray, list[np.ndarray]]
             probs = np.zeros((n, len(EMOTIONS)), dtype=np.float32)
             if parts:
                 probs[np.concatenate(positions)] = torch.cat(parts).cpu().numpy()  # the one read-back
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        oom = out_of_memory(device, "while predicting", facts, batch_seconds, batch_size, EVAL_FIX)
     finally:
         model.train(was_training)
+    if oom is not None:  # raised outside the handler: the failed batch's tensors go with its frames
+        parts.clear()
+        raise oom
     return probs
 
 
@@ -134,7 +148,8 @@ def predict_features(model, feats: Sequence[np.ndarray], batch_size: int, device
     most ``batch_seconds`` of padded audio at ``rate`` per batch)."""
     budget = batch_seconds * rate if batch_seconds and model.input_kind == "wave" else None
     batches = length_batches([f.shape[0] for f in feats], batch_size, budget)
-    return predict_batches(model, ((idx, [feats[i] for i in idx]) for idx in batches), len(feats), device)
+    return predict_batches(model, ((idx, [feats[i] for i in idx]) for idx in batches), len(feats), device,
+                           batch_seconds=batch_seconds if budget else None, batch_size=batch_size, rate=rate)
 
 
 def predict_rows(model, featurize, reader, rows: Sequence[int], batch_size: int, device,
@@ -153,7 +168,8 @@ def predict_rows(model, featurize, reader, rows: Sequence[int], batch_size: int,
         budget = batch_seconds * reader.sample_rate if batch_seconds else None
         batches = length_batches(reader.lengths[rows] if rows else [], batch_size, budget)
         stream = ((idx, [featurize(reader.wave(rows[i])) for i in idx]) for idx in batches)
-        return predict_batches(model, stream, len(rows), device)
+        return predict_batches(model, stream, len(rows), device, batch_seconds=batch_seconds, batch_size=batch_size,
+                               rate=reader.sample_rate)
     feats = featurize_rows(featurize, reader, rows, static, workers)
     return predict_features(model, feats, batch_size, device)
 
@@ -363,21 +379,24 @@ def _check_disjoint(other, reader, assignment: Mapping[str, str]) -> None:
 def evaluate_run(run_dir: Path, specs: Sequence[str] | None = None, batch_size: int | None = None,
                  workers: int = 2, allow_changed: bool = False, allow_unfinished: bool = False,
                  cross: Sequence[str] | None = None, folder: str = "eval", *,
-                 batch_seconds: float | None = DEFAULT_BATCH_SECONDS) -> dict[str, Any]:
+                 batch_seconds: float | None = DEFAULT_BATCH_SECONDS, loaded: tuple | None = None) -> dict[str, Any]:
     """Evaluate a finished run on its test sets; writes <folder>/<name>.json, .predictions.csv, summary.json.
 
     Each eval JSON records the run id and the content digest of the set it was computed on. A study
     evaluates its validation sets into ``folder="selection"``, apart from the test results. Waveform
     models stream each set (:func:`predict_rows`) in batches of at most ``batch_seconds`` of audio and
     ``batch_size`` utterances (default: the run's batch size, at least 8, or :data:`GPU_EVAL_BATCH` on CUDA).
+    ``loaded``: the run's model as :func:`load_run_model` returns it, already in memory (a study evaluates
+    the model it has just trained, or loads a run once for its test and validation sets); else it is loaded
+    from the run folder after checking its seal.
     """
     from ser_toolkit.atomic import write_text
     from ser_toolkit.training import runs
     from ser_toolkit.training.loop import check_wave_lengths
 
-    info = runs.check_run(run_dir, allow_unfinished)
+    info = runs.run_info(run_dir) if loaded is not None else runs.check_run(run_dir, allow_unfinished)
     sets = test_sets(run_dir, specs, info, allow_changed, cross)
-    model, featurize, cfg, device = load_run_model(run_dir, info=info)
+    model, featurize, cfg, device = loaded if loaded is not None else load_run_model(run_dir, info=info)
     cuda = device is not None and device.type == "cuda"
     batch = batch_size or max(GPU_EVAL_BATCH if cuda else 8, cfg["batch_size"])
     summary: dict[str, Any] = {}

@@ -8,8 +8,8 @@ data) while holding the run's lock ``RUNS_DIR/.locks/RUN.lock``, so two jobs nev
 
 - ``local``, ``jobs = 1``: one run after another in this process (live epochs).
 - ``local``, ``jobs = N``: N persistent worker processes (forkserver: nothing inherited from the parent,
-  CUDA included), each bound to one visible GPU in turn (``CUDA_VISIBLE_DEVICES``) and to CPUs / N math
-  threads.
+  CUDA included), each bound to one visible GPU (``CUDA_VISIBLE_DEVICES``; ``runs_per_gpu`` workers per GPU,
+  each limited to that share of its memory) and to CPUs / N math threads.
 - ``slurm``: one Slurm job per run (``[study] slurm``: partition, GPUs, CPUs, memory, time, setup lines),
   at most ``jobs`` queued at once (0: all).
 - ``submitit-local``: the same submitit code path with subprocess jobs on this machine.
@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from ser_toolkit.errors import SertkError
+from ser_toolkit.memory import GPU_SHARE_ENV
 
 LIVE_SLURM_STATES = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "RESIZING",
                      "REQUEUE_HOLD", "REQUEUE_FED")
@@ -58,6 +59,7 @@ class RunTask:
     seed: int
     fold: int | None = None
     command: tuple[str, ...] = ()  # the sertk command line that planned it (recorded in the run's config)
+    oom_retry: bool = False  # [study] oom_retry: once more with half the batch after running out of memory
 
     @property
     def run(self) -> str:
@@ -97,7 +99,8 @@ def execute(task: RunTask, log: Any = None) -> Outcome:
     try:
         with atomic.exclusive_lock(lock_path(task.run_dir), f"waiting for {task.run}: another sertk job holds it"):
             state = run_model(Path(task.run_dir), TrainConfig(**task.train), log or _silent, task.digest,
-                              selection=task.selection, command=list(task.command) or None)
+                              selection=task.selection, command=list(task.command) or None,
+                              oom_retry=task.oom_retry)
     except SertkError as exc:
         return Outcome(error=exc.message, hint=exc.hint or "", seconds=time.perf_counter() - t0, ended=time.time(),
                        **where)
@@ -236,12 +239,26 @@ def _record_outcome(runs_dir: Path, task: RunTask, outcome: Outcome, record: dic
 _SLOT: dict[str, Any] = {}
 
 
-def _init_worker(slots, gpus: Sequence[str], threads: int) -> None:
-    """A local worker: takes a slot, binds to one visible GPU (in turn) and to ``threads`` math threads."""
+def gpu_slots(jobs: int, gpus: Sequence[str], per_gpu: int) -> list[str | None]:
+    """The GPU of each local job slot: ``per_gpu`` consecutive slots per visible GPU; None without GPUs.
+    More jobs than GPUs x ``per_gpu`` is refused (they would share GPUs unannounced)."""
+    if not gpus:
+        return [None] * jobs
+    if jobs > len(gpus) * per_gpu:
+        raise SertkError(f"--jobs {jobs} runs at a time need {-(-jobs // per_gpu)} GPUs at {per_gpu} run(s) per GPU; "
+                         f"this machine shows {len(gpus)}", f"pass --jobs {len(gpus) * per_gpu}, or --runs-per-gpu "
+                         f"{-(-jobs // len(gpus))} if the runs fit in a share of a GPU's memory")
+    return [gpus[slot // per_gpu] for slot in range(jobs)]
+
+
+def _init_worker(slots, gpus: Sequence[str | None], threads: int, share: float) -> None:
+    """A local worker: takes a slot, binds to its GPU (:func:`gpu_slots`) and to ``threads`` math threads."""
     slot = slots.get()
     _SLOT["slot"] = slot
-    if gpus:
-        os.environ["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
+    if gpus[slot] is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpus[slot]
+        if share < 1:
+            os.environ[GPU_SHARE_ENV] = f"{share:.6f}"  # the training loop keeps to it
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = str(threads)
     if "torch" in sys.modules:
@@ -272,12 +289,14 @@ class _LocalPool(_Runner):
         import multiprocessing as mp
 
         self.slots = jobs
+        per_gpu = int(study.get("runs_per_gpu", 1))
+        gpus = gpu_slots(jobs, visible_gpus(), per_gpu)
         ctx = mp.get_context("forkserver")
         queue = ctx.Queue()
         for i in range(jobs):
             queue.put(i)
         self.pool = cf.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker,
-                                           initargs=(queue, visible_gpus(), max(1, _cpus() // jobs)))
+                                           initargs=(queue, gpus, max(1, _cpus() // jobs), 1 / per_gpu))
 
     def start(self, task: RunTask):
         from ser_toolkit import atomic
@@ -441,5 +460,7 @@ def describe(study: Mapping[str, Any]) -> str:
     """How the runs execute, in a few words (for the progress line)."""
     executor, jobs = study.get("executor", "local"), int(study.get("jobs", 1))
     if executor == "local":
-        return "one run at a time" if jobs <= 1 else f"{jobs} runs at a time on this machine"
+        per_gpu = int(study.get("runs_per_gpu", 1))
+        return "one run at a time" if jobs <= 1 else f"{jobs} runs at a time on this machine" + (
+            f", {per_gpu} per GPU" if per_gpu > 1 and visible_gpus() else "")
     return f"{executor} jobs" + (f", at most {jobs} at a time" if jobs > 0 else "")

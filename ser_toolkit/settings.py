@@ -245,6 +245,9 @@ TRAIN_SETTINGS: tuple[Setting, ...] = (
     Setting("early_stopping", 0, "Patience in epochs, 0 = off (needs --valid).", type="int", min=0),
     Setting("select_metric", "uar", "Best-checkpoint metric on the validation split.", choices=METRICS),
     Setting("seed", 42, "Seed of every random choice.", type="int", min=0),
+    Setting("checkpoint_every", 1, "Write the resumable state (weights + optimizer) every N epochs; 0: only when "
+            "training is interrupted (SIGTERM, which Slurm sends, or Ctrl-C). The best weights are written at the "
+            "end and with each state.", type="int", min=0, unit="epochs", runtime=True, model_default=True),
     Setting("workers", available_cpus(), "DataLoader workers, started once per run (0: load in the training process; "
             "default: the CPUs this process may use, at most 8).",
             type="int", min=0, runtime=True),
@@ -385,8 +388,13 @@ EXECUTION = (
     Setting("executor", "local", "where the runs execute: local (this machine, jobs at a time), slurm (one "
             "Slurm job per run, via submitit) or submitit-local (submitit's subprocess jobs on this machine: the "
             "Slurm path without Slurm)", choices=EXECUTORS),
-    Setting("jobs", 1, "runs at a time (local: worker processes, one visible GPU each in turn; slurm: jobs "
-            "queued at once, 0 = all)", type="int", min=0),
+    Setting("jobs", 1, "runs at a time (local: worker processes, each on one visible GPU in turn, runs_per_gpu "
+            "of them per GPU; slurm: jobs queued at once, 0 = all)", type="int", min=0),
+    Setting("runs_per_gpu", 1, "local jobs that share one GPU, each limited to that share of its memory (jobs may "
+            "then be up to GPUs x runs_per_gpu)", type="int", min=1, max=16),
+    Setting("oom_retry", False, "after a GPU out-of-memory error, train the run once more with half the batch "
+            "(half batch_seconds, or half batch_size without it), recorded in the run's config.json",
+            type="bool"),
     Setting("slurm", {}, "Slurm resources per run: " + ", ".join(s.name for s in SLURM), type="table",
             entries=SLURM),
 )

@@ -13,6 +13,7 @@ one is resumed from its last checkpoint, a changed one is trained again.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import shutil
 import sys
@@ -344,26 +345,32 @@ def _evaluated(run_dir: Path, specs: list[str] | None, cross: list[str], folder:
 
 
 def run_model(run_dir: Path, tcfg, log, digest: str, selection: bool = False,
-              command: list[str] | None = None) -> str:
+              command: list[str] | None = None, oom_retry: bool = False) -> str:
     """Train and evaluate one model unless already done on this data (``digest``); returns what happened.
 
     Test and the declared cross sets go to ``RUN/eval/``; with ``selection`` the validation part and its
     augmented versions go to ``RUN/selection/`` (used for gains and weights, never reported as test).
     ``log``: a :class:`ser_toolkit.progress.StudyProgress` (it gets the epochs and the evaluation; its
     ``model_end`` says what happened), or a plain function (it gets ``RUN: STATE``). ``command``: the
-    command line recorded in the run's config (default: this process's).
+    command line recorded in the run's config (default: this process's). ``oom_retry``: after an
+    out-of-memory error, train the run again once with half the batch (:func:`halved`); its ``config.json``
+    records the settings it trained with and, as ``planned``, those the study asked for, so a rerun reuses it.
+    The model just trained is evaluated in memory; a reused run is loaded once for all its sets.
     """
-    from ser_toolkit.evaluation import evaluate_run
+    from ser_toolkit.errors import OutOfMemory
+    from ser_toolkit.evaluation import evaluate_run, load_run_model
     from ser_toolkit.progress import StudyProgress, as_reporter
     from ser_toolkit.training import runs
-    from ser_toolkit.training.loop import train
+    from ser_toolkit.training.loop import TrainConfig
 
     progress = as_reporter(log)
     wanted = asdict(tcfg)
     state = "trained"
     if (run_dir / "config.json").is_file():
-        stored = runs.read_json(run_dir / "config.json").get("train")
-        if _comparable(stored or {}) != _comparable(wanted):
+        record = runs.read_json(run_dir / "config.json")
+        stored = record.get("train") if isinstance(record, dict) else None
+        planned = record.get("planned") if isinstance(record, dict) else None
+        if _comparable(stored or {}) != _comparable(wanted) and _comparable(planned or {}) != _comparable(wanted):
             shutil.rmtree(run_dir)
             state = "retrained (config changed)"
         elif _trained_on(run_dir) not in (None, digest):
@@ -373,27 +380,86 @@ def run_model(run_dir: Path, tcfg, log, digest: str, selection: bool = False,
             state = "reused"
         else:
             state = "resumed"
+        if state in ("reused", "resumed") and planned is not None:  # retried after running out of memory
+            tcfg = TrainConfig(**{**stored, **{k: v for k, v in wanted.items() if k in IGNORED_FOR_REUSE}})
+    trained = None
     if state != "reused":
         resume = state == "resumed" and runs.last_epoch_checkpoint(run_dir) is not None
-        if not resume:
-            shutil.rmtree(run_dir, ignore_errors=True)
-            runs.write_json(run_dir / "config.json", {
-                "train": wanted, "commit": runs.git_commit(), "versions": runs.versions(),
-                "hardware": runs.hardware(), "command": command or ["sertk", *sys.argv[1:]],
-                "seeds": {"seed": tcfg.seed, "split": tcfg.split},
-                "data": {"cache": tcfg.dataset}})
+        retry = None
         t = time.perf_counter()
-        train(tcfg, run_dir, resume=resume, quiet=True, on_epoch=progress.epoch)
-        runs.write_json(run_dir / "wall_time.json", {"train_seconds": time.perf_counter() - t})
-    if state != "reused" or not _evaluated(run_dir, None, tcfg.cross):
-        progress.evaluating()
-        evaluate_run(run_dir, workers=max(1, tcfg.workers), cross=tcfg.cross)
+        try:
+            trained = _train_run(run_dir, tcfg, resume, command, progress)
+        except OutOfMemory as exc:
+            retry = halved(tcfg) if oom_retry else None
+            if retry is None:
+                raise
+            message = exc.message
+        if retry is not None:  # outside the handler: the failed attempt's model and optimizer are freed first
+            _release_device_memory()
+            progress(f"{run_dir.name}: {message}; retrying once with "
+                     + ", ".join(f"{k} {getattr(tcfg, k)} -> {getattr(retry, k)}" for k in ("batch_seconds",
+                                 "batch_size") if getattr(tcfg, k) != getattr(retry, k)))
+            trained = _train_run(run_dir, retry, False, command, progress, planned=wanted)
+            state += " (retried with half the batch)"
+        train_seconds = time.perf_counter() - t
     selection_sets = ["valid", "valid-augmented"]
-    if selection and (state != "reused" or not _evaluated(run_dir, selection_sets, [], "selection")):
-        evaluate_run(run_dir, selection_sets, workers=max(1, tcfg.workers), cross=[], folder="selection")
+    todo = [(specs, cross, folder) for specs, cross, folder, asked in [
+        (None, tcfg.cross, "eval", True), (selection_sets, [], "selection", selection)]
+        if asked and (state != "reused" or not _evaluated(run_dir, specs, cross, folder))]
+    try:
+        # the model trained just now, in memory (no rebuild, no second hash), evaluated while its weights are
+        # written and the run sealed; a reused run: loaded (seal checked, weights hashed) once for every set
+        loaded = trained.loaded if trained is not None else load_run_model(run_dir) if todo else None
+        for specs, cross, folder in todo:
+            if folder == "eval":
+                progress.evaluating()
+            evaluate_run(run_dir, specs, workers=max(1, tcfg.workers), cross=cross, folder=folder, loaded=loaded)
+    except BaseException:
+        if trained is not None:  # the seal is still written; the first error is the one shown
+            with contextlib.suppress(BaseException):
+                trained.sealed()
+        raise
+    if trained is not None:
+        trained.sealed()  # the run is finished only now (an error of the write is raised here)
+        runs.write_json(run_dir / "wall_time.json", {"train_seconds": train_seconds})
     if not isinstance(log, StudyProgress):
         log(f"{run_dir.name}: {state}")
     return state
+
+
+def _train_run(run_dir: Path, tcfg, resume: bool, command: list[str] | None, progress,
+               planned: dict[str, Any] | None = None):
+    """Start (config.json first) or resume the run; the trained model in memory, as evaluation loads it, its
+    seal still being written (:class:`ser_toolkit.training.loop.Trained`)."""
+    from ser_toolkit.training import runs
+    from ser_toolkit.training.loop import train_model
+
+    if not resume:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        runs.write_run_config(run_dir, tcfg, tcfg.dataset, command or ["sertk", *sys.argv[1:]],
+                              extra={"planned": planned} if planned is not None else None)
+    return train_model(tcfg, run_dir, resume=resume, quiet=True, on_epoch=progress.epoch, keep=True)
+
+
+def halved(tcfg):
+    """``tcfg`` with half the batch: half ``batch_seconds`` when batches are formed by seconds, else half
+    ``batch_size``; None when the batch is a single utterance already."""
+    import dataclasses
+
+    if tcfg.batch_seconds:
+        return dataclasses.replace(tcfg, batch_seconds=tcfg.batch_seconds / 2)
+    if tcfg.batch_size > 1:
+        return dataclasses.replace(tcfg, batch_size=tcfg.batch_size // 2)
+    return None
+
+
+def _release_device_memory() -> None:
+    import gc
+
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def _study_split(reader, split: str, study: Mapping[str, Any], runs_dir: Path,
@@ -609,7 +675,7 @@ def _execute(prepared: _Prepared, progress) -> Path:
                      "plugins": plugins, **({"weights": weights} if weights else {}),
                      **({"fold": index} if index is not None else {})})
         return RunTask(str(run_dir), asdict(tcfg), reader.digest, part == "valid" and role != "combination",
-                       name, seed, index, tuple(command))
+                       name, seed, index, tuple(command), bool(study_cfg.get("oom_retry", False)))
 
     plan: list[dict[str, Any]] = []
     control = aug.get("control", "duplicate")

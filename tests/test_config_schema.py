@@ -226,7 +226,7 @@ def test_train_config_is_the_declaration():
     assert [f.name for f in fields(TrainConfig)] == [s.name for s in TRAIN_SETTINGS]
     assert asdict(TrainConfig()) == settings.defaults()
     TrainConfig().validate()
-    assert RUNTIME == {"workers", "device", "log_every", "compile", "cross"}
+    assert RUNTIME == {"workers", "device", "log_every", "compile", "cross", "checkpoint_every"}
 
 
 def test_precedence_declaration_model_config_command_line():

@@ -75,8 +75,12 @@ def test_checkpoint_masking_and_layerdrop_are_off_unless_asked(four_label_checkp
     default = Hubert(checkpoint=str(four_label_checkpoint)).build(7, tmp_path / "a")
     outs, clean = train_outputs(default)
     assert all(torch.allclose(o, clean, atol=1e-5) for o in outs)  # training forward == eval forward
-    saved = HubertConfig.from_pretrained(tmp_path / "a" / "model")  # what the run records and rebuilds from
-    assert saved.mask_time_prob == 0 and saved.layerdrop == 0 and not saved.apply_spec_augment
+    saved = HubertConfig.from_pretrained(tmp_path / "a" / "model")  # the checkpoint's description: its modules
+    assert saved.mask_time_prob == shipped.mask_time_prob and saved.layerdrop == shipped.layerdrop
+    rebuilt = Hubert(checkpoint=str(four_label_checkpoint)).rebuild(7, tmp_path / "a")  # sertk's options again
+    assert rebuilt.hf.config.mask_time_prob == 0 and rebuilt.hf.config.layerdrop == 0
+    assert not rebuilt.hf.config.apply_spec_augment
+    assert rebuilt.state_dict().keys() == default.state_dict().keys()  # the trained module, masked_spec_embed too
     assert not default.hf.hubert.masked_spec_embed.requires_grad
     asked = Hubert(checkpoint=str(four_label_checkpoint), mask_time_prob=0.5, layerdrop=0.5).build(7, tmp_path / "b")
     outs, _ = train_outputs(asked)

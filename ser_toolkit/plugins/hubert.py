@@ -71,6 +71,19 @@ HF_REGULARISERS = (
 inherited silently from a checkpoint's config, so a study's ``specaugment`` arm is not confounded."""
 
 
+def empty_module(make):
+    """``make()``'s module with uninitialised tensors, for weights that are loaded next: built on the meta device
+    and given memory without computing any initialisation (for HuBERT-Large, seconds of random init saved).
+    A module with non-persistent buffers (which no weights file holds) is built normally."""
+    import torch
+
+    with torch.device("meta"):
+        module = make()
+    if any(name not in module.state_dict() for name, _ in module.named_buffers()):
+        return make()
+    return module.to_empty(device="cpu")
+
+
 def _quiet_transformers() -> None:
     import transformers
 
@@ -157,7 +170,9 @@ keys); other architectures (WavLM...) run Hugging Face's forward."""
 
 def encode(hf_model, inputs, attention_mask=None, hidden_states: bool = False):
     """The base model's forward without data-dependent syncs: (last hidden state (B, T, H), frame mask
-    (B, T) bool or None, every layer's hidden states as Hugging Face returns them when ``hidden_states``).
+    (B, T) bool or None, every layer's hidden states as Hugging Face returns them when ``hidden_states``:
+    the input of the first layer, then each layer's output, ``num_hidden_layers + 1`` in all; a layer that
+    layerdrop skips outputs its input).
 
     The same computation as ``hf_model.base_model(inputs, attention_mask)``, except that padded frames are
     zeroed with ``torch.where`` (HF: boolean-mask assignment, a sync), the attention mask is always
@@ -196,11 +211,10 @@ def encode(hf_model, inputs, attention_mask=None, hidden_states: bool = False):
     states = [hidden] if hidden_states else None
     layerdrop = encoder.training and config.layerdrop > 0.0 and not _synced(encoder)
     for layer in encoder.layers:
-        if layerdrop and torch.rand([]) < config.layerdrop:  # drawn on the host, as HF does
-            continue
-        out = layer(hidden, attention_mask=attention)
-        hidden = out[0] if isinstance(out, tuple) else out
-        if states is not None:
+        if not (layerdrop and torch.rand([]) < config.layerdrop):  # drawn on the host, as HF does
+            out = layer(hidden, attention_mask=attention)
+            hidden = out[0] if isinstance(out, tuple) else out
+        if states is not None:  # a skipped layer passes its input on: one state per layer, as the weights expect
             states.append(hidden)
     if stable:
         hidden = encoder.layer_norm(hidden)
@@ -309,7 +323,9 @@ class Hubert(ModelPlugin):
         Param("gradient_checkpointing", False, "trade compute for memory", type="bool"),
         *HF_REGULARISERS,
     )
-    train_defaults = {"lr": 1e-5, "epochs": 7, "batch_size": 8}
+    train_defaults = {"lr": 1e-5, "epochs": 7, "batch_size": 8, "checkpoint_every": 0}
+    """``checkpoint_every`` 0: a HuBERT-Large state is 3.8 GB (weights + AdamW moments), so a 7-epoch run writes
+    only its best weights (1.3 GB) unless it is interrupted (docs/benchmarks.md, "Checkpoint bytes")."""
 
     def _load(self, source: str, num_labels: int, from_config_only: bool = False):
         _quiet_transformers()
@@ -321,11 +337,11 @@ class Hubert(ModelPlugin):
         except (OSError, ValueError):
             extractor = None
         try:
-            if from_config_only:
+            if from_config_only:  # the architecture only: built without initialising (see empty_module)
                 config = AutoConfig.from_pretrained(source, **kwargs)
                 config.num_labels = num_labels
                 config.update(_labels())
-                model = AutoModelForAudioClassification.from_config(config)
+                model = empty_module(lambda: AutoModelForAudioClassification.from_config(config))
             else:
                 model = AutoModelForAudioClassification.from_pretrained(
                     source, num_labels=num_labels, ignore_mismatched_sizes=True, **_labels(), **kwargs)
@@ -381,6 +397,11 @@ class Hubert(ModelPlugin):
         return _probe_head(AutoConfig.from_pretrained(run_dir / "model"), num_labels)
 
     def _finish(self, model, extractor, run_dir: Path | None):
+        if run_dir is not None:  # the checkpoint's own description: its modules (e.g. masked_spec_embed, which
+            # exists when the checkpoint ships mask_time_prob > 0) are what rebuild() must build again
+            model.config.save_pretrained(run_dir / "model")
+            if extractor is not None:
+                extractor.save_pretrained(run_dir / "model")
         for p in HF_REGULARISERS:  # read by the model at every forward (training mode only)
             setattr(model.config, p.name, float(self.options[p.name]))
         masking = bool(self.options["mask_time_prob"] or self.options["mask_feature_prob"])
@@ -397,13 +418,11 @@ class Hubert(ModelPlugin):
             # non-reentrant: correct under DDP without find_unused_parameters (transformers 5 renamed the method)
             enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
             enable({"use_reentrant": False})
-        if run_dir is not None:  # what rebuild() needs, offline: the config and the feature extractor
-            model.config.save_pretrained(run_dir / "model")
-            if extractor is not None:
-                extractor.save_pretrained(run_dir / "model")
         return _wrap(model, extractor, self.options["probe"])
 
     def rebuild(self, num_labels: int, run_dir: Path):
+        """The trained module, offline, from ``RUN/model`` (the checkpoint's config, sertk's options applied
+        again), its tensors left uninitialised: the run's weights are loaded into it (strictly) next."""
         if self.options["probe"]:
             return self._rebuild_probe(num_labels, run_dir)
         model, extractor = self._load(str(run_dir / "model"), num_labels, from_config_only=True)

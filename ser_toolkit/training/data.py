@@ -265,8 +265,25 @@ def loader_context() -> str:
 
     methods = mp.get_all_start_methods()
     if torch.cuda.is_initialized() or "fork" not in methods:
-        return "forkserver" if "forkserver" in methods else "spawn"
+        if "forkserver" in methods:  # workers forked from a server that imported these once per process
+            mp.set_forkserver_preload(FORKSERVER_PRELOAD)
+            return "forkserver"
+        return "spawn"
     return "fork"
+
+
+FORKSERVER_PRELOAD = ["torch", "ser_toolkit.training.data", "ser_toolkit.cache.reader", "ser_toolkit.augmentations"]
+"""Modules the fork server imports before it forks loader workers: every run of a process after the first
+starts its workers without importing torch again (seconds each)."""
+
+
+def loader_worker_init(worker_id: int) -> None:
+    """A loader worker leaves SIGINT and SIGTERM to the training process, which stops at the next step and
+    writes its checkpoint (the worker ends with it)."""
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def train_loader(data: TrainItems, sampler: EpochBatches, collate: "Collate", workers: int,
@@ -281,6 +298,7 @@ def train_loader(data: TrainItems, sampler: EpochBatches, collate: "Collate", wo
     return torch.utils.data.DataLoader(data, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
                                        pin_memory=pin_memory, persistent_workers=workers > 0,
                                        multiprocessing_context=loader_context() if workers > 0 else None,
+                                       worker_init_fn=loader_worker_init if workers > 0 else None,
                                        generator=torch.Generator().manual_seed(0))
 
 

@@ -134,8 +134,9 @@ def _class_weights(plugin, mode: str) -> dict[str, str]:
 
 
 def fit_classifier(cfg, run_dir: Path, resume: bool = False, quiet: bool = False,
-                   on_epoch: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Fit a :class:`~ser_toolkit.models.FeatureClassifier` run: features, one fit, validation, a sealed run."""
+                   on_epoch: Callable[[dict[str, Any]], None] | None = None) -> tuple[dict[str, Any], Any]:
+    """Fit a :class:`~ser_toolkit.models.FeatureClassifier` run: features, one fit, validation, a sealed run.
+    Returns the summary and the fitted classifier (with its ``speaker_stats``, as evaluation loads it)."""
     from ser_toolkit.evaluation import compute_metrics
     from ser_toolkit.normalize import SEEN
     from ser_toolkit.registry import get
@@ -179,4 +180,5 @@ def fit_classifier(cfg, run_dir: Path, resume: bool = False, quiet: bool = False
                **data.summary}
     runs.write_json(run_dir / "train_summary.json", summary)
     runs.seal(run_dir, run_id)  # last: only now is the run finished
-    return summary
+    plugin.speaker_stats = seen
+    return summary, plugin

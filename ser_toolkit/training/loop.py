@@ -43,7 +43,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from ser_toolkit import settings
+from ser_toolkit import memory, settings
 from ser_toolkit.atomic import write_text
 from ser_toolkit.emotions import EMOTIONS
 from ser_toolkit.errors import SertkError
@@ -367,8 +367,7 @@ def _class_weights(labels: np.ndarray, mode: str):
     return torch.as_tensor(w, dtype=torch.float32)
 
 
-def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = False,
-          provenance: dict[str, Any] | None = None, *,
+def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = False, *,
           on_epoch: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Train (or resume) the run in ``run_dir``; returns the final summary.
 
@@ -376,12 +375,47 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = F
     ``train_loss``, ``seconds``, ``valid_*`` with validation...) plus ``epochs``
     (``cfg.epochs``), once that epoch's checkpoint is handed to the writer thread.
     """
+    return train_model(cfg, run_dir, resume, quiet, on_epoch=on_epoch).sealed()
+
+
+@dataclass
+class Trained:
+    """What :func:`train_model` returns: the summary, the trained model (with ``keep``) and the end of the run.
+
+    ``loaded``: the model as :func:`ser_toolkit.evaluation.load_run_model` would load it from the sealed run
+    (the selected weights; ``(model, featurizer, config, device)``), None on other ranks or without ``keep``.
+    :meth:`sealed` waits until the best weights are written and the run is sealed (in the background with
+    ``keep``, so that evaluation overlaps the write), re-raises what failed there, and returns the summary.
+    """
+
+    summary: dict[str, Any]
+    loaded: Any = None
+    finishing: Any = None  # the thread writing the weights and the seal
+    errors: list = None  # type: ignore[assignment]
+
+    def sealed(self) -> dict[str, Any]:
+        if self.finishing is not None:
+            self.finishing.join()
+            self.finishing = None
+        if self.errors:
+            raise self.errors.pop()
+        return self.summary
+
+
+def train_model(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = False, *,
+                on_epoch: Callable[[dict[str, Any]], None] | None = None, keep: bool = False) -> Trained:
+    """:func:`train`, and with ``keep`` the trained model in memory, to evaluate it at once (no rebuild, no second
+    read or hash of the weights) while its weights are written and the run sealed; see :class:`Trained`."""
     from ser_toolkit.models import FeatureClassifier
     from ser_toolkit.registry import get
+
+    from ser_toolkit.training import runs
 
     cfg.validate()
     rank, world, local_rank = _dist()
     distributed = world > 1
+    if rank == 0 and not (run_dir / "config.json").is_file():  # called as a library function
+        runs.write_run_config(run_dir, cfg, resolve_cache(cfg.dataset, cfg.cache_dir))
     if issubclass(get("model", cfg.model).obj, FeatureClassifier):  # fitted once on cached features, no torch
         if distributed:
             raise SertkError(f"model '{cfg.model}' is fitted once on cached features, in one process",
@@ -389,11 +423,13 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = F
         from ser_toolkit.training.features import fit_classifier
 
         run_dir.mkdir(parents=True, exist_ok=True)
-        return fit_classifier(cfg, run_dir, resume, quiet, on_epoch)
+        summary, fitted = fit_classifier(cfg, run_dir, resume, quiet, on_epoch)
+        return Trained(summary, (fitted, None, asdict(cfg), None) if keep else None)
 
     import torch
 
-    from ser_toolkit.training import runs
+    from ser_toolkit.memory import batch_facts, is_out_of_memory, out_of_memory
+    from ser_toolkit.training.checkpoints import Checkpoints, StopSignals, TrainingStopped
     from ser_toolkit.training.data import Collate, EpochBatches, close_loader, featurize_all, train_loader
 
     device = _device(cfg.device, local_rank)
@@ -401,6 +437,9 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = F
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+        share = os.environ.get(memory.GPU_SHARE_ENV)
+        if share:  # a study runs several runs on this GPU: this one keeps to its share of the memory
+            torch.cuda.set_per_process_memory_fraction(float(share), device)
     main_process = rank == 0
     run_dir.mkdir(parents=True, exist_ok=True)
     plugin = get("model", cfg.model).obj(**cfg.model_options)
@@ -447,6 +486,13 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = F
     if seen is not None and main_process:  # --normalize speaker-train: what evaluation applies, sealed with the run
         seen.save(run_dir / "checkpoints" / runs.SPEAKER_STATS, run_id)
     if not resuming:
+        if resume and main_process:
+            import sys
+
+            when = (f"every {cfg.checkpoint_every} epochs (--checkpoint-every) and " if cfg.checkpoint_every else
+                    "only (--checkpoint-every 0) ")
+            print(f"{run_dir} holds no resumable state: it ended before one was written (states are written "
+                  f"{when}when training is interrupted); training it from the first epoch", file=sys.stderr)
         ckpt_path = None
 
     if model.static_features and train_items.augmentation is None and not cached:
@@ -497,7 +543,14 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = F
     loss_fn = torch.nn.CrossEntropyLoss(weight=None if (w := _class_weights(train_items.labels(), cfg.class_weights))
                                         is None else w.to(device))
     collate = Collate(model.input_kind, pad_to=COMPILE_BUCKET if cfg.compile else None)
-    writer = runs.CheckpointWriter(run_dir)
+    ckpts = Checkpoints(run_dir, pin=device.type == "cuda", track_best=bool(data.valid_rows)) \
+        if main_process else None
+    if ckpts is not None:
+        ckpts.state_epoch_on_disk = start_epoch  # resumed from that state (0: none)
+    names = runs.unique_names(model.state_dict())  # the weights file's tensor names (no tied aliases)
+    stop = StopSignals()
+    where: dict[str, Any] = {}  # the batch in hand, for an out-of-memory message
+    oom = None
     progress = None
     if main_process and not quiet:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -507,6 +560,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = F
                             TimeElapsedColumn())
         progress.start()
     try:
+        stop.__enter__()  # SIGTERM/SIGINT: stop at the next step, with the last epoch's state written
         for epoch in range(start_epoch, cfg.epochs):
             _seed_everything(epoch_seed(cfg.seed, epoch, rank))
             train_items.set_epoch(epoch)
@@ -523,9 +577,12 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = F
             optimizer.zero_grad(set_to_none=True)
             _check_same_steps(len(batches), distributed)
             for step, batch in enumerate(loader):
+                if stop.received:
+                    raise TrainingStopped(stop.received, epoch)
                 if isinstance(batch, SertkError):  # raised in a loader worker (see TrainItems.__getitem__)
                     raise batch
                 inputs, mask, labels, logs = batch
+                where.update(epoch=epoch + 1, step=step + 1, inputs=inputs, mask=mask)
                 inputs = inputs.to(device, non_blocking=True)
                 mask = mask.to(device, non_blocking=True) if mask is not None else None
                 if cfg.compile:  # one graph per length bucket, whatever the batch size
@@ -574,24 +631,22 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = F
                 improved = score > best
                 decision = (row, improved, max(score, best), cfg.early_stopping if improved else patience_left - 1)
             row, improved, best, patience_left = _broadcast(decision, distributed)
-            stop = bool(cfg.early_stopping and patience_left <= 0 and data.valid_rows)
+            stopping = bool(cfg.early_stopping and patience_left <= 0 and data.valid_rows)
             history.append(row)
             if main_process:
                 if aug_log:
                     write_text(run_dir / "aug_log" / f"epoch-{epoch + 1:03d}.jsonl", aug_log)
-                live = model.state_dict()
-                weights = runs.cpu_copy(live)  # a snapshot: the writer thread saves it while training goes on
-                state = {"model": weights, "optimizer": runs.cpu_copy(optimizer.state_dict()),
+                state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                          "scheduler": copy.deepcopy(scheduler.state_dict()), "scaler": scaler.state_dict(),
                          "epoch": epoch, "best": best, "patience_left": patience_left,
                          "history": copy.deepcopy(history), "steps": list(step_log), "config": asdict(cfg),
                          "run_id": run_id}
-                best_weights = None
-                if improved and data.valid_rows:  # without validation the last epoch's are written at the end
-                    best_weights = ({k: weights[k] for k in runs.unique_names(live)},
-                                    {"run_id": run_id, "epoch": epoch + 1, "score": best,
-                                     "metric": cfg.select_metric})
-                writer.save(epoch + 1, state, best_weights)
+                last = stopping or epoch + 1 == cfg.epochs  # its state would be removed by the seal at once
+                write_state = bool(cfg.checkpoint_every) and (epoch + 1) % cfg.checkpoint_every == 0 and not last
+                best_meta = {"run_id": run_id, "epoch": epoch + 1, "score": best, "metric": cfg.select_metric} \
+                    if improved and data.valid_rows else None
+                ckpts.snapshot(epoch + 1, state, best_meta, write_state, names, last)  # copied; written off
+                # this thread
                 _write_curves(run_dir / "curves.csv", history)
                 write_text(run_dir / "steps.csv", "epoch,step,loss\n" + "".join(f"{e},{j},{v:.6f}\n"
                                                                                for e, j, v in step_log))
@@ -601,33 +656,61 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bool = F
                 progress.remove_task(task)
             if on_epoch is not None and main_process:
                 on_epoch({**row, "epochs": cfg.epochs})
-            if stop:
+            if stop.received and not stopping and epoch + 1 < cfg.epochs:
+                raise TrainingStopped(stop.received, epoch + 1)
+            if stopping:
                 break
-    except BaseException:
-        with contextlib.suppress(Exception):  # a save in flight finishes (atomically); the first error is shown
-            writer.wait()
-        raise
+    except BaseException as exc:
+        if ckpts is not None:  # a save in flight finishes; stopped by a signal: the latest epoch's state too
+            ckpts.interrupted(write=isinstance(exc, KeyboardInterrupt))
+            if isinstance(exc, TrainingStopped):
+                exc.epochs_done = ckpts.state_epoch_on_disk  # where a resume starts
+        if not is_out_of_memory(exc):
+            raise
+        oom = out_of_memory(device, f"in epoch {where.get('epoch', start_epoch + 1)}, step {where.get('step', 0)}",
+                            batch_facts(where.get("inputs"), where.get("mask"), data.reader.sample_rate),
+                            cfg.batch_seconds, cfg.batch_size)
     finally:
+        stop.__exit__(None, None, None)
         close_loader(loader)  # its persistent workers end with the training loop
         torch.set_num_threads(threads)
         if progress is not None:
             progress.stop()
+    if oom is not None:  # raised here, not in the handler: the failed step's tensors are freed with its frames
+        where.clear()
+        raise oom
     summary = {"epochs_run": len(history), "best": best, "history": history, "parameters": parameters,
                "precision": precision, "processes": world, **data.summary}
+    trained = Trained(summary, errors=[])
     if main_process:
-        writer.wait()
-        if not data.valid_rows:  # the selected weights are the last epoch's: written once
-            runs.save_weights(run_dir / "checkpoints" / runs.BEST, model,
-                              {"run_id": run_id, "epoch": len(history), "score": best, "metric": "last epoch"})
-            writer.bytes_written += (run_dir / "checkpoints" / runs.BEST).stat().st_size
-        summary["checkpoint_bytes_written"] = writer.bytes_written  # by this invocation
-        runs.write_json(run_dir / "train_summary.json", summary)
-        runs.seal(run_dir, run_id)  # last: only now is the run finished
+        def finish() -> None:
+            try:
+                ckpts.finish(model, {"run_id": run_id, "epoch": len(history), "score": best,
+                                     "metric": "last epoch"})
+                summary["checkpoint_bytes_written"] = ckpts.bytes_written  # by this invocation
+                runs.write_json(run_dir / "train_summary.json", summary)
+                runs.seal(run_dir, run_id, ckpts.digests)  # last: only now is the run finished
+            except BaseException as exc:  # re-raised by Trained.sealed()
+                trained.errors.append(exc)
+
+        if keep:  # the selected weights in the model, as load_run_model gives it, evaluated while they are written
+            ckpts.load_best(model)
+            model.eval()
+            model.speaker_stats = seen
+            model.feature_spec = spec
+            trained.loaded = (model, featurize, asdict(cfg), device)
+        if keep and not distributed:
+            import threading
+
+            trained.finishing = threading.Thread(target=finish, name="sertk-finish", daemon=False)
+            trained.finishing.start()
+        else:
+            finish()
     if distributed:  # no rank returns before the run is sealed
         torch.distributed.barrier()
         if created_group:
             torch.distributed.destroy_process_group()
-    return summary
+    return trained
 
 
 def _start_run(run_dir: Path, data: dict[str, Any], resuming: bool, main_process: bool) -> str:

@@ -6,9 +6,10 @@
     model/                 what is needed to rebuild the architecture offline
     run.json               the run id and the digests of the data it trains/validates on
     checkpoints/epoch-NNN.pt   the latest resumable state only (loaded with weights_only=True), carries
-                           the run id; written off the training thread, removed once the run is sealed
+                           the run id; written every --checkpoint-every epochs and when training is
+                           interrupted (:mod:`ser_toolkit.training.checkpoints`), removed once the run is sealed
     checkpoints/best.safetensors   the selected weights (safetensors; metadata: run id, epoch, score):
-                           written when validation improves, or once at the end without validation
+                           written at the end, and before each resumable state
     checkpoints/classifier.skops   instead, for a feature classifier: the fitted pipeline (skops format)
     final.json             the seal: written last, with the checkpoints' SHA-256; a run without it
                            is unfinished and evaluate/predict/report refuse it
@@ -110,6 +111,39 @@ def read_json(path: Path) -> Any:
             from None
 
 
+SEED_RULES = {"torch_per_epoch": "seed * 1000003 + epoch * 7919 + rank * 104729 + 17",
+              "augmentation": "sha256(seed, utterance id, epoch, copy)"}
+"""How every generator of a run is seeded from its seed (recorded in ``config.json``)."""
+
+
+def write_run_config(run_dir: Path, cfg: Any, cache: Path | str, command: list[str] | None = None,
+                     given: set[str] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write ``RUN/config.json``, the run's record of what it is: every resolved setting (``train``), where each
+    came from (``sources``: user, model or default, when ``given`` names the user's), the plugins with their distributions and versions,
+    seeds, the command line, commit, library versions, hardware, the training cache and ``extra`` (a study's
+    ``planned`` settings when it retried the run with a smaller batch). The one writer of it,
+    for ``sertk train``, a study's runs and :func:`ser_toolkit.training.loop.train` called from a notebook."""
+    from dataclasses import asdict
+
+    from ser_toolkit.registry import get
+    from ser_toolkit.settings import sources
+
+    entries = [get("model", cfg.model)] + [get("augmentation", n) for n in cfg.plugins]
+    record = {
+        "train": asdict(cfg),
+        **({"sources": sources(cfg.model, {n: "user" for n in given})} if given is not None else {}),
+        "plugins": {f"{e.kind}:{e.name}": {"distribution": e.provider.distribution, "version": e.provider.version}
+                    for e in entries},
+        "seeds": {"seed": cfg.seed, "split": cfg.split, **SEED_RULES},
+        "command": list(command) if command is not None else ["sertk", *sys.argv[1:]],
+        "commit": git_commit(), "versions": versions(), "hardware": hardware(),
+        "data": {"cache": str(Path(cache).resolve())},
+        **(extra or {}),
+    }
+    write_json(run_dir / "config.json", record)
+    return record
+
+
 RUN_FILE = "run.json"
 SEAL_FILE = "final.json"
 BEST = "best.safetensors"
@@ -148,71 +182,9 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
         torch.save(state, tmp)
 
 
-def cpu_copy(obj: Any) -> Any:
-    """A snapshot of (nested dicts/lists of) tensors on the CPU that later training steps cannot change."""
-    import torch
-
-    if isinstance(obj, torch.Tensor):
-        t = obj.detach()
-        return t.to("cpu", copy=True) if t.device.type != "cpu" else t.clone()
-    if isinstance(obj, dict):
-        return {k: cpu_copy(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(cpu_copy(v) for v in obj)
-    return obj
-
-
 def resumable_states(run_dir: Path) -> list[Path]:
     """Every resumable state file of a run, oldest first."""
     return sorted((run_dir / "checkpoints").glob(STATE_GLOB))
-
-
-class CheckpointWriter:
-    """Writes checkpoints off the training thread, one save at a time, each atomically.
-
-    ``save`` takes a CPU snapshot (see :func:`cpu_copy`) and returns while a
-    thread writes the best weights (when given) and then the resumable state,
-    and removes the older states. Only one state (two while the new one is
-    being renamed in) is ever on disk. ``wait`` joins the writer and re-raises
-    its error. A kill at any moment leaves the previous state or the new one.
-    """
-
-    def __init__(self, run_dir: Path) -> None:
-        self.folder = run_dir / "checkpoints"
-        self._thread: Any = None
-        self._error: BaseException | None = None
-        self.bytes_written = 0
-
-    def save(self, epoch: int, state: dict[str, Any], best: tuple[dict[str, Any], dict[str, Any]] | None = None
-             ) -> None:
-        import threading
-
-        self.wait()
-        self._thread = threading.Thread(target=self._write, args=(epoch, state, best),
-                                        name="sertk-checkpoint", daemon=False)
-        self._thread.start()
-
-    def _write(self, epoch: int, state: dict[str, Any], best: tuple[dict[str, Any], dict[str, Any]] | None) -> None:
-        try:
-            if best is not None:
-                save_weights_dict(self.folder / BEST, *best)
-                self.bytes_written += (self.folder / BEST).stat().st_size
-            path = self.folder / STATE.format(epoch=epoch)
-            save_checkpoint(path, state)
-            self.bytes_written += path.stat().st_size
-            for old in sorted(self.folder.glob(STATE_GLOB)):
-                if old != path:
-                    old.unlink(missing_ok=True)
-        except BaseException as exc:  # re-raised on the training thread by wait()
-            self._error = exc
-
-    def wait(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
 
 
 def load_checkpoint(path: Path, run_id: str | None = None) -> dict[str, Any]:
@@ -241,12 +213,15 @@ def load_checkpoint(path: Path, run_id: str | None = None) -> dict[str, Any]:
     return state
 
 
-def save_weights(path: Path, model, metadata: dict[str, Any]) -> None:
-    """Model weights as safetensors (no pickled code), with string metadata (run id, epoch, score)."""
+def save_weights(path: Path, model, metadata: dict[str, Any]) -> tuple[Path, str]:
+    """Model weights as safetensors (no pickled code), with string metadata (run id, epoch, score); returns the
+    path and the file's SHA-256."""
     from safetensors.torch import save_model
 
     with atomic_path(path) as tmp:
         save_model(model, str(tmp), metadata={k: str(v) for k, v in metadata.items()})
+        digest = file_digest(tmp)
+    return path, digest
 
 
 def unique_names(state_dict: dict[str, Any]) -> list[str]:
@@ -262,13 +237,15 @@ def unique_names(state_dict: dict[str, Any]) -> list[str]:
     return names
 
 
-def save_weights_dict(path: Path, tensors: dict[str, Any], metadata: dict[str, Any]) -> None:
+def save_weights_dict(path: Path, tensors: dict[str, Any], metadata: dict[str, Any]) -> tuple[Path, str]:
     """A weights snapshot (no tied aliases, see :func:`unique_names`) as safetensors, like :func:`save_weights`."""
     from safetensors.torch import save_file
 
     with atomic_path(path) as tmp:
         save_file({k: t.contiguous() for k, t in tensors.items()}, str(tmp),
                   metadata={k: str(v) for k, v in metadata.items()})
+        digest = file_digest(tmp)
+    return path, digest
 
 
 def load_weights(path: Path, model, run_id: str) -> dict[str, str]:
@@ -286,12 +263,49 @@ def load_weights(path: Path, model, run_id: str) -> dict[str, str]:
     if meta.get("run_id") != run_id:
         raise SertkError(f"weights {path} belong to another run ({meta.get('run_id', 'no run id')[:12]}, "
                          f"this run is {run_id[:12]})", "copy no checkpoints between runs; retrain this run")
+    mismatch = weights_mismatch(path, model)
+    if mismatch:
+        raise SertkError(f"weights {path} do not fit this run's model ({mismatch})", "retrain the run")
     try:
         load_model(model, str(path), strict=True)
     except Exception as exc:
-        raise SertkError(f"weights {path} do not fit this run's model ({type(exc).__name__})",
+        raise SertkError(f"weights {path} do not fit this run's model ({type(exc).__name__}: "
+                         f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else 'no message'})",
                          "retrain the run") from None
     return meta
+
+
+def _listed(names: list[str], most: int = 3) -> str:
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def weights_mismatch(path: Path, model) -> str:
+    """What keeps a weights file from loading strictly into ``model``: missing and unexpected tensor names and
+    the first shape differences ('' when it fits). Tied tensors are saved once, under any of their names."""
+    from safetensors import safe_open
+
+    live = model.state_dict()
+    groups: dict[tuple, list[str]] = {}  # one entry per tensor, all its names
+    for k, t in live.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)) if t.numel() else (k,)
+        groups.setdefault(key, []).append(k)
+    with safe_open(str(path), framework="pt") as fh:
+        stored = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+    missing, shapes = [], []
+    for names in groups.values():
+        found = [k for k in names if k in stored]
+        if not found:
+            missing.append(names[0])
+            continue
+        want, have = tuple(live[names[0]].shape), stored[found[0]]
+        if want != have:
+            shapes.append(f"{found[0]} {'x'.join(map(str, have)) or 'scalar'} in the file, "
+                          f"{'x'.join(map(str, want)) or 'scalar'} in the model")
+    unexpected = sorted(k for k in stored if k not in live)
+    parts = ([f"missing {_listed(sorted(missing))}"] if missing else []) + \
+        ([f"unexpected {_listed(unexpected)}"] if unexpected else []) + \
+        ([f"shape of {_listed(shapes, 2)}"] if shapes else [])
+    return "; ".join(parts)
 
 
 def weights_file(run_dir: Path) -> Path:
@@ -309,15 +323,21 @@ def run_info(run_dir: Path) -> dict[str, Any]:
     return info
 
 
-def seal(run_dir: Path, run_id: str) -> dict[str, Any]:
+def seal(run_dir: Path, run_id: str, known: dict[str, tuple[int, int, str]] | None = None) -> dict[str, Any]:
     """Mark a run finished: ``final.json`` with its weights' digests (written last), then drop its resumable state.
 
     The optimizer state is useless once a run is finished (it is as large as two
-    copies of the weights), so a sealed run keeps its weights only.
+    copies of the weights), so a sealed run keeps its weights only. ``known``: digests computed when the
+    files were written, by name, with the size and modification time they had then (else the file is read).
     """
     import time
 
-    digests = {p.name: file_digest(p) for p in sorted((run_dir / "checkpoints").glob("*")) if p.is_file()
+    def digest(p: Path) -> str:
+        st = p.stat()
+        size, mtime, value = (known or {}).get(p.name, (None, None, None))
+        return value if (size, mtime) == (st.st_size, st.st_mtime_ns) else file_digest(p)
+
+    digests = {p.name: digest(p) for p in sorted((run_dir / "checkpoints").glob("*")) if p.is_file()
                and ".tmp-" not in p.name and not p.match(STATE_GLOB)}
     record = {"run_id": run_id, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "checkpoints": digests,
               "files": {name: file_digest(run_dir / name) for name in SEALED_FILES}}

@@ -400,6 +400,7 @@ def evaluate_run(run_dir: Path, specs: Sequence[str] | None = None, batch_size: 
     cuda = device is not None and device.type == "cuda"
     batch = batch_size or max(GPU_EVAL_BATCH if cuda else 8, cfg["batch_size"])
     summary: dict[str, Any] = {}
+    (run_dir / folder / EVAL_SEAL).unlink(missing_ok=True)  # unsealed until every file of this evaluation is in
     for name, reader, rows, provenance in sets:
         rows = list(range(len(reader))) if rows is None else rows
         if getattr(model, "input_kind", None) == "wave":
@@ -420,4 +421,43 @@ def evaluate_run(run_dir: Path, specs: Sequence[str] | None = None, batch_size: 
         summary[name] = {k: metrics[k] for k in ("n", "accuracy", "weighted_f1", "macro_f1", "uar",
                                                  "missing_emotions")}
     runs.write_json(run_dir / folder / "summary.json", summary)
+    seal_evaluation(run_dir / folder, info["run_id"], list(summary))
     return summary
+
+
+EVAL_SEAL = "final.json"
+"""In ``RUN/eval`` (and ``RUN/selection``): the run id and the SHA-256 of ``summary.json`` and of every listed
+set's JSON and predictions CSV, written last by each evaluation. A report reads only files it vouches for."""
+
+
+def _eval_files(names: Sequence[str]) -> list[str]:
+    return ["summary.json", *(f"{n}{ext}" for n in names for ext in (".json", ".predictions.csv"))]
+
+
+def seal_evaluation(folder: Path, run_id: str, names: Sequence[str]) -> None:
+    """Write ``folder/final.json`` (:data:`EVAL_SEAL`) for the sets ``names`` just evaluated."""
+    from ser_toolkit.training import runs
+
+    runs.write_json(folder / EVAL_SEAL, {"run_id": run_id, "files": {f: runs.file_digest(folder / f)
+                                                                      for f in _eval_files(names)}})
+
+
+def check_evaluation(folder: Path, run_id: str) -> list[str]:
+    """The sets of an evaluation folder whose files are exactly those its seal vouches for, for run ``run_id``
+    (one line otherwise: missing, edited or foreign)."""
+    from ser_toolkit.training import runs
+
+    fix = f"re-evaluate the run: sertk evaluate {folder.parent}"
+    if not (folder / EVAL_SEAL).is_file():
+        raise SertkError(f"the evaluation in {folder} is unfinished or from an older sertk (no {EVAL_SEAL})", fix)
+    seal = runs.read_json(folder / EVAL_SEAL)
+    files = seal.get("files") if isinstance(seal, dict) else None
+    if not isinstance(files, dict) or seal.get("run_id") != run_id:
+        raise SertkError(f"{folder / EVAL_SEAL} does not belong to this run", fix)
+    listed = runs.read_json(folder / "summary.json") if (folder / "summary.json").is_file() else None
+    names = list(listed) if isinstance(listed, dict) else []
+    for name in _eval_files(names):
+        path = folder / name
+        if name not in files or not path.is_file() or runs.file_digest(path) != files[name]:
+            raise SertkError(f"{path} is missing or was changed after the evaluation", fix)
+    return names

@@ -251,8 +251,13 @@ def gpu_slots(jobs: int, gpus: Sequence[str], per_gpu: int) -> list[str | None]:
     return [gpus[slot // per_gpu] for slot in range(jobs)]
 
 
-def _init_worker(slots, gpus: Sequence[str | None], threads: int, share: float) -> None:
-    """A local worker: takes a slot, binds to its GPU (:func:`gpu_slots`) and to ``threads`` math threads."""
+def _init_worker(slots, gpus: Sequence[str | None], threads: int, share: float, orchestrator: int) -> None:
+    """A local worker: ends with the ``orchestrator`` process (also after kill -9: it is the fork server's
+    child, not the orchestrator's), takes a slot, binds to its GPU (:func:`gpu_slots`) and to ``threads``
+    math threads."""
+    from ser_toolkit.workers import exit_with
+
+    exit_with(orchestrator)
     slot = slots.get()
     _SLOT["slot"] = slot
     if gpus[slot] is not None:
@@ -296,7 +301,8 @@ class _LocalPool(_Runner):
         for i in range(jobs):
             queue.put(i)
         self.pool = cf.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker,
-                                           initargs=(queue, gpus, max(1, _cpus() // jobs), 1 / per_gpu))
+                                           initargs=(queue, gpus, max(1, _cpus() // jobs), 1 / per_gpu,
+                                                     os.getpid()))
 
     def start(self, task: RunTask):
         from ser_toolkit import atomic

@@ -330,16 +330,18 @@ def _trained_on(run_dir: Path) -> str | None:
 
 def _evaluated(run_dir: Path, specs: list[str] | None, cross: list[str], folder: str = "eval") -> bool:
     """Whether every set of ``specs`` has an evaluation of this run on its current data in ``folder``."""
-    from ser_toolkit.evaluation import test_sets
+    from ser_toolkit.evaluation import check_evaluation, test_sets
     from ser_toolkit.training import runs
 
     try:
         info = runs.run_info(run_dir)
+        sealed = set(check_evaluation(run_dir / folder, info["run_id"]))  # intact, as the evaluation wrote it
         for name, reader, _, _ in test_sets(run_dir, specs, info, cross=cross):
             e = runs.read_json(run_dir / folder / f"{name}.json")
-            if e.get("run_id") != info["run_id"] or e.get("data", {}).get("digest") != reader.digest:
+            if name not in sealed or e.get("run_id") != info["run_id"] or \
+                    e.get("data", {}).get("digest") != reader.digest:
                 return False
-        return (run_dir / folder / "summary.json").is_file()
+        return True
     except (SertkError, AttributeError, KeyError, TypeError):
         return False
 

@@ -18,11 +18,13 @@ def default_workers() -> int:
 
 
 def start_worker(parent: int, **state: Any) -> None:
-    """Worker start-up: keep ``state``; leave Ctrl-C to the parent; die with it (Linux, fork/spawn); one thread.
+    """Worker start-up: keep ``state``; leave Ctrl-C to the parent; die with it; one thread.
 
     Dying with the parent matters: a forked worker holds the parent's lock descriptors, and an orphan
-    would hold a lock (and block the next build) for as long as it lives. One BLAS/OpenMP thread per
-    worker: N workers on N cores, not N x N threads (measured 1.4x faster).
+    would hold a lock (and block the next build) for as long as it lives. A worker forked or spawned by
+    ``parent`` gets the parent-death signal (Linux); one forked by a fork server (whose parent is the
+    server, which lives while any worker does) waits on ``parent`` itself (:func:`exit_with`). One
+    BLAS/OpenMP thread per worker: N workers on N cores, not N x N threads (measured 1.4x faster).
     """
     import signal
 
@@ -36,6 +38,8 @@ def start_worker(parent: int, **state: Any) -> None:
             pass
         if os.getppid() != parent:  # the parent died before prctl took effect
             os._exit(1)
+    else:
+        exit_with(parent)
     try:
         from threadpoolctl import threadpool_limits
 
@@ -45,6 +49,34 @@ def start_worker(parent: int, **state: Any) -> None:
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(1)
     _STATE.update(state)
+
+
+def exit_with(pid: int) -> None:
+    """End this process as soon as process ``pid`` has ended (a daemon thread waits on it: a pidfd on Linux,
+    else a poll every second). For workers that are not ``pid``'s children, e.g. forked by a fork server, where
+    the parent-death signal would wait for the server instead; their own workers die with them."""
+    import threading
+
+    def wait() -> None:
+        import time
+
+        try:
+            import select
+
+            fd = os.pidfd_open(pid)
+            select.select([fd], [], [])
+        except (AttributeError, OSError):  # no pidfd (not Linux >= 5.3): poll
+            while True:
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    break
+                except PermissionError:
+                    pass
+                time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=wait, name="sertk-exit-with-parent", daemon=True).start()
 
 
 def state(name: str) -> Any:

@@ -137,7 +137,7 @@ def test_a_classifier_file_with_foreign_types_is_not_loaded(tmp_path):
 
     plugin = get("model", "svm").obj(features="acoustic")
     sio.dump({"run_id": "r1", "estimator": fractions.Fraction(1, 3)}, tmp_path / "c.skops")
-    with pytest.raises(SertkError, match="holds types sertk does not load"):
+    with pytest.raises(SertkError, match="holds types sertk does not load .fractions.Fraction"):
         plugin.load(tmp_path / "c.skops", "r1")
     x = np.random.default_rng(0).normal(size=(40, 5)).astype(np.float32)
     y = np.arange(40) % 4

@@ -34,3 +34,50 @@ def test_compiled_training_with_batches_by_seconds_runs_and_exits(cache, tmp_pat
     assert r.code == 0, r.err
     assert json.loads((run / "config.json").read_text())["train"]["compile"] is True
     assert run_sertk("evaluate", run, timeout=300).code == 0
+
+
+def _group(pgid: int) -> list[int]:
+    """The live (not zombie) processes of a process group."""
+    from pathlib import Path
+
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.slow
+def test_a_killed_study_leaves_no_process_behind(tmp_path):
+    """kill -9 of `sertk study --jobs 2` while its runs train: its fork server, its workers and theirs (feature
+    workers forked by the workers' own fork servers) all end with it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "ser_toolkit", "study", "--preset", "demo", "--jobs", "2", "-q"],
+                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    jobs = tmp_path / "runs" / "demo" / ".jobs"
+    deadline = time.monotonic() + 300
+    try:
+        while len(list(jobs.glob("*.json"))) < 2:  # two runs handed to the two workers
+            assert proc.poll() is None and time.monotonic() < deadline, "the study ended before its runs started"
+            time.sleep(0.2)
+        time.sleep(2.0)
+        assert len(_group(proc.pid)) >= 4  # the orchestrator, its fork server, two workers (and theirs)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 30
+        while _group(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _group(proc.pid) == []
+    finally:
+        for pid in _group(proc.pid):
+            os.kill(pid, signal.SIGKILL)

@@ -96,6 +96,10 @@ def test_report_refuses_runs_evaluated_on_different_data(trained, tmp_path):
     e = json.loads((b / "eval" / "test.json").read_text())
     e["data"]["digest"] = "0" * 64
     (b / "eval" / "test.json").write_text(json.dumps(e))
+    one_line_error(run_sertk("report", a, b, "-o", tmp_path / "r.md"), "was changed after the evaluation")
+    from ser_toolkit.evaluation import seal_evaluation
+
+    seal_evaluation(b / "eval", e["run_id"], list(json.loads((b / "eval" / "summary.json").read_text())))
     one_line_error(run_sertk("report", a, b, "-o", tmp_path / "r.md"), "is different data in different runs")
 
 

@@ -11,17 +11,18 @@ import pytest
 
 from helpers import seal_fake_run
 from ser_toolkit.emotions import EMOTIONS
-from ser_toolkit.evaluation import compute_metrics, predictions_csv
+from ser_toolkit.evaluation import compute_metrics, predictions_csv, seal_evaluation
 from ser_toolkit.report import files_of, write_report
 
 TESTS = ("test", "test-noise", "cross-other")
 
 
-def fake_run(folder, plugins, seed, accuracy, rng):
+def fake_run(folder, plugins, seed, accuracy, rng, **settings):
     """A run folder with config and evaluations from predictions of a given accuracy."""
     (folder / "eval").mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps({
-        "train": {"plugins": plugins, "weights": None, "seed": seed}, "data": {"cache": str(folder / "none.h5")},
+        "train": {"plugins": plugins, "weights": None, "seed": seed, **settings},
+        "data": {"cache": str(folder / "none.h5")},
         "commit": "abc", "versions": {"sertk": "0.1.0"}, "hardware": {"cpus": 2}}))
     run_id = seal_fake_run(folder)
     (folder / "curves.csv").write_text("epoch,train_loss,valid_uar\n" + "".join(
@@ -41,6 +42,7 @@ def fake_run(folder, plugins, seed, accuracy, rng):
         (folder / "eval" / f"{t}.predictions.csv").write_text(table)
         summary[t] = {k: m[k] for k in ("n", "accuracy", "weighted_f1", "macro_f1", "uar", "missing_emotions")}
     (folder / "eval" / "summary.json").write_text(json.dumps(summary))
+    seal_evaluation(folder / "eval", run_id, list(summary))
 
 
 @pytest.fixture
@@ -211,3 +213,39 @@ def test_killed_report_leaves_the_old_one_or_the_new_one_whole(runs, tmp_path):
     write_report(runs, report)  # a complete run cleans what the killed ones left behind
     assert [p.name for p in report.with_suffix("").iterdir()] == [files_of(report).name]
     assert None not in seen and interrupted >= 2  # killed while writing, not only after it finished
+
+
+def test_the_same_run_twice_is_never_two_replicates(runs, tmp_path):
+    """Two studies of the same config and seed (copied, or run twice) are one replicate written twice: a
+    report over both is refused, never "2 seeds"; runs of one name with other settings are not replicates."""
+    import shutil
+
+    from ser_toolkit.errors import SertkError
+
+    twice = [shutil.copytree(r, tmp_path / "again" / r.name) for r in runs]
+    with pytest.raises(SertkError, match="the same run twice, not two replicates"):
+        write_report(runs + twice, tmp_path / "r.md")
+    other = tmp_path / "other" / "noise-s4"
+    fake_run(other, ["noise"], 4, 0.9, np.random.default_rng(1), lr=0.5)
+    with pytest.raises(SertkError, match="are both named 'noise' but differ in lr"):
+        write_report(runs + [other], tmp_path / "r.md")
+    assert not (tmp_path / "r.md").exists()
+
+
+def test_numbers_come_from_the_sealed_predictions_never_from_editable_json(runs, tmp_path):
+    from ser_toolkit.errors import SertkError
+
+    path = runs[0] / "eval" / "test.json"
+    original = path.read_text()
+    edited = json.loads(original)
+    edited["uar"] = float("nan")
+    path.write_text(json.dumps(edited))
+    with pytest.raises(SertkError, match="was changed after the evaluation"):  # the evaluation's seal
+        write_report(runs, tmp_path / "r.md")
+    run_id = edited["run_id"]
+    for field, value in (("uar", float("nan")), ("n", "many"), ("accuracy", 0.99)):
+        path.write_text(json.dumps({**json.loads(original), field: value}))
+        seal_evaluation(runs[0] / "eval", run_id, list(TESTS))  # even resealed, as anyone can
+        with pytest.raises(SertkError, match=f"says {field} = .*but its predictions give"):
+            write_report(runs, tmp_path / "r.md")
+    assert not (tmp_path / "r.md").exists()

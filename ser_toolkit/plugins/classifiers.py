@@ -10,8 +10,9 @@ fit (the search's and the final one; not ``mlp``, which cannot weight classes).
 Probabilities are calibrated (sigmoid, on the same grouped folds) where the
 classifier has none of its own (SVMs). The fitted pipeline is saved with the
 run as ``checkpoints/classifier.skops`` (the skops format: JSON schema + numpy
-arrays in a zip; loaded with an allow-list of scikit-learn and numpy types, so
-no arbitrary code runs).
+arrays in a zip; loaded only if every type and function it names is in
+:data:`SKOPS_TYPES`, the exact list of what sertk writes, so no code from a run
+folder runs).
 """
 
 from __future__ import annotations
@@ -29,8 +30,26 @@ from ser_toolkit.params import Param
 
 CV_FOLDS = 5
 """Speaker-grouped folds of the hyper-parameter search (fewer when there are fewer speakers)."""
-TRUSTED_PREFIXES = ("sklearn.", "numpy.", "builtins.")
-"""Types a classifier file may hold (anything else is refused when loading)."""
+SKOPS_TYPES = frozenset({
+    # what sertk's classifiers write: their pipelines, scalings, estimators, calibration and kernels
+    "sklearn.pipeline.Pipeline", "sklearn.compose._column_transformer.ColumnTransformer",
+    "sklearn.preprocessing._data.StandardScaler", "sklearn.preprocessing._label.LabelBinarizer",
+    "sklearn.preprocessing._function_transformer.FunctionTransformer",  # a fitted "passthrough" (no function)
+    "sklearn.svm._classes.SVC", "sklearn.linear_model._logistic.LogisticRegression",
+    "sklearn.neural_network._multilayer_perceptron.MLPClassifier",
+    "sklearn.neural_network._stochastic_optimizers.AdamOptimizer",
+    "sklearn.calibration.CalibratedClassifierCV", "sklearn.calibration._CalibratedClassifier",
+    "sklearn.calibration._SigmoidCalibration",
+    "sklearn.metrics.pairwise.rbf_kernel", "sklearn.metrics.pairwise.linear_kernel",  # the only functions
+    # their data: arrays, numbers, generators' state, containers (no callable)
+    "numpy.ndarray", "numpy.dtype", "numpy.float32", "numpy.float64", "numpy.int32", "numpy.int64", "numpy.bool_",
+    "numpy.random.mtrand.RandomState",
+    "builtins.dict", "builtins.list", "builtins.tuple", "builtins.slice", "builtins.str", "builtins.int",
+    "builtins.float", "builtins.bool", "builtins.NoneType",
+})
+"""Every type and function a classifier file may name, exactly (nothing matched by prefix, no builtins
+callable, no function but the two kernels): what sertk's classifiers write. A file naming anything else is
+refused before skops builds a single object from it."""
 
 FEATURES = Param("features", "egemaps", "featurizer plugin the classifier reads (see 'sertk plugins --kind "
                  "featurizer')")
@@ -307,11 +326,14 @@ class SklearnClassifier(FeatureClassifier):
         import skops.io as sio
 
         try:
+            named = skops_names(path)
+            foreign = sorted(named - SKOPS_TYPES)
             untrusted = sio.get_untrusted_types(file=path)
-            foreign = [t for t in untrusted if not t.startswith(TRUSTED_PREFIXES)]
+            foreign += sorted(set(untrusted) - SKOPS_TYPES - set(foreign))
             if foreign:
-                raise SertkError(f"classifier {path} holds types sertk does not load ({', '.join(foreign[:3])})",
-                                 "retrain the run")
+                raise SertkError(f"classifier {path} holds types sertk does not load ({', '.join(foreign[:3])}"
+                                 f"{f' and {len(foreign) - 3} more' if len(foreign) > 3 else ''}): it was not "
+                                 "written by sertk and could run code, so it is not loaded", "retrain the run")
             state = sio.load(path, trusted=untrusted)
         except SertkError:
             raise
@@ -322,6 +344,27 @@ class SklearnClassifier(FeatureClassifier):
             raise SertkError(f"classifier {path} belongs to another run", "copy no checkpoints between runs; "
                              "retrain this run")
         self.estimator_ = state["estimator"]
+
+
+def skops_names(path: Path) -> set[str]:
+    """Every ``module.name`` a skops file's schema names (types, functions, methods), read as JSON: nothing in
+    the file is imported or built to find them."""
+    import json
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        schema = json.loads(archive.read("schema.json"))
+    names: set[str] = set()
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if "__class__" in node or "__module__" in node:
+                names.add(f"{node.get('__module__')}.{node.get('__class__')}")
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return names
 
 
 class LinearSVM(SklearnClassifier):

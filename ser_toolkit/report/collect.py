@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ser_toolkit.errors import SertkError
-from ser_toolkit.evaluation import read_predictions, read_speakers
+from ser_toolkit.evaluation import check_evaluation, read_predictions, read_speakers
 
 METRIC_NAMES = {"weighted_f1": "weighted F1", "macro_f1": "macro F1", "uar": "UAR"}
 
@@ -72,6 +72,54 @@ def _check_predictions(path: Path, metrics: dict[str, Any]) -> None:
     if expected is None or actual != expected:
         raise SertkError(f"{path} is not the predictions its evaluation recorded", "re-evaluate the run "
                          "(sertk evaluate RUN)")
+
+
+def _recomputed(metrics: dict[str, Any], preds: tuple[list[str], np.ndarray, np.ndarray], path: Path
+                ) -> dict[str, Any]:
+    """The eval JSON with every metric recomputed from its predictions (the sealed CSV): the numbers a report
+    shows never come from an editable field. A JSON whose metrics disagree with its predictions is refused."""
+    from ser_toolkit.evaluation import compute_metrics
+
+    _, y_true, y_pred = preds
+    fresh = compute_metrics(y_true, y_pred)
+    for key, value in fresh.items():
+        stored = metrics.get(key)
+        same = stored == value if not isinstance(value, float) else \
+            isinstance(stored, (int, float)) and not isinstance(stored, bool) and abs(stored - value) <= 1e-9
+        if not same:
+            raise SertkError(f"{path} says {key} = {str(stored)[:40]}, but its predictions give {str(value)[:40]} "
+                             "(edited after the evaluation?)", f"re-evaluate the run: sertk evaluate {path.parent.parent}")
+    return {**metrics, **fresh}
+
+
+REPLICATE_IGNORED = frozenset({"seed", "split", "cross", "dataset"})
+"""Settings in which the runs of one model may differ: the seed (replicates), the split file (folds), the
+declared cross-corpus sets and the training cache's path (the data itself is compared by digest)."""
+
+
+def _check_replicate(m: "Model", run: Path, fold: int | None) -> None:
+    """A run joins a model only as a new replicate: the same settings as its other runs but the seed (and
+    fold), never the seed and fold of a run already in it (two studies of the same config and seed are one
+    replicate written twice, not two)."""
+    from ser_toolkit.settings import RUNTIME
+    from ser_toolkit.training.runs import read_json, run_info
+
+    cfg = read_json(run / "config.json")["train"]
+    for other, seed, other_fold in zip(m.runs, m.seeds, m.folds):
+        if (seed, other_fold) == (cfg.get("seed"), fold):
+            raise SertkError(f"runs {other} and {run} are both model '{m.name}' with seed {seed}"
+                             f"{f', fold {fold}' if fold is not None else ''}: the same run twice, not two "
+                             "replicates", "report one of the studies (or runs) at a time")
+        ignored = REPLICATE_IGNORED | RUNTIME
+        theirs = read_json(other / "config.json")["train"]
+        differ = sorted(k for k in set(cfg) | set(theirs) if k not in ignored and cfg.get(k) != theirs.get(k))
+        if differ:
+            raise SertkError(f"runs {other} and {run} are both named '{m.name}' but differ in {', '.join(differ[:3])}"
+                             ": they are not replicates of one model", "report them separately")
+        if run_info(run).get("data", {}).get("cache", {}).get("digest") != \
+                run_info(other).get("data", {}).get("cache", {}).get("digest"):
+            raise SertkError(f"runs {other} and {run} are both named '{m.name}' but trained on different data",
+                             "report them separately")
 
 
 def _check_data(models: list["Model"], allow_changed: bool) -> list[str]:
@@ -143,20 +191,19 @@ def collect(paths: Sequence[Path], allow_changed: bool = False,
         m = models.setdefault(e["name"], Model(e["name"], e["role"], e["plugins"], e.get("weights")))
         run = Path(e["run"])
         info = check_run(run, allow_unfinished)
-        summary = run / "eval" / "summary.json"
-        if not summary.is_file():
+        if not (run / "eval" / "summary.json").is_file():
             raise SertkError(f"run {run} has not been evaluated", f"run: sertk evaluate {run}")
+        tests = check_evaluation(run / "eval", info["run_id"])  # every file as the evaluation wrote it
+        _check_replicate(m, run, e.get("fold"))
         m.runs.append(run)
         m.seeds.append(e["seed"])
         m.folds.append(e.get("fold"))
-        tests = read_json(summary)
-        if not isinstance(tests, dict):
-            raise SertkError(f"{summary} is malformed", f"re-evaluate the run: sertk evaluate {run}")
         for test in tests:
             e = _read_eval(run / "eval" / f"{test}.json", info["run_id"])
-            m.evals.setdefault(test, []).append(e)
             _check_predictions(run / "eval" / f"{test}.predictions.csv", e)
-            m.preds.setdefault(test, []).append(read_predictions(run / "eval" / f"{test}.predictions.csv"))
+            preds = read_predictions(run / "eval" / f"{test}.predictions.csv")
+            m.evals.setdefault(test, []).append(_recomputed(e, preds, run / "eval" / f"{test}.json"))
+            m.preds.setdefault(test, []).append(preds)
             m.speakers.setdefault(test, []).append(read_speakers(run / "eval" / f"{test}.predictions.csv"))
             m.keys.setdefault(test, []).append((m.seeds[-1],) if m.folds[-1] is None else (m.seeds[-1], m.folds[-1]))
     order = {"baseline": 0, "control": 1, "single": 2, "combination": 3}

@@ -50,20 +50,81 @@ def _writer(tmp: Path) -> tuple[str | None, int | None]:
     return None, None
 
 
+def destination(path: Path) -> tuple[Path, str]:
+    """Where a write to ``path`` lands and how: ``("file", target)``-like pair ``(target, kind)``.
+
+    A symbolic link is followed (its target is written, the link stays); ``kind`` is ``file`` (absent or a
+    regular file: replaced atomically), ``stream`` (a character device or a FIFO, e.g. ``/dev/null``: written
+    through, never renamed over) or refused in one line (a folder, a socket, a block device).
+    """
+    import stat
+
+    from ser_toolkit.errors import SertkError
+
+    target = Path(os.path.realpath(path)) if path.is_symlink() else path
+    try:
+        mode = os.stat(target).st_mode
+    except FileNotFoundError:
+        return target, "file"
+    if stat.S_ISREG(mode):
+        return target, "file"
+    if stat.S_ISCHR(mode) or stat.S_ISFIFO(mode):
+        return target, "stream"
+    what = "a folder" if stat.S_ISDIR(mode) else "a socket" if stat.S_ISSOCK(mode) else \
+        "a block device" if stat.S_ISBLK(mode) else "not a regular file"
+    raise SertkError(f"{path} is {what}: sertk writes files", "give the path of a file (new or to replace)")
+
+
+def _write_through(tmp: Path, target: Path) -> None:
+    """Copy a finished temporary into a character device or FIFO; a FIFO nobody reads is refused, not waited on."""
+    import shutil
+
+    from ser_toolkit.errors import SertkError
+
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        import errno
+
+        if exc.errno == errno.ENXIO:
+            raise SertkError(f"no process reads the FIFO {target}", "start its reader first, or write to a file") \
+                from None
+        raise
+    os.set_blocking(fd, True)
+    with open(fd, "wb") as out, open(tmp, "rb") as src:
+        shutil.copyfileobj(src, out)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path; on success it is fsynced and renamed to ``path``.
 
-    On any exception the temporary file is removed and ``path`` is untouched.
+    On any exception the temporary file is removed and ``path`` is untouched. Only a regular file is ever
+    renamed over: a symbolic link's target is written (the link stays), a character device or a FIFO is
+    written through, anything else is refused (:func:`destination`).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_name(path)
+    target, kind = destination(path)
+    if kind == "stream":  # the temporary goes where temporaries may go; the device or FIFO gets the bytes
+        import tempfile
+
+        fd, name = tempfile.mkstemp(prefix="sertk-")
+        os.close(fd)
+        tmp = Path(name)
+        try:
+            yield tmp
+            _write_through(tmp, target)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_name(target)
     try:
         yield tmp
         fsync_path(tmp)
-        os.replace(tmp, path)
-        fsync_path(path.parent)
+        os.replace(tmp, target)
+        fsync_path(target.parent)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -76,7 +137,8 @@ def write_text(path: str | Path, text: str) -> None:
 
 
 def remove_stale_tmp(folder: Path, stem: str) -> int:
-    """Remove temporaries of ``stem`` left by dead writers of this host; returns how many.
+    """Remove temporaries of ``stem`` (a name or a glob pattern) left by dead writers of this host; returns how
+    many.
 
     Another host's temporaries are left alone: whether their writer lives cannot be told from here.
     """

@@ -49,7 +49,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ser_toolkit.atomic import atomic_path, exclusive_lock
+from ser_toolkit.atomic import atomic_path, exclusive_lock, remove_stale_tmp
 from ser_toolkit.augmentations import AugmentContext, Augmentation, PartnerPool, Weighted, utterance_seed
 from ser_toolkit.cache.reader import CacheReader
 from ser_toolkit.datasets import Utterance
@@ -320,6 +320,7 @@ def materialize(reader: CacheReader, assignment: Mapping[str, str], subset: str,
     suffix = f"-x{copies}-s{seed}" if subset == "train" else ""
     path = sets_dir(reader, assignment) / f"{subset}-{name}{suffix}.h5"
     with exclusive_lock(path.parent / ".lock"):
+        remove_stale_tmp(path.parent, "*")  # what killed writers of this folder left (and reserved)
         if path.exists():
             try:
                 from ser_toolkit.cache.build import verify_cache

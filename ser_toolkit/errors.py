@@ -67,6 +67,6 @@ def os_error_line(exc: OSError) -> str:
     if exc.errno == errno.ENOSPC or "errno = 28" in text or "No space left on device" in text:
         where = f" under {filename}" if filename else ""
         return (f"the disk is full{where} (No space left on device); free space or write elsewhere "
-                "(--cache-dir, --out), then rerun: finished parts are kept, half-written files were removed")
+                "(--cache-dir, --out), then rerun: finished parts are kept and half-written files removed")
     where = f" {filename}" if filename else ""
     return f"cannot access{where}: {text}; check the path and its permissions"

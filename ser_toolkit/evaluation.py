@@ -390,7 +390,7 @@ def evaluate_run(run_dir: Path, specs: Sequence[str] | None = None, batch_size: 
     the model it has just trained, or loads a run once for its test and validation sets); else it is loaded
     from the run folder after checking its seal.
     """
-    from ser_toolkit.atomic import write_text
+    from ser_toolkit.atomic import remove_stale_tmp, write_text
     from ser_toolkit.training import runs
     from ser_toolkit.training.loop import check_wave_lengths
 
@@ -400,6 +400,7 @@ def evaluate_run(run_dir: Path, specs: Sequence[str] | None = None, batch_size: 
     cuda = device is not None and device.type == "cuda"
     batch = batch_size or max(GPU_EVAL_BATCH if cuda else 8, cfg["batch_size"])
     summary: dict[str, Any] = {}
+    remove_stale_tmp(run_dir / folder, "*")  # what a killed evaluation left half-written
     (run_dir / folder / EVAL_SEAL).unlink(missing_ok=True)  # unsealed until every file of this evaluation is in
     for name, reader, rows, provenance in sets:
         rows = list(range(len(reader))) if rows is None else rows

@@ -35,12 +35,14 @@ def _full(what: str, folder: Path, need: int, free: int | None) -> SertkError:
                       "free space or write elsewhere (--cache-dir, --out), then rerun; nothing was written")
 
 
-def require_space(folder: Path, nbytes: int, what: str) -> None:
-    """Raise a one-line :class:`SertkError` when ``folder``'s disk has less than ``nbytes`` (+ margin) free."""
+def require_space(folder: Path, nbytes: int, what: str, hint: str | None = None) -> None:
+    """Raise a one-line :class:`SertkError` when ``folder``'s disk has less than ``nbytes`` (+ margin) free
+    (``hint``: the fix, when the default's "nothing was written" would not be true)."""
     need = int(nbytes) + MARGIN
     free = shutil.disk_usage(folder).free
     if free < need:
-        raise _full(what, folder, need, free)
+        error = _full(what, folder, need, free)
+        raise SertkError(error.message, hint) if hint else error
 
 
 def _fallocate(path: Path, nbytes: int) -> bool:

@@ -527,7 +527,10 @@ def run_study(cfg: dict[str, Any], log=print) -> Path:
     """
     from ser_toolkit.progress import as_reporter
 
+    from ser_toolkit.atomic import destination
+
     progress = as_reporter(log)
+    destination(Path(cfg["study"]["report"]))  # a report path that cannot be written is refused before any run
     try:
         report = _run_study(cfg, progress)
     except BaseException:

@@ -136,7 +136,8 @@ def test_full_disk_is_one_line_and_the_rerun_finishes(tmp_path, reference):
                           env={**os.environ, **ENV}, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "not enough disk space for cache synthetic.h5" in lines[0], proc.stderr
+    assert len(lines) == 1 and "not enough disk space for the audio of" in lines[0], proc.stderr  # a part file's
+    assert "--cache-dir" in lines[0] and "part files are kept" in lines[0]
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "synthetic.h5").exists()
     assert not list(tmp_path.rglob("*.tmp-*")), "a half-written file was left behind"
@@ -171,3 +172,52 @@ def test_h5py_disk_full_message_is_named():
     line = os_error_line(exc)
     assert "\n" not in line and line.startswith("the disk is full under /data/c ")
     assert os_error_line(FileNotFoundError(2, "No such file or directory", "/nope")).startswith("cannot access /nope")
+
+
+_WORKER_DIES = """
+import os, signal, sys
+import ser_toolkit.cache.build as build
+parent, real, calls = os.getpid(), build._to_storage, [0]
+def dying(wave, dtype):  # a decoder crash in a worker: killed in the middle of writing its part file
+    calls[0] += 1
+    if os.getpid() != parent and calls[0] == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(wave, dtype)
+build._to_storage = dying
+from ser_toolkit.cli import main
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_a_worker_that_dies_is_one_line_and_the_rerun_removes_its_half_written_part(tmp_path, reference):
+    args = [a for a in ARGS if a not in ("--workers", "1")] + ["--workers", "2"]
+    proc = subprocess.run([sys.executable, "-c", _WORKER_DIES, *args, "--cache-dir", str(tmp_path)],
+                          env={**os.environ, **ENV}, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "a decoding worker process died" in lines[0] and "--workers 1" in lines[0], lines
+    assert list(tmp_path.glob("synthetic.h5.parts/*/part-*.tmp-*")), "the killed worker left its temporary"
+    r = run_sertk(*args, "--cache-dir", tmp_path, env=ENV)
+    assert r.code == 0, r.err
+    assert not list(tmp_path.rglob("*.tmp-*"))  # removed by the rerun, as the message says
+    _same(CacheReader(tmp_path / "synthetic.h5"), reference)
+
+
+@pytest.mark.slow
+def test_a_killed_materialize_leaves_nothing_the_rerun_does_not_remove(tmp_path):
+    """kill -9 mid-write: the temporary (with its reserved space) is removed by the next materialize."""
+    assert run_sertk(*ARGS, "--cache-dir", tmp_path, env=ENV).code == 0
+    cmd = [sys.executable, "-m", "ser_toolkit", "materialize", str(tmp_path / "synthetic.h5"), "--plugins",
+           "timestretch", "--subset", "train", "--copies", "3", "--split", "stratified:test=0.2", "-q"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.rglob("*.h5.tmp-*")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert list(tmp_path.rglob("*.h5.tmp-*"))
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert not list(tmp_path.rglob("*.tmp-*"))

@@ -38,7 +38,7 @@ from ser_toolkit.cache.reader import INT16_SCALE, read_header
 from ser_toolkit.cache.writer import create_audio, finish, write_table
 from ser_toolkit.datasets import Dataset, Utterance
 from ser_toolkit.errors import AudioError, CacheError, SertkError
-from ser_toolkit.space import new_h5
+from ser_toolkit.space import new_h5, require_space
 
 DTYPES = ("float32", "int16")
 MIN_SOURCE_RATE = 4000  # Hz; below this a file is not speech audio (or its header is damaged)
@@ -130,6 +130,9 @@ def _decode_task(dataset: Dataset, root: Path | None, utts: list[Utterance], pre
                     continue
                 end = audio.shape[0]
                 stored = _to_storage(wave, pre.dtype)
+                # HDF5 cannot survive a full disk (it may crash the process): checked before every write
+                require_space(part.parent, stored.nbytes + 64 * len(utts), f"the audio of {u.path or u.id}",
+                              PARTS_KEPT)
                 audio.resize((end + wave.size,))
                 audio[end:] = stored
                 kept.append((u.id, fp, wave.size, clipped, *audio_checks(stored)))
@@ -142,6 +145,9 @@ def _decode_task(dataset: Dataset, root: Path | None, utts: list[Utterance], pre
             fh.create_dataset("audio_digest", data=[k[4] for k in kept], dtype=s)
             fh.create_dataset("crc32", data=np.array([k[5] for k in kept], dtype=np.uint32))
     return out
+
+
+PARTS_KEPT = "free space or choose another --cache-dir, then rerun: finished part files are kept and reused"
 
 
 def _check_source(u: Utterance, data: np.ndarray, rate: int, pre: Preprocess) -> None:
@@ -286,11 +292,24 @@ def _decode_all(dataset: Dataset, root: Path | None, todo: list[Utterance], fing
             if len(pending) >= 2 * workers:
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for f in done:
-                    yield f.result()
+                    yield _result(f, parts_dir)
         for f in pending:
-            yield f.result()
+            yield _result(f, parts_dir)
     finally:  # on Ctrl-C or an error: drop queued tasks; running ones finish their (atomic) part
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _result(future: Any, parts_dir: Path) -> list[tuple[str, int, int, str | None]]:
+    """A decoding task's result; a worker that died (a decoder crash, the kernel's OOM killer) is one line."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    try:
+        return future.result()
+    except BrokenProcessPool:
+        free = shutil.disk_usage(parts_dir).free
+        raise SertkError(f"a decoding worker process died while caching ({free / 1e9:.2f} GB free under "
+                         f"{parts_dir.parent})", "rerun (finished part files are kept and half-written ones "
+                         "removed); if it dies again, run with --workers 1 to find the file") from None
 
 
 def _ignore_sigint() -> None:
@@ -417,6 +436,7 @@ def _build(dataset: Dataset, root: Path | None, scan: Any, path: Path, pre: Prep
         old_skipped = {s["id"]: s for s in header["summary"].get("skipped", []) if "id" in s}
     parts_dir = path.with_name(path.name + ".parts") / pre.key()
     parts_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(parts_dir, "part-*")  # half-written parts of dead workers (a crash, a full disk)
     parts = _read_parts(parts_dir)
     todo = []
     for u in scan.utterances:

@@ -21,8 +21,10 @@ def write_report(paths: Sequence[Path], output: Path, allow_changed: bool = Fals
     A folder of a study over several training corpora is reported alone, as its
     train x test corpus matrix (:mod:`ser_toolkit.report.matrix`).
     """
+    from ser_toolkit.atomic import destination
     from ser_toolkit.report.matrix import is_matrix_study, write_matrix_report
 
+    destination(Path(output))  # a folder, socket... is refused before any work
     matrix = [p for p in map(Path, paths) if is_matrix_study(p)]
     if matrix:
         if len(paths) > 1:

@@ -44,7 +44,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from ser_toolkit import memory, settings
-from ser_toolkit.atomic import write_text
+from ser_toolkit.atomic import remove_stale_tmp, write_text
 from ser_toolkit.emotions import EMOTIONS
 from ser_toolkit.errors import SertkError
 from ser_toolkit.settings import SCHEDULES  # noqa: F401  (re-exported)
@@ -442,6 +442,8 @@ def train_model(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bo
             torch.cuda.set_per_process_memory_fraction(float(share), device)
     main_process = rank == 0
     run_dir.mkdir(parents=True, exist_ok=True)
+    if main_process:  # what a killed writer of this run left half-written
+        remove_stale_tmp(run_dir / "checkpoints", "*")
     plugin = get("model", cfg.model).obj(**cfg.model_options)
     spec = plugin.featurizer_spec()
     if cfg.normalize != "none" and (spec is None or (cfg.plugins and cfg.aug_mode == "online")):

@@ -528,14 +528,17 @@ def _given_fields(given: set) -> set:
     return fields
 
 
-def _resume_changes(stored: dict, wanted: dict, given: set) -> List[str]:
-    """``name: stored -> wanted`` for each setting that a given option changes (runtime settings may change)."""
+def _resume_changes(stored: dict, wanted: dict, given: set, run_dir: Optional[Path] = None) -> List[str]:
+    """``name: stored -> wanted`` for each setting that a given option changes (runtime settings may change;
+    the training cache may be given at another place if it holds the data the run started on)."""
     from ser_toolkit.settings import RUNTIME, SETTINGS
 
     fields = _given_fields(given)
 
     def same(name: str) -> bool:
         old, new = stored.get(name), wanted[name]
+        if name in ("dataset", "cache_dir") and run_dir is not None and _same_data(run_dir, wanted):
+            return True
         if SETTINGS[name].type == "path" and old is not None and new is not None:
             return Path(old) == Path(new)
         return old == new
@@ -545,6 +548,19 @@ def _resume_changes(stored: dict, wanted: dict, given: set) -> List[str]:
 
     return [f"{n}: {show(stored.get(n))} -> {show(wanted[n])}" for n in SETTINGS
             if n in fields and n not in RUNTIME and not same(n)]
+
+
+def _same_data(run_dir: Path, wanted: dict) -> bool:
+    """Whether the cache ``wanted`` names holds the data run ``run_dir`` started on (by content digest)."""
+    from ser_toolkit.cache.reader import CacheReader
+    from ser_toolkit.training import runs
+    from ser_toolkit.training.loop import resolve_cache
+
+    try:
+        reader = CacheReader(resolve_cache(wanted["dataset"], wanted["cache_dir"]))
+        return reader.digest == runs.run_info(run_dir)["data"]["cache"]["digest"]
+    except (SertkError, KeyError, TypeError):
+        return False
 
 
 @app.command()
@@ -608,6 +624,9 @@ def train(
             model_options[flag] = True
     checked = plugin_cls(**model_options).options  # validated now; recorded with their declared types
     model_options = {k: checked[k] for k in model_options}
+    folder = Path(str(model_options.get("checkpoint", ""))).expanduser()
+    if model_options.get("checkpoint") and folder.is_dir():  # a local folder: found from any working directory
+        model_options["checkpoint"] = str(folder.resolve())
     combo = _parse_weights(weights)
     weights_info = None
     if weights_from:
@@ -627,6 +646,8 @@ def train(
         "plugins": names, "plugin_options": _grouped_options(assignments, names) if names else {},
         "weights": combo, "weights_from": weights_info, "model": model, "model_options": model_options,
         "cross": _cross_paths(cross, values.get("cache_dir", SETTINGS["cache_dir"].default))})
+    if cfg.split.startswith("file:"):  # a split file is found again from any working directory
+        cfg.split = "file:" + str(Path(cfg.split[5:]).expanduser().resolve())
     run_dir = out or Path("runs") / "-".join([Path(cfg.dataset).stem, cfg.model, *(cfg.plugins or ["clean"])])
     if resume:
         if not (run_dir / "config.json").is_file():
@@ -636,11 +657,12 @@ def train(
             raise SertkError(f"{run_dir / 'config.json'} is malformed (no 'train' settings)",
                              "the run folder is damaged; train a new run with another --out")
         stored = stored["train"]
-        changes = _resume_changes(stored, asdict(cfg), given)
+        changes = _resume_changes(stored, asdict(cfg), given, run_dir)
         if changes:
             raise SertkError(f"--resume: {run_dir} was trained with other settings ({'; '.join(changes)})",
                              "drop those options to continue it as it was, or train a new run with another --out")
-        cfg = TrainConfig.from_settings(stored, {n: getattr(cfg, n) for n in RUNTIME if n in given})
+        moved = {n: getattr(cfg, n) for n in ("dataset", "cache_dir") if n in _given_fields(given)}  # same data
+        cfg = TrainConfig.from_settings(stored, {n: getattr(cfg, n) for n in RUNTIME if n in given}, moved)
         if runs.is_sealed(run_dir):
             print(f"{run_dir} is already finished (final.json); nothing to resume")
             return
@@ -650,7 +672,14 @@ def train(
         raise SertkError("--early-stopping needs a validation split", "add --valid 0.1")
     from ser_toolkit.training.loop import resolve_cache
 
-    cache_path = resolve_cache(cfg.dataset, cfg.cache_dir)  # fails before anything is written
+    if resume and (run_dir / runs.RUN_FILE).is_file():  # the data it started on, wherever it is now
+        try:
+            given: Optional[Path] = resolve_cache(cfg.dataset, cfg.cache_dir)
+        except SertkError:
+            given = None
+        cache_path = runs.locate_cache(run_dir, runs.run_info(run_dir), given, option="--dataset")
+    else:
+        cache_path = resolve_cache(cfg.dataset, cfg.cache_dir)  # fails before anything is written
     created = not run_dir.exists()
     main_process = int(os.environ.get("RANK", 0)) == 0  # under torchrun only rank 0 writes and prints
     if not resume and main_process:
@@ -696,6 +725,8 @@ def evaluate(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1,
                                              help="At most this many utterances per batch (default: the run's "
                                                   f"batch size, at least 8; {GPU_EVAL_BATCH} on CUDA)."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Where the run's training cache is now, if it "
+                                         "moved (the run checks it holds the data it trained on)."),
 ) -> None:
     """Evaluate a run on its test split, every augmented test set and cross-corpus sets.
 
@@ -710,7 +741,7 @@ def evaluate(
     if not batch_seconds > 0:
         raise SertkError(f"--batch-seconds {batch_seconds} is not above 0", f"e.g. --batch-seconds {EVAL_BATCH_SECONDS:g}")
     summary = evaluate_run(run, test, batch_size, allow_changed=allow_changed_data, allow_unfinished=allow_unfinished,
-                           batch_seconds=batch_seconds)
+                           batch_seconds=batch_seconds, cache=cache)
     flags = run_flags(run, list(summary))
     if as_json:
         typer.echo(json.dumps(summary, indent=2))

@@ -291,7 +291,7 @@ def _changed(what: str, run_dir: Path, recorded: str | None, now: str) -> SertkE
 
 
 def test_sets(run_dir: Path, specs: Sequence[str] | None, info: dict[str, Any] | None = None,
-              allow_changed: bool = False, cross: Sequence[str] | None = None,
+              allow_changed: bool = False, cross: Sequence[str] | None = None, cache: Path | None = None,
               ) -> list[tuple[str, Any, list[int] | None, dict[str, Any]]]:
     """(name, reader, rows or None for all, provenance) of every test set a run is evaluated on.
 
@@ -301,7 +301,8 @@ def test_sets(run_dir: Path, specs: Sequence[str] | None, info: dict[str, Any] |
     Specs: ``test`` (the split), ``augmented``, ``cross``, ``valid`` and
     ``valid-augmented`` (a study's validation part), or a cache path.
     The in-corpus sets must be of the data the run trained on (same content
-    digest and split), unless ``allow_changed``.
+    digest and split), unless ``allow_changed``. The training cache is found where it was, or relative to the
+    run folder (a moved study), or at ``cache`` (``--cache``); a cross-corpus cache likewise.
     """
     from ser_toolkit.augment_sets import sets_dir, split_key
     from ser_toolkit.cache.identity import assignment_digest
@@ -312,13 +313,13 @@ def test_sets(run_dir: Path, specs: Sequence[str] | None, info: dict[str, Any] |
     cfg = runs.read_json(run_dir / "config.json")
     info = info or runs.run_info(run_dir)
     trained = info.get("data", {})
-    cache = Path(trained.get("cache", {}).get("path") or cfg.get("data", {}).get("cache", ""))
+    cache = runs.locate_cache(run_dir, info, cache)
     trained_digest = trained.get("cache", {}).get("digest")
     reader = CacheReader(cache)
     changed = reader.digest != trained_digest
     if changed and not allow_changed:
         raise _changed(f"cache {cache}", run_dir, trained_digest, reader.digest)
-    assignment = make_split(reader.utterances, cfg["train"]["split"])
+    assignment = make_split(reader.utterances, runs.locate_split(run_dir, info, cfg["train"]["split"]))
     split_now = assignment_digest(assignment)
     if split_now != trained.get("split", {}).get("digest"):
         if not allow_changed:
@@ -351,6 +352,9 @@ def test_sets(run_dir: Path, specs: Sequence[str] | None, info: dict[str, Any] |
                 raise SertkError(f"run {run_dir} declares no cross-corpus set",
                                  "train with --cross DATASET_OR_CACHE, or pass --test CACHE")
             for p in map(Path, declared):
+                if not p.is_file() and (run_dir / "config.json").is_file():  # moved with the run: relative to it
+                    moved = dict(zip(cfg["train"].get("cross") or [], cfg.get("data", {}).get("cross_relative") or []))
+                    p = (run_dir / moved[str(p)]).resolve() if str(p) in moved else p
                 other = CacheReader(p)
                 _check_disjoint(other, reader, assignment)
                 out.append((f"cross-{p.stem}", other, None, {"rows": "all"}))
@@ -379,7 +383,8 @@ def _check_disjoint(other, reader, assignment: Mapping[str, str]) -> None:
 def evaluate_run(run_dir: Path, specs: Sequence[str] | None = None, batch_size: int | None = None,
                  workers: int = 2, allow_changed: bool = False, allow_unfinished: bool = False,
                  cross: Sequence[str] | None = None, folder: str = "eval", *,
-                 batch_seconds: float | None = DEFAULT_BATCH_SECONDS, loaded: tuple | None = None) -> dict[str, Any]:
+                 batch_seconds: float | None = DEFAULT_BATCH_SECONDS, loaded: tuple | None = None,
+                 cache: Path | None = None) -> dict[str, Any]:
     """Evaluate a finished run on its test sets; writes <folder>/<name>.json, .predictions.csv, summary.json.
 
     Each eval JSON records the run id and the content digest of the set it was computed on. A study
@@ -388,14 +393,15 @@ def evaluate_run(run_dir: Path, specs: Sequence[str] | None = None, batch_size: 
     ``batch_size`` utterances (default: the run's batch size, at least 8, or :data:`GPU_EVAL_BATCH` on CUDA).
     ``loaded``: the run's model as :func:`load_run_model` returns it, already in memory (a study evaluates
     the model it has just trained, or loads a run once for its test and validation sets); else it is loaded
-    from the run folder after checking its seal.
+    from the run folder after checking its seal. ``cache``: where the run's training cache is now (a moved
+    cache, found by the digest the run recorded).
     """
     from ser_toolkit.atomic import remove_stale_tmp, write_text
     from ser_toolkit.training import runs
     from ser_toolkit.training.loop import check_wave_lengths
 
     info = runs.run_info(run_dir) if loaded is not None else runs.check_run(run_dir, allow_unfinished)
-    sets = test_sets(run_dir, specs, info, allow_changed, cross)
+    sets = test_sets(run_dir, specs, info, allow_changed, cross, cache)
     model, featurize, cfg, device = loaded if loaded is not None else load_run_model(run_dir, info=info)
     cuda = device is not None and device.type == "cuda"
     batch = batch_size or max(GPU_EVAL_BATCH if cuda else 8, cfg["batch_size"])

@@ -313,9 +313,32 @@ def _train_config(cfg: Mapping[str, Any], cache: Path, plugins: list[str], weigh
         "model": cfg["model"]["name"], "model_options": dict(cfg["model"].get("options", {})), "seed": seed})
 
 
+LOCATED = ("dataset", "split")
+"""Settings that say where a run's data is: compared by content (the cache's and the split's digests), so a
+study moved or copied elsewhere reuses its runs."""
+
+
 def _comparable(train_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """A run's settings without those that do not change what is trained (declared ``runtime``)."""
-    return {k: v for k, v in train_cfg.items() if k not in IGNORED_FOR_REUSE}
+    """A run's settings without those that do not change what is trained (declared ``runtime``) and without
+    the locations of its data (:data:`LOCATED`, compared by digest: :func:`_same_split`, :func:`_trained_on`)."""
+    return {k: v for k, v in train_cfg.items() if k not in IGNORED_FOR_REUSE and k not in LOCATED}
+
+
+def _same_split(run_dir: Path, stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:
+    """Whether the run was trained on the parts ``wanted``'s split gives (the same spec, or a split file of the
+    same assignment wherever it is now: by the digest the run recorded)."""
+    from ser_toolkit.cache.identity import assignment_digest
+    from ser_toolkit.cache.reader import CacheReader
+    from ser_toolkit.splits import make_split
+    from ser_toolkit.training import runs
+
+    if stored.get("split") == wanted.get("split"):
+        return True
+    try:
+        recorded = runs.run_info(run_dir)["data"]["split"]["digest"]
+        return assignment_digest(make_split(CacheReader(wanted["dataset"]).utterances, wanted["split"])) == recorded
+    except (SertkError, KeyError, TypeError, OSError):
+        return False
 
 
 def _trained_on(run_dir: Path) -> str | None:
@@ -372,7 +395,8 @@ def run_model(run_dir: Path, tcfg, log, digest: str, selection: bool = False,
         record = runs.read_json(run_dir / "config.json")
         stored = record.get("train") if isinstance(record, dict) else None
         planned = record.get("planned") if isinstance(record, dict) else None
-        if _comparable(stored or {}) != _comparable(wanted) and _comparable(planned or {}) != _comparable(wanted):
+        same = (_comparable(stored or {}) == _comparable(wanted) or _comparable(planned or {}) == _comparable(wanted))
+        if not same or not _same_split(run_dir, planned or stored or {}, wanted):
             shutil.rmtree(run_dir)
             state = "retrained (config changed)"
         elif _trained_on(run_dir) not in (None, digest):
@@ -383,7 +407,8 @@ def run_model(run_dir: Path, tcfg, log, digest: str, selection: bool = False,
         else:
             state = "resumed"
         if state in ("reused", "resumed") and planned is not None:  # retried after running out of memory
-            tcfg = TrainConfig(**{**stored, **{k: v for k, v in wanted.items() if k in IGNORED_FOR_REUSE}})
+            tcfg = TrainConfig(**{**stored, **{k: v for k, v in wanted.items()
+                                               if k in IGNORED_FOR_REUSE or k in LOCATED}})
     trained = None
     if state != "reused":
         resume = state == "resumed" and runs.last_epoch_checkpoint(run_dir) is not None

@@ -229,8 +229,11 @@ def data_section(models: list[Model], tests: list[str]) -> str:
                     f"{pre['sample_rate']} Hz, {pre['mono']} | {st['emotions']} | `{digest[:16]}` |")
 
     try:
-        reader = CacheReader(Path(info["cache"]["path"]))
-        assignment = make_split(reader.utterances, cfg["split"])
+        from ser_toolkit.training.runs import locate_cache, locate_split
+
+        record = {"data": info}
+        reader = CacheReader(locate_cache(run, record))
+        assignment = make_split(reader.utterances, locate_split(run, record, cfg["split"]))
         if cfg.get("valid") and "valid" not in assignment.values():
             train = [u for u in reader.utterances if assignment[u.id] == "train"]
             assignment.update(carve_validation(train, float(cfg["valid"]), int(cfg["seed"])))

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -314,9 +315,13 @@ def prepare_data(cfg: TrainConfig, featurize, run_dir: Path | None) -> Prepared:
                "test_utterances": sum(1 for s in assignment.values() if s == "test"),
                "train_items_per_epoch": len(items),
                "train_emotions": {EMOTIONS[k]: int(n) for k, n in sorted(Counter(reader.labels[train_rows]).items())}}
+    here = run_dir.resolve() if run_dir is not None else None
     data = {"cache": {"path": str(path.resolve()), "digest": reader.digest,
-                      "preprocess": reader.config["preprocess"]},
-            "split": {"spec": cfg.split, "digest": split_digest},
+                      "preprocess": reader.config["preprocess"],
+                      **({"relative": os.path.relpath(path.resolve(), here)} if here else {})},
+            "split": {"spec": cfg.split, "digest": split_digest,
+                      **({"file": os.path.relpath(Path(cfg.split[5:]).resolve(), here)}
+                         if here and cfg.split.startswith("file:") else {})},
             "train_valid": assignment_digest(assignment), "augmented": augmented}
     return Prepared(reader, assignment, train, valid_rows, augmentation, summary, data)
 
@@ -450,6 +455,14 @@ def train_model(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bo
         raise SertkError(f"--normalize {cfg.normalize} needs a model on cached features and materialised "
                          "augmentation", "use a feature model (e.g. --model acoustic) with --aug-mode offline, "
                          "or --normalize none")
+    if resume and (run_dir / runs.RUN_FILE).is_file():  # the data it started on, wherever it is now
+        info = runs.run_info(run_dir)
+        try:
+            given: Path | None = resolve_cache(cfg.dataset, cfg.cache_dir)
+        except SertkError:
+            given = None
+        cfg = dataclasses.replace(cfg, dataset=str(runs.locate_cache(run_dir, info, given, option="--dataset")),
+                                  split=runs.locate_split(run_dir, info, cfg.split))
     torch.manual_seed(cfg.seed)
     model = plugin.build(len(EMOTIONS), run_dir if main_process else None)
     parameters = {"total": sum(p.numel() for p in model.parameters()),
@@ -719,9 +732,9 @@ def _start_run(run_dir: Path, data: dict[str, Any], resuming: bool, main_process
     """The run id: the recorded one when resuming on unchanged data, else a new one (recorded in run.json)."""
     from ser_toolkit.training import runs
 
-    if resuming:
+    if resuming:  # the same data, wherever it is now (a moved study, another working directory)
         info = runs.run_info(run_dir)
-        if info.get("data") != data:
+        if runs.data_identity(info.get("data")) != runs.data_identity(data):
             was, now = info.get("data", {}).get("cache", {}), data["cache"]
             raise SertkError(f"the data of run {run_dir} changed since it started (cache {was.get('path')} "
                              f"{str(was.get('digest'))[:12]} -> {now['path']} {now['digest'][:12]}, or its split "

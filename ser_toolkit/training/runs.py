@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -137,7 +138,9 @@ def write_run_config(run_dir: Path, cfg: Any, cache: Path | str, command: list[s
         "seeds": {"seed": cfg.seed, "split": cfg.split, **SEED_RULES},
         "command": list(command) if command is not None else ["sertk", *sys.argv[1:]],
         "commit": git_commit(), "versions": versions(), "hardware": hardware(),
-        "data": {"cache": str(Path(cache).resolve())},
+        "data": {"cache": str(Path(cache).resolve()), "cache_relative": os.path.relpath(Path(cache).resolve(),
+                                                                                   run_dir.resolve()),
+                 "cross_relative": [os.path.relpath(Path(c).resolve(), run_dir.resolve()) for c in cfg.cross]},
         **(extra or {}),
     }
     write_json(run_dir / "config.json", record)
@@ -321,6 +324,69 @@ def run_info(run_dir: Path) -> dict[str, Any]:
     if not isinstance(info, dict) or not isinstance(info.get("run_id"), str):
         raise SertkError(f"{run_dir / RUN_FILE} is malformed", "the run folder is damaged; retrain it")
     return info
+
+
+LOCATIONS = frozenset({"path", "relative", "spec", "file"})
+"""The keys of ``run.json``'s data record that say where data was, not what it is (its digests do)."""
+
+
+def data_identity(data: Any) -> Any:
+    """``run.json``'s data record without locations (:data:`LOCATIONS`): what a moved or copied run, or one
+    resumed from another working directory, must still train on."""
+    if isinstance(data, dict):
+        return {k: data_identity(v) for k, v in data.items() if k not in LOCATIONS}
+    if isinstance(data, list):
+        return [data_identity(v) for v in data]
+    return data
+
+
+def _candidates(run_dir: Path, record: dict[str, Any]) -> list[Path]:
+    """Where a recorded file may be now: where it was, then where it is relative to the run (both moved)."""
+    out = [Path(record["path"])] if record.get("path") else []
+    if record.get("relative"):
+        out.append((run_dir / record["relative"]).resolve())
+    return out
+
+
+def locate_cache(run_dir: Path, info: dict[str, Any], first: Path | str | None = None,
+                 option: str = "--cache") -> Path:
+    """The run's training cache: ``first`` (a path the user gave: ``--cache``, ``--dataset``), else where it
+    was, else where it is relative to the run folder (a study moved or copied with its caches). The first of
+    them holding the data the run trained on (by content digest); else ``first`` or the first that exists
+    (its caller refuses other data, naming the digests); else one line asking for the cache by its digest,
+    with ``option``, the caller's option for it."""
+    from ser_toolkit.cache.reader import CacheReader
+
+    record = (info.get("data") or {}).get("cache") or {}
+    digest = record.get("digest")
+    given = [Path(first)] if first else []
+    found = [p for p in given + _candidates(run_dir, record) if p.is_file()]
+    for p in found:
+        try:
+            reader = CacheReader(p)
+        except SertkError:
+            continue
+        same = reader.digest == digest
+        reader.close()
+        if same:
+            return p
+    if found:
+        return found[0]
+    where = " nor at ".join(str(p) for p in _candidates(run_dir, record)) or "no recorded place"
+    raise SertkError(f"the training cache of run {run_dir} (data {str(digest)[:12]}) is not at {where}",
+                     f"pass the cache of that data with {option} PATH (sertk inspect CACHE shows its data digest)")
+
+
+def locate_split(run_dir: Path, info: dict[str, Any], spec: str) -> str:
+    """A run's split spec with its ``file:`` found again: where it was, else relative to the run folder (the
+    study's split files travel with its runs); the split's digest is checked by whoever applies it."""
+    if not spec.startswith("file:"):
+        return spec
+    record = (info.get("data") or {}).get("split") or {}
+    for p in _candidates(run_dir, {"path": spec[5:], "relative": record.get("file")}):
+        if p.is_file():
+            return f"file:{p}"
+    return spec
 
 
 def seal(run_dir: Path, run_id: str, known: dict[str, tuple[int, int, str]] | None = None) -> dict[str, Any]:

@@ -667,7 +667,10 @@ def train(
             print(f"{run_dir} is already finished (final.json); nothing to resume")
             return
     elif (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
-        raise SertkError(f"{run_dir} already holds a trained run", "pass --resume to continue it, or another --out")
+        if runs.is_sealed(run_dir):
+            raise SertkError(f"{run_dir} already holds a finished run", "evaluate it (sertk evaluate "
+                             f"{run_dir}), or train a new run with another --out")
+        raise SertkError(f"{run_dir} holds an unfinished run", "pass --resume to continue it, or another --out")
     if cfg.early_stopping and not cfg.valid:
         raise SertkError("--early-stopping needs a validation split", "add --valid 0.1")
     from ser_toolkit.training.loop import resolve_cache
@@ -688,10 +691,12 @@ def train(
         summary = run_training(cfg, run_dir, resume=resume, quiet=quiet)
     except TrainingStopped as exc:  # its state is on disk: say how to go on (typer would turn it into "130")
         name = signal.Signals(exc.signum).name
-        print(f"Stopped by {name}; run {run_dir} keeps its state after epoch {exc.epochs_done} of {cfg.epochs}: "
-              f"continue it with 'sertk train --out {run_dir} --resume'" if exc.epochs_done else
-              f"Stopped by {name} before the first epoch ended; nothing to resume (run the command again)",
-              file=_sys.stderr)
+        if main_process:
+            print(f"Stopped by {name} once run {run_dir} was finished and sealed" if exc.finished else
+                  f"Stopped by {name}; run {run_dir} keeps its state after epoch {exc.epochs_done} of {cfg.epochs}: "
+                  f"continue it with 'sertk train --out {run_dir} --resume'" if exc.epochs_done else
+                  f"Stopped by {name} before the first epoch ended; nothing to resume (run the command again)",
+                  file=_sys.stderr)
         _sys.exit(exc.exit_code)
     except SertkError:
         if created and main_process and not runs.last_epoch_checkpoint(run_dir):  # refused before any epoch: none left
@@ -774,6 +779,7 @@ def predict(
     from ser_toolkit.audio import MONO_RULES, RESAMPLER, load
     from ser_toolkit.emotions import EMOTIONS
     from ser_toolkit.evaluation import load_run_model, predict_features, predict_waves
+    from ser_toolkit.memory import PREDICT_FIX
     from ser_toolkit.training import runs
 
     info = runs.check_run(run, allow_unfinished)
@@ -799,9 +805,10 @@ def predict(
         featurizer = get_featurizer(*spec)
         x = np.stack([featurizer.extract(w, 16000) for w in waves])
         x = normalize(x, np.zeros(len(x), dtype=np.int64) if mode != "none" else np.empty(0))
-        probs = model.predict_proba(x) if classifier else predict_features(model, list(x), 8, device)
+        probs = model.predict_proba(x) if classifier else predict_features(model, list(x), 8, device,
+                                                                           fix=PREDICT_FIX)
     else:
-        probs = predict_waves(model, featurize, waves, 8, device)
+        probs = predict_waves(model, featurize, waves, 8, device, fix=PREDICT_FIX)
     results = [{"file": str(p), "emotion": EMOTIONS[int(pr.argmax())],
                 "probabilities": {e: float(v) for e, v in zip(EMOTIONS, pr)}} for p, pr in zip(audio, probs)]
     if as_json:
@@ -863,6 +870,8 @@ def study(
     if preset is None and config_file is None:
         preset = "demo"
     given = _given(ctx)
+    _check_study_options({"seeds": seeds, "jobs": jobs, "runs_per_gpu": runs_per_gpu, "executor": executor},
+                         {n: v for n, v in settings_given.items() if n in given})
     overrides: dict = {}
     if seeds is not None:
         overrides.setdefault("study", {})["seeds"] = seeds
@@ -900,6 +909,20 @@ def study(
     con.print(f"[bold]{escape(str(report_path))}[/bold] written", soft_wrap=True)
 
 
+def _check_study_options(study_values: dict, training: dict) -> None:
+    """Values given as ``sertk study`` options, checked against their declarations and named by their option
+    (a config file's errors name its keys instead)."""
+    from ser_toolkit.settings import SETTINGS, study_schema
+
+    declared = {e.name: e for s in study_schema() if s.name == "study" for e in s.entries}
+    hint = "see 'sertk study --help'"
+    for name, value in study_values.items():
+        if value is not None:
+            declared[name].check(value, f"--{name.replace('_', '-')}", hint=hint)
+    for name, value in training.items():
+        SETTINGS[name].check(str(value) if isinstance(value, Path) else value, SETTINGS[name].option, hint=hint)
+
+
 def _toml(cfg: dict) -> str:
     """A checked study config as TOML (see :func:`ser_toolkit.study.dump_config`)."""
     from ser_toolkit.study import dump_config
@@ -928,6 +951,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args or os.environ.get("SERTK_DEBUG") == "1"
     command = typer.main.get_command(app)
+    from ser_toolkit.training.checkpoints import RECEIVED
+
+    RECEIVED.clear()
+    _stop_on_sigterm()
     try:
         rc = command.main(args=args, prog_name="sertk", standalone_mode=False)
     except SertkError as exc:
@@ -954,9 +981,30 @@ def main(argv: Optional[List[str]] = None) -> None:
             raise
         print(f"Error: {os_error_line(exc)}", file=sys.stderr)
         sys.exit(2)
-    if rc == 130:  # Ctrl-C (typer turns KeyboardInterrupt into exit code 130)
-        print("Interrupted; nothing half-written was left behind, rerun the command to resume.", file=sys.stderr)
+    if rc == 130:  # Ctrl-C or SIGTERM (typer turns KeyboardInterrupt into exit code 130)
+        import signal
+
+        signum = RECEIVED[-1] if RECEIVED else signal.SIGINT
+        name = "Interrupted" if signum == signal.SIGINT else f"Stopped by {signal.Signals(signum).name}"
+        print(f"{name}; nothing half-written was left behind, rerun the command to resume.", file=sys.stderr)
+        rc = 128 + signum
     sys.exit(rc if isinstance(rc, int) else 0)
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (``kill``, Slurm's ``scancel``, a job's time limit) stops a command like Ctrl-C does: cleanly,
+    with its message, exit 143 (training installs its own handler that first writes its checkpoint)."""
+    import signal
+    import threading
+
+    from ser_toolkit.training.checkpoints import RECEIVED
+
+    def stop(signum: int, frame: object) -> None:
+        RECEIVED.append(signum)
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop)
 
 
 OWN_THREADS = "sertk-"

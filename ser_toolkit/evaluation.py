@@ -77,12 +77,13 @@ def length_batches(lengths: Sequence[int], batch_size: int, max_samples: float |
 
 def predict_batches(model, batches: Iterable[tuple[np.ndarray, list[np.ndarray]]], n: int, device, *,
                     batch_seconds: float | None = None, batch_size: int | None = None,
-                    rate: int = 16000) -> np.ndarray:
+                    rate: int = 16000, fix: str | None = None) -> np.ndarray:
     """Class probabilities (n, 7) from (positions, featurised inputs) batches, consumed lazily one at a time.
 
     On CUDA: inputs pinned and copied without blocking, probabilities kept on the device and read back once;
     at most :data:`IN_FLIGHT` batches queued. Out of memory: one line naming the batch and ``batch_seconds`` /
-    ``batch_size``, the limits the batches were formed with.
+    ``batch_size``, the limits the batches were formed with, and ``fix`` (the caller's options; default
+    ``sertk evaluate``'s).
     """
     from collections import deque
 
@@ -126,7 +127,7 @@ def predict_batches(model, batches: Iterable[tuple[np.ndarray, list[np.ndarray]]
     except Exception as exc:
         if not is_out_of_memory(exc):
             raise
-        oom = out_of_memory(device, "while predicting", facts, batch_seconds, batch_size, EVAL_FIX)
+        oom = out_of_memory(device, "while predicting", facts, batch_seconds, batch_size, fix or EVAL_FIX)
     finally:
         model.train(was_training)
     if oom is not None:  # raised outside the handler: the failed batch's tensors go with its frames
@@ -136,24 +137,27 @@ def predict_batches(model, batches: Iterable[tuple[np.ndarray, list[np.ndarray]]
 
 
 def predict_waves(model, featurize, waves, batch_size: int, device, *,
-                  batch_seconds: float | None = DEFAULT_BATCH_SECONDS, rate: int = 16000) -> np.ndarray:
+                  batch_seconds: float | None = DEFAULT_BATCH_SECONDS, rate: int = 16000,
+                  fix: str | None = None) -> np.ndarray:
     """Class probabilities (N, 7) for an iterable of waveforms, batched by similar length."""
     return predict_features(model, [featurize(w) for w in waves], batch_size, device, batch_seconds=batch_seconds,
-                            rate=rate)
+                            rate=rate, fix=fix)
 
 
 def predict_features(model, feats: Sequence[np.ndarray], batch_size: int, device, *,
-                     batch_seconds: float | None = None, rate: int = 16000) -> np.ndarray:
+                     batch_seconds: float | None = None, rate: int = 16000, fix: str | None = None) -> np.ndarray:
     """Class probabilities (N, 7) for featurised inputs, batched by similar length (for waveform models, at
     most ``batch_seconds`` of padded audio at ``rate`` per batch)."""
     budget = batch_seconds * rate if batch_seconds and model.input_kind == "wave" else None
     batches = length_batches([f.shape[0] for f in feats], batch_size, budget)
     return predict_batches(model, ((idx, [feats[i] for i in idx]) for idx in batches), len(feats), device,
-                           batch_seconds=batch_seconds if budget else None, batch_size=batch_size, rate=rate)
+                           batch_seconds=batch_seconds if budget else None, batch_size=batch_size, rate=rate,
+                           fix=fix)
 
 
 def predict_rows(model, featurize, reader, rows: Sequence[int], batch_size: int, device,
-                 workers: int = 1, *, batch_seconds: float | None = DEFAULT_BATCH_SECONDS) -> np.ndarray:
+                 workers: int = 1, *, batch_seconds: float | None = DEFAULT_BATCH_SECONDS,
+                 fix: str | None = None) -> np.ndarray:
     """Class probabilities for rows of a cache (features memoised for static featurisers).
 
     Waveform models stream: the rows are read from ``reader`` one batch at a time, in length order, in
@@ -169,9 +173,9 @@ def predict_rows(model, featurize, reader, rows: Sequence[int], batch_size: int,
         batches = length_batches(reader.lengths[rows] if rows else [], batch_size, budget)
         stream = ((idx, [featurize(reader.wave(rows[i])) for i in idx]) for idx in batches)
         return predict_batches(model, stream, len(rows), device, batch_seconds=batch_seconds, batch_size=batch_size,
-                               rate=reader.sample_rate)
+                               rate=reader.sample_rate, fix=fix)
     feats = featurize_rows(featurize, reader, rows, static, workers)
-    return predict_features(model, feats, batch_size, device)
+    return predict_features(model, feats, batch_size, device, fix=fix)
 
 
 def evaluate_rows(model, featurize, reader, rows: Sequence[int], batch_size: int, device, *,
@@ -242,7 +246,20 @@ def load_run_model(run_dir: Path, device=None, allow_unfinished: bool = False, i
     runs.load_weights(run_dir / "checkpoints" / runs.BEST, model, info["run_id"])
     model.speaker_stats = _speaker_stats(run_dir, cfg, info)
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device).eval()
+    try:
+        model.to(device).eval()
+    except Exception as exc:
+        from ser_toolkit.memory import is_out_of_memory, out_of_memory
+
+        if not is_out_of_memory(exc):
+            raise
+        oom = out_of_memory(device, f"loading run {run_dir}'s model", {}, None, None,
+                            "free the GPU (nvidia-smi shows what holds it), or use the CPU: CUDA_VISIBLE_DEVICES= "
+                            "sertk ...")
+    else:
+        oom = None
+    if oom is not None:
+        raise oom
     model.feature_spec = plugin.featurizer_spec()  # cached features (None: the model's own featurizer)
     return model, model.featurizer(), cfg, device
 
@@ -264,7 +281,7 @@ def _speaker_stats(run_dir: Path, cfg: Mapping[str, Any], info: dict[str, Any]):
 
 
 def run_probs(model, featurize, cfg: Mapping[str, Any], reader, rows: Sequence[int], batch_size: int, device,
-              workers: int = 1, *, batch_seconds: float | None = DEFAULT_BATCH_SECONDS,
+              workers: int = 1, *, batch_seconds: float | None = DEFAULT_BATCH_SECONDS, fix: str | None = None,
               ) -> tuple[np.ndarray, dict[str, Any]]:
     """Class probabilities of a run's model on rows of a cache, and what they were computed from (the feature
     cache's digest and the normalisation, for models on cached features)."""
@@ -272,14 +289,14 @@ def run_probs(model, featurize, cfg: Mapping[str, Any], reader, rows: Sequence[i
                                                     else None)
     if spec is None:
         return predict_rows(model, featurize, reader, rows, batch_size, device, workers,
-                            batch_seconds=batch_seconds), {}
+                            batch_seconds=batch_seconds, fix=fix), {}
     from ser_toolkit.training.features import set_features
 
     x, info = set_features(reader, rows, spec, cfg.get("normalize", "none"), workers,
                            seen=getattr(model, "speaker_stats", None))
     if hasattr(model, "predict_proba"):
         return model.predict_proba(x), info
-    return predict_features(model, list(x), batch_size, device), info
+    return predict_features(model, list(x), batch_size, device, fix=fix), info
 
 
 def _changed(what: str, run_dir: Path, recorded: str | None, now: str) -> SertkError:
@@ -384,7 +401,7 @@ def evaluate_run(run_dir: Path, specs: Sequence[str] | None = None, batch_size: 
                  workers: int = 2, allow_changed: bool = False, allow_unfinished: bool = False,
                  cross: Sequence[str] | None = None, folder: str = "eval", *,
                  batch_seconds: float | None = DEFAULT_BATCH_SECONDS, loaded: tuple | None = None,
-                 cache: Path | None = None) -> dict[str, Any]:
+                 cache: Path | None = None, fix: str | None = None) -> dict[str, Any]:
     """Evaluate a finished run on its test sets; writes <folder>/<name>.json, .predictions.csv, summary.json.
 
     Each eval JSON records the run id and the content digest of the set it was computed on. A study
@@ -413,7 +430,7 @@ def evaluate_run(run_dir: Path, specs: Sequence[str] | None = None, batch_size: 
         if getattr(model, "input_kind", None) == "wave":
             check_wave_lengths(reader.lengths[rows], [reader.ids[i] for i in rows], reader.sample_rate, "test")
         probs, features = run_probs(model, featurize, cfg, reader, rows, batch, device, workers,
-                                    batch_seconds=batch_seconds)
+                                    batch_seconds=batch_seconds, fix=fix)
         if features:
             provenance = {**provenance, "features": features}
         y_true = reader.labels[rows]

@@ -10,10 +10,14 @@ GPU_SHARE_ENV = "SERTK_GPU_MEMORY_SHARE"
 """The share of its GPU's memory a run may take: set by a study's local workers that share a GPU
 (``[study] runs_per_gpu``), kept to by the training loop, so that one run's out-of-memory error never hits
 another."""
-TRAIN_FIX = ("lower --batch-seconds{seconds} or --batch-size{size}, or pass --gradient-checkpointing (a study: "
-             "[training] batch_seconds / batch_size, [model] options gradient_checkpointing = true, or "
-             "[study] oom_retry = true to retry the run once with half the batch)")
-EVAL_FIX = "lower sertk evaluate --batch-seconds{seconds} or --batch-size{size}"
+TRAIN_FIX = "{seconds_verb} --batch-seconds{seconds} or lower --batch-size{size}"
+TRAIN_FIX_CHECKPOINTING = ", or pass --gradient-checkpointing"
+TRAIN_FIX_RETRY = " (a study: the same [training] settings, or --oom-retry to retry a run once with half the batch)"
+EVAL_FIX = "{seconds_verb} sertk evaluate --batch-seconds{seconds} or lower --batch-size{size}"
+STUDY_EVAL_FIX = ("evaluate the run with smaller batches: sertk evaluate {run} --batch-seconds 60 --batch-size 16, "
+                  "then run the study again")
+PREDICT_FIX = "predict on the CPU instead: CUDA_VISIBLE_DEVICES= sertk predict ..."
+VALID_FIX = "lower --batch-size{size} (validation batches hold as many utterances as training batches)"
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -55,8 +59,10 @@ def out_of_memory(device: Any, where: str, batch: dict[str, Any], batch_seconds:
     """The one-line error for a device that ran out of memory ``where`` (e.g. "in epoch 2, step 14") on
     ``batch`` (:func:`batch_facts`), naming the settings in effect."""
     kind = "GPU" if getattr(device, "type", None) == "cuda" else str(getattr(device, "type", "device")).upper()
+    n = batch.get("utterances")
     audio = f", {batch['padded_seconds']:g} s of padded audio" if "padded_seconds" in batch else ""
-    return OutOfMemory(f"{kind} out of memory {where} on a batch of {batch.get('utterances', '?')} utterances"
-                       f"{audio}{_device_line(device)}",
-                       fix.format(seconds=f" (now {batch_seconds:g})" if batch_seconds else "",
-                                  size=f" (now {batch_size})" if batch_size else ""), batch)
+    on = f" on a batch of {n} utterance{'' if n == 1 else 's'}{audio}" if n else ""
+    return OutOfMemory(f"{kind} out of memory {where}{on}{_device_line(device)}",
+                       fix.replace("{seconds_verb}", "lower" if batch_seconds else "set")
+                       .replace("{seconds}", f" (now {batch_seconds:g})" if batch_seconds else " (e.g. 30)")
+                       .replace("{size}", f" (now {batch_size})" if batch_size else ""), batch)

@@ -384,6 +384,7 @@ def run_model(run_dir: Path, tcfg, log, digest: str, selection: bool = False,
     """
     from ser_toolkit.errors import OutOfMemory
     from ser_toolkit.evaluation import evaluate_run, load_run_model
+    from ser_toolkit.memory import STUDY_EVAL_FIX
     from ser_toolkit.progress import StudyProgress, as_reporter
     from ser_toolkit.training import runs
     from ser_toolkit.training.loop import TrainConfig
@@ -426,7 +427,17 @@ def run_model(run_dir: Path, tcfg, log, digest: str, selection: bool = False,
             progress(f"{run_dir.name}: {message}; retrying once with "
                      + ", ".join(f"{k} {getattr(tcfg, k)} -> {getattr(retry, k)}" for k in ("batch_seconds",
                                  "batch_size") if getattr(tcfg, k) != getattr(retry, k)))
-            trained = _train_run(run_dir, retry, False, command, progress, planned=wanted)
+            try:
+                trained = _train_run(run_dir, retry, False, command, progress, planned=wanted)
+            except OutOfMemory as exc:  # once only: the study stops at this run
+                from ser_toolkit.memory import TRAIN_FIX_RETRY
+
+                again = OutOfMemory(f"{exc.message} (after the retry with half the batch)",
+                                    (exc.hint or "").replace(TRAIN_FIX_RETRY, ""), exc.batch)
+            else:
+                again = None
+            if again is not None:
+                raise again
             state += " (retried with half the batch)"
         train_seconds = time.perf_counter() - t
     selection_sets = ["valid", "valid-augmented"]
@@ -440,7 +451,8 @@ def run_model(run_dir: Path, tcfg, log, digest: str, selection: bool = False,
         for specs, cross, folder in todo:
             if folder == "eval":
                 progress.evaluating()
-            evaluate_run(run_dir, specs, workers=max(1, tcfg.workers), cross=cross, folder=folder, loaded=loaded)
+            evaluate_run(run_dir, specs, workers=max(1, tcfg.workers), cross=cross, folder=folder, loaded=loaded,
+                         fix=STUDY_EVAL_FIX.replace("{run}", str(run_dir)))
     except BaseException:
         if trained is not None:  # the seal is still written; the first error is the one shown
             with contextlib.suppress(BaseException):

@@ -172,3 +172,73 @@ def test_a_study_evaluates_the_trained_model_without_rebuilding_it(cache_dir, tm
         shutil.rmtree(run / folder)
     assert study.run_model(run, cfg, lambda *_: None, reader.digest, selection=True, command=["t"]) == "reused"
     assert len(loads) == 1  # a reused run is loaded once for its test and validation sets
+
+
+def _sigterm_after(epoch: int):
+    def on_epoch(row):
+        if row["epoch"] == epoch:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return on_epoch
+
+
+def test_a_state_that_cannot_be_written_is_the_news(cache_dir, tmp_path, monkeypatch):
+    """Stopped by SIGTERM on a full disk: the disk error is raised (one line from the CLI), never a claim that
+    the state was kept."""
+    import errno
+
+    from ser_toolkit.training import runs
+    from ser_toolkit.training.loop import train
+
+    def full(path, state):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(runs, "save_checkpoint", full)
+    with pytest.raises(OSError, match="No space left"):
+        train(config(cache_dir, checkpoint_every=0), tmp_path / "run", quiet=True, on_epoch=_sigterm_after(1))
+    assert not list((tmp_path / "run" / "checkpoints").glob("epoch-*"))
+
+
+def test_a_signal_while_the_run_is_sealed_waits_for_the_seal(cache_dir, tmp_path, monkeypatch):
+    """SIGTERM after the last epoch, while the weights are being written: the run is sealed first, then
+    stopped (finished, nothing lost)."""
+    import os
+    import signal
+
+    from ser_toolkit.training import runs
+    from ser_toolkit.training.checkpoints import TrainingStopped
+    from ser_toolkit.training.loop import train
+
+    real = runs.save_weights
+
+    def signalled(path, model, meta):
+        os.kill(os.getpid(), signal.SIGTERM)  # mid-write, as Slurm's time limit would
+        return real(path, model, meta)
+
+    monkeypatch.setattr(runs, "save_weights", signalled)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingStopped) as stopped:
+        train(config(cache_dir, checkpoint_every=0, valid=0.0, epochs=2), run, quiet=True)
+    assert stopped.value.finished and stopped.value.exit_code == 143
+    assert runs.check_run(run)["run_id"]  # sealed, intact
+
+
+def test_a_state_that_does_not_fit_the_model_is_one_line(cache_dir, tmp_path):
+    from ser_toolkit.errors import SertkError
+    from ser_toolkit.training import runs
+    from ser_toolkit.training.checkpoints import TrainingStopped
+    from ser_toolkit.training.loop import train
+
+    cfg = config(cache_dir, checkpoint_every=0)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingStopped):
+        train(cfg, run, quiet=True, on_epoch=_sigterm_after(1))
+    path = run / "checkpoints" / "epoch-001.pt"
+    state = runs.load_checkpoint(path)
+    state["model"].pop(next(iter(state["model"])))
+    runs.save_checkpoint(path, state)
+    with pytest.raises(SertkError, match="does not fit this run's model .*Missing key"):
+        train(cfg, run, resume=True, quiet=True)

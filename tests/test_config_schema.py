@@ -122,7 +122,7 @@ def test_study_config_missing_parts(cli, tmp_path):
     one_line_error(study_error(cli, tmp_path, "[augmentations]\noptions = { noise = { colour = 1 } }\n"),
                    "augmentation 'noise': unknown parameter 'colour'")
     one_line_error(cli("study", "--preset", "demo", "--epochs", "0", "--save-config", tmp_path / "x.toml"),
-                   "[training] epochs must be an int >= 1 (got 0)")
+                   "--epochs must be an int >= 1 (got 0)", "see 'sertk study --help'")  # the option, not the key
 
 
 def test_cache_options_are_declared_and_accepted(cli, tmp_path):

@@ -139,7 +139,7 @@ def test_study_help_lists_the_training_settings(cli):
         assert option in r.out, option
     assert "--dataset" not in r.out and "--cache-dir" not in r.out  # set by the study itself
     r = cli("study", "--preset", "demo", "--device", "tpu", "--save-config", "x.toml")
-    assert r.code == 2 and "[training] device must be auto, cpu, mps, cuda or cuda:N (got 'tpu')" in r.err
+    assert r.code == 2 and "--device must be auto, cpu, mps, cuda or cuda:N (got 'tpu')" in r.err
 
 
 def test_model_bound_settings_are_declared():

@@ -76,16 +76,48 @@ def test_training_out_of_memory_is_one_line_with_the_fix(greedy, cache_dir, tmp_
             "--epochs", "1", "--batch-size", "8", "--workers", "0", "--out", tmp_path / "run", "-q")
     assert r.code == 2 and len(r.err.strip().splitlines()) == 1, r.err
     for needle in ("out of memory in epoch 1, step 1 on a batch of 8 utterances", "s of padded audio",
-                   "--batch-seconds", "--batch-size (now 8)", "--gradient-checkpointing", "oom_retry"):
+                   "set --batch-seconds (e.g. 30)", "--batch-size (now 8)", "--gradient-checkpointing", "--oom-retry"):
         assert needle in r.err, (needle, r.err)
-    r = cli("train", "--model", "greedy", "--model-set", "hidden_size=16", "--cache-dir", cache_dir, "--epochs", "1",
-            "--batch-size", "4", "--workers", "0", "--out", tmp_path / "fits", "-q")
+    r = cli("train", "--model", "greedy", "--model-set", "hidden_size=16", "--model-set", "max_batch=3",
+            "--cache-dir", cache_dir, "--epochs", "1", "--batch-size", "3", "--workers", "0", "--out",
+            tmp_path / "fits", "-q")
     assert r.code == 0, r.err
     r = cli("evaluate", tmp_path / "fits", "--batch-size", "16")  # inference batches too large for the device
     assert r.code == 2 and len(r.err.strip().splitlines()) == 1, r.err
     assert "out of memory while predicting" in r.err and "sertk evaluate --batch-seconds (now 160)" in r.err
     assert "--batch-size (now 16)" in r.err
     assert cli("evaluate", tmp_path / "fits", "--batch-size", "4").code == 0
+    from helpers import write_audio
+
+    audio = [write_audio(tmp_path / f"a{k}.wav", 0.5) for k in range(9)]  # predict batches hold 8: more than 6
+    r = cli("predict", tmp_path / "fits", *audio)
+    assert r.code == 2 and "CUDA_VISIBLE_DEVICES= sertk predict" in r.err and "--batch" not in r.err, r.err
+    # validation inside training: predicted in training batches, so --batch-size is what shrinks them
+    r = cli("train", "--model", "greedy", "--model-set", "hidden_size=16", "--model-set", "max_batch=2",
+            "--cache-dir", cache_dir, "--epochs", "1", "--batch-size", "8", "--valid", "0.25", "--workers", "0",
+            "--out", tmp_path / "valid", "-q", "--batch-seconds", "2")  # training batches of 1-2, validation 8
+    assert r.code == 2 and "while predicting" in r.err and "lower --batch-size (now 8)" in r.err, r.err
+    assert "sertk evaluate" not in r.err
+
+
+def test_out_of_memory_before_the_first_step_is_one_line(greedy, cache_dir, tmp_path, cli, monkeypatch):
+    import torch.nn
+
+    real = torch.nn.Module.to
+
+    def full(self, *a, **k):
+        if any(str(x).startswith("cpu") for x in a):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.26 GiB")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(torch.nn.Module, "to", full)
+    r = cli("train", "--model", "greedy", "--model-set", "hidden_size=16", "--cache-dir", cache_dir,
+            "--epochs", "1", "--workers", "0", "--out", tmp_path / "run", "-q")
+    assert r.code == 2 and len(r.err.strip().splitlines()) == 1, r.err
+    assert "out of memory while setting up training" in r.err and "--gradient-checkpointing" in r.err
+    r = cli("train", "--model", "acoustic", "--cache-dir", cache_dir, "--epochs", "1", "--workers", "0",
+            "--out", tmp_path / "acoustic", "-q", "--aug-mode", "online", "--max-seconds", "2")
+    assert r.code == 2 and "out of memory" in r.err and "--gradient-checkpointing" not in r.err, r.err
 
 
 def test_a_study_retries_once_with_half_the_batch_only_when_asked(greedy, cache_dir, tmp_path):

@@ -165,7 +165,7 @@ def test_train_errors(cache_dir, tmp_path, cli):
     run = tmp_path / "r"
     assert train(cache_dir, run, "--epochs", "1").code == 0
     for args, needle in (
-        (("--out", run), "already holds a trained run"),
+        (("--out", run), "already holds a finished run"),
         (("--out", tmp_path / "new", "--resume"), "holds no run to resume"),
         (("--plugins", "nope"), "unknown augmentation 'nope'"),
         (("--model", "acoustic", "--probe"), "does not apply to model 'acoustic'"),

@@ -206,17 +206,24 @@ class Checkpoints:
         self.bytes_written += st.st_size
 
     # -- ends
-    def interrupted(self, write: bool = True) -> None:
+    def interrupted(self, write: bool = True) -> BaseException | None:
         """Training stops early: a write in flight finishes, and with ``write`` (stopped by a signal) the latest
         snapshot and the best weights reach the disk, unless they are there already. After an error nothing
         more is written: resuming needs the same settings, which the error (out of memory, bad data) usually
-        changes. Never raises (the first error is the one shown)."""
-        with contextlib.suppress(BaseException):
+        changes. Returns the error of a write that failed (a full disk: the news the user must get), else
+        None; never raises."""
+        failed: BaseException | None = None
+        try:
             self.wait()
-        if write and self._state is not None and self.snapshot_epoch > self.state_epoch_on_disk:
-            with contextlib.suppress(Exception):
+        except BaseException as exc:  # noqa: BLE001 - returned
+            failed = exc
+        if write and failed is None and self._state is not None and self.snapshot_epoch > self.state_epoch_on_disk:
+            try:
                 self._write_state()
+            except Exception as exc:  # noqa: BLE001 - returned
+                failed = exc
         self.close()
+        return failed if write else None
 
     def finish(self, model, meta: dict[str, Any]) -> None:
         """Training ended: write the best weights (with validation: those kept in memory, unless already on
@@ -260,12 +267,17 @@ class Checkpoints:
         self._best = None
 
 
-class TrainingStopped(KeyboardInterrupt):
-    """Training stopped by SIGTERM or SIGINT after ``epochs_done`` epochs (their state is on disk)."""
+RECEIVED: list[int] = []
+"""Every stop signal this process received (the command line says which one stopped it, and exits 128 + it)."""
 
-    def __init__(self, signum: int, epochs_done: int) -> None:
+
+class TrainingStopped(KeyboardInterrupt):
+    """Training stopped by SIGTERM or SIGINT: ``epochs_done`` epochs have their state on disk (a resume
+    starts after them), or the run was ``finished`` and sealed before the signal was acted on."""
+
+    def __init__(self, signum: int, epochs_done: int, finished: bool = False) -> None:
         super().__init__(signum, epochs_done)
-        self.signum, self.epochs_done = signum, epochs_done
+        self.signum, self.epochs_done, self.finished = signum, epochs_done, finished
 
     @property
     def exit_code(self) -> int:
@@ -273,14 +285,18 @@ class TrainingStopped(KeyboardInterrupt):
 
 
 class StopSignals:
-    """While active (main thread only), the first SIGTERM or SIGINT only sets :attr:`received`, so that the
-    training loop can stop at the next step and write its checkpoint; a second one acts at once (SIGINT:
-    KeyboardInterrupt, SIGTERM: the default, the process ends)."""
+    """While active (main thread only), the first SIGTERM or SIGINT only sets :attr:`received`: the training
+    loop stops at the next step and writes its checkpoint, and once training is over the run is sealed first.
+    After :meth:`sealed` (nothing left to protect) a signal acts at once (:class:`TrainingStopped`, finished),
+    and one that came before is delivered again; a second signal acts at once too (the previous handler:
+    SIGINT's KeyboardInterrupt, or what the command set for SIGTERM)."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
         self.received: int | None = None
+        self.epochs_done = 0
+        self._ready = threading.Event()
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "StopSignals":
@@ -289,11 +305,22 @@ class StopSignals:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
+    def sealed(self) -> None:
+        """The run is sealed (called from any thread): a signal received meanwhile is acted on now."""
+        import os
+
+        self._ready.set()
+        if self.received is not None and self._previous:
+            os.kill(os.getpid(), self.received)  # the handler raises in the main thread, wherever it is
+
     def _handle(self, signum: int, frame: Any) -> None:
+        RECEIVED.append(signum)
+        if self._ready.is_set():
+            self.__exit__(None, None, None)
+            self.received = None  # acted on here
+            raise TrainingStopped(signum, self.epochs_done, finished=True)
         if self.received is not None:  # the second time: as if no handler were here
             self.__exit__(None, None, None)
-            if signum == signal.SIGINT:
-                raise KeyboardInterrupt
             signal.raise_signal(signum)
             return
         self.received = signum

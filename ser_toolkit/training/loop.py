@@ -194,11 +194,13 @@ def validate(model, featurize, reader, rows: list[int], features: Any, batch_siz
     given); the probabilities are gathered on rank 0, which alone computes the metrics (other ranks get None).
     """
     from ser_toolkit.evaluation import compute_metrics, predict_features, predict_rows
+    from ser_toolkit.memory import VALID_FIX
 
+    fix = VALID_FIX.replace("{size}", f" (now {batch_size})")
     if features is not None:
-        probs = predict_features(model, list(features)[rank::world], batch_size, device)
+        probs = predict_features(model, list(features)[rank::world], batch_size, device, fix=fix)
     else:
-        probs = predict_rows(model, featurize, reader, rows[rank::world], batch_size, device)
+        probs = predict_rows(model, featurize, reader, rows[rank::world], batch_size, device, fix=fix)
     if world > 1:
         import torch
 
@@ -397,11 +399,19 @@ class Trained:
     loaded: Any = None
     finishing: Any = None  # the thread writing the weights and the seal
     errors: list = None  # type: ignore[assignment]
+    stop: Any = None  # the training's signal handlers, kept until the run is sealed
 
     def sealed(self) -> dict[str, Any]:
         if self.finishing is not None:
             self.finishing.join()
             self.finishing = None
+        if self.stop is not None:
+            stop, self.stop = self.stop, None
+            stop.__exit__(None, None, None)
+            if stop.received:  # it came while the run was being sealed: the run is finished, then stopped
+                from ser_toolkit.training.checkpoints import TrainingStopped
+
+                raise TrainingStopped(stop.received, stop.epochs_done, finished=True)
         if self.errors:
             raise self.errors.pop()
         return self.summary
@@ -431,13 +441,43 @@ def train_model(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bo
         summary, fitted = fit_classifier(cfg, run_dir, resume, quiet, on_epoch)
         return Trained(summary, (fitted, None, asdict(cfg), None) if keep else None)
 
+    from ser_toolkit.memory import is_out_of_memory, out_of_memory
+
+    device = _device(cfg.device, local_rank)
+    try:
+        return _train_torch(cfg, run_dir, resume, quiet, on_epoch, keep, device)
+    except BaseException as exc:  # out of memory before the first step (the model, the optimizer...)
+        if not is_out_of_memory(exc):
+            raise
+        oom = out_of_memory(device, "while setting up training", {}, cfg.batch_seconds, cfg.batch_size,
+                            train_fix(cfg))
+    raise oom  # outside the handler: the failed attempt's tensors are freed with its frames
+
+
+def train_fix(cfg: TrainConfig, retried: bool = False) -> str:
+    """What shrinks a training step's memory, with the options that exist for ``cfg``'s model."""
+    from ser_toolkit.memory import TRAIN_FIX, TRAIN_FIX_CHECKPOINTING, TRAIN_FIX_RETRY
+    from ser_toolkit.registry import get
+
+    fix = TRAIN_FIX
+    if "gradient_checkpointing" in {p.name for p in get("model", cfg.model).obj.params}:
+        fix += TRAIN_FIX_CHECKPOINTING
+    return fix + ("" if retried else TRAIN_FIX_RETRY)
+
+
+def _train_torch(cfg: TrainConfig, run_dir: Path, resume: bool, quiet: bool,
+                 on_epoch: Callable[[dict[str, Any]], None] | None, keep: bool, device) -> Trained:
+    """The epochs of a model trained by torch (see :func:`train_model`)."""
     import torch
 
     from ser_toolkit.memory import batch_facts, is_out_of_memory, out_of_memory
+    from ser_toolkit.registry import get
+    from ser_toolkit.training import runs
     from ser_toolkit.training.checkpoints import Checkpoints, StopSignals, TrainingStopped
     from ser_toolkit.training.data import Collate, EpochBatches, close_loader, featurize_all, train_loader
 
-    device = _device(cfg.device, local_rank)
+    rank, world, _ = _dist()
+    distributed = world > 1
     created_group = distributed and _init_distributed(device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -448,7 +488,8 @@ def train_model(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bo
     main_process = rank == 0
     run_dir.mkdir(parents=True, exist_ok=True)
     if main_process:  # what a killed writer of this run left half-written
-        remove_stale_tmp(run_dir / "checkpoints", "*")
+        for folder in (run_dir, run_dir / "checkpoints", run_dir / "aug_log"):
+            remove_stale_tmp(folder, "*")
     plugin = get("model", cfg.model).obj(**cfg.model_options)
     spec = plugin.featurizer_spec()
     if cfg.normalize != "none" and (spec is None or (cfg.plugins and cfg.aug_mode == "online")):
@@ -504,8 +545,8 @@ def train_model(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bo
         if resume and main_process:
             import sys
 
-            when = (f"every {cfg.checkpoint_every} epochs (--checkpoint-every) and " if cfg.checkpoint_every else
-                    "only (--checkpoint-every 0) ")
+            every = "every epoch" if cfg.checkpoint_every == 1 else f"every {cfg.checkpoint_every} epochs"
+            when = f"{every} (--checkpoint-every) and " if cfg.checkpoint_every else "only (--checkpoint-every 0) "
             print(f"{run_dir} holds no resumable state: it ended before one was written (states are written "
                   f"{when}when training is interrupted); training it from the first epoch", file=sys.stderr)
         ckpt_path = None
@@ -539,12 +580,18 @@ def train_model(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bo
     patience_left = cfg.early_stopping
     if ckpt_path is not None:
         state = runs.load_checkpoint(ckpt_path, run_id)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if state.get("scaler"):  # fp16: the loss scale reached so far
-            scaler.load_state_dict(state["scaler"])
-        start_epoch, best, history = state["epoch"] + 1, state["best"], state["history"]
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            if state.get("scaler"):  # fp16: the loss scale reached so far
+                scaler.load_state_dict(state["scaler"])
+            start_epoch, best, history = state["epoch"] + 1, state["best"], state["history"]
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:  # another model, or a damaged state
+            why = " ".join(str(exc).split())[:160] or type(exc).__name__
+            raise SertkError(f"checkpoint {ckpt_path} does not fit this run's model ({why})",
+                             "restore the model the run was trained from, or delete the checkpoint to train the run "
+                             "again from the start") from None
         patience_left = state.get("patience_left", patience_left)
         step_log = state.get("steps", [])
     net = model
@@ -592,8 +639,8 @@ def train_model(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bo
             optimizer.zero_grad(set_to_none=True)
             _check_same_steps(len(batches), distributed)
             for step, batch in enumerate(loader):
-                if stop.received:
-                    raise TrainingStopped(stop.received, epoch)
+                if (signum := _stop_agreed(stop, step, distributed, device)):
+                    raise TrainingStopped(signum, epoch)
                 if isinstance(batch, SertkError):  # raised in a loader worker (see TrainItems.__getitem__)
                     raise batch
                 inputs, mask, labels, logs = batch
@@ -671,22 +718,27 @@ def train_model(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bo
                 progress.remove_task(task)
             if on_epoch is not None and main_process:
                 on_epoch({**row, "epochs": cfg.epochs})
-            if stop.received and not stopping and epoch + 1 < cfg.epochs:
-                raise TrainingStopped(stop.received, epoch + 1)
+            stop.epochs_done = epoch + 1
+            if (signum := _stop_agreed(stop, None, distributed, device)) and not stopping \
+                    and epoch + 1 < cfg.epochs:
+                raise TrainingStopped(signum, epoch + 1)
             if stopping:
                 break
     except BaseException as exc:
+        failed = None
         if ckpts is not None:  # a save in flight finishes; stopped by a signal: the latest epoch's state too
-            ckpts.interrupted(write=isinstance(exc, KeyboardInterrupt))
+            failed = ckpts.interrupted(write=isinstance(exc, KeyboardInterrupt))
             if isinstance(exc, TrainingStopped):
                 exc.epochs_done = ckpts.state_epoch_on_disk  # where a resume starts
+        stop.__exit__(None, None, None)
+        if failed is not None:  # the state could not be written (a full disk...): that is the news
+            raise failed from None
         if not is_out_of_memory(exc):
             raise
         oom = out_of_memory(device, f"in epoch {where.get('epoch', start_epoch + 1)}, step {where.get('step', 0)}",
                             batch_facts(where.get("inputs"), where.get("mask"), data.reader.sample_rate),
-                            cfg.batch_seconds, cfg.batch_size)
+                            cfg.batch_seconds, cfg.batch_size, train_fix(cfg))
     finally:
-        stop.__exit__(None, None, None)
         close_loader(loader)  # its persistent workers end with the training loop
         torch.set_num_threads(threads)
         if progress is not None:
@@ -696,7 +748,8 @@ def train_model(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bo
         raise oom
     summary = {"epochs_run": len(history), "best": best, "history": history, "parameters": parameters,
                "precision": precision, "processes": world, **data.summary}
-    trained = Trained(summary, errors=[])
+    trained = Trained(summary, errors=[], stop=stop)
+    # the signal handlers stay until the run is sealed: a SIGTERM now waits for the seal, then acts (Trained)
     if main_process:
         def finish() -> None:
             try:
@@ -707,6 +760,8 @@ def train_model(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bo
                 runs.seal(run_dir, run_id, ckpts.digests)  # last: only now is the run finished
             except BaseException as exc:  # re-raised by Trained.sealed()
                 trained.errors.append(exc)
+            finally:
+                stop.sealed()
 
         if keep:  # the selected weights in the model, as load_run_model gives it, evaluated while they are written
             ckpts.load_best(model)
@@ -721,11 +776,35 @@ def train_model(cfg: TrainConfig, run_dir: Path, resume: bool = False, quiet: bo
             trained.finishing.start()
         else:
             finish()
+    else:
+        stop.sealed()
     if distributed:  # no rank returns before the run is sealed
         torch.distributed.barrier()
         if created_group:
             torch.distributed.destroy_process_group()
+    if trained.finishing is None:
+        trained.sealed()  # acts on a signal that came while the run was being sealed
     return trained
+
+
+STOP_CHECK_STEPS = 16
+"""Under torchrun the ranks agree on a stop signal every this many steps (and after every epoch): one small
+all-reduce, so that every rank stops after the same step."""
+
+
+def _stop_agreed(stop, step: int | None, distributed: bool, device) -> int | None:
+    """The signal that stops training now (None: go on). One process: the one it received. Under torchrun: the
+    largest any rank received, read every :data:`STOP_CHECK_STEPS` steps (``step``) and after each epoch
+    (``step`` None), so that every rank takes the same steps."""
+    if not distributed:
+        return stop.received
+    if step is not None and step % STOP_CHECK_STEPS:
+        return None
+    import torch
+
+    flag = torch.tensor([stop.received or 0], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return int(flag.item()) or None
 
 
 def _start_run(run_dir: Path, data: dict[str, Any], resuming: bool, main_process: bool) -> str:

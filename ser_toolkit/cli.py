@@ -133,7 +133,8 @@ def cache(
         raise SertkError(f"--cache-dir {cache_dir} is a file, not a folder", "pass a folder for cache files")
     path = cache_file(cache_dir, name or ds.cache_name())
     pre = preprocess_for(ds, mono, dtype, resampler, max_seconds)
-    summary = build_cache(ds, root, path, pre, workers=workers, strict=strict, quiet=quiet or as_json, force=force)
+    summary = build_cache(ds, root, path, pre, workers=workers, strict=strict, quiet=quiet or as_json, force=force,
+                          protect_runs=True)
     if as_json:
         typer.echo(json.dumps(asdict(summary), indent=2))
         return
@@ -732,6 +733,10 @@ def evaluate(
                                                   f"batch size, at least 8; {GPU_EVAL_BATCH} on CUDA)."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Where the run's training cache is now, if it "
                                          "moved (the run checks it holds the data it trained on)."),
+    max_seconds: Optional[float] = typer.Option(None, "--max-seconds", min=1.0,
+                                                help="Waveform models: predict longer utterances in windows of at "
+                                                     "most this many seconds, averaged (default: the run's "
+                                                     "training crop; without one, longer than 60 s is refused)."),
 ) -> None:
     """Evaluate a run on its test split, every augmented test set and cross-corpus sets.
 
@@ -746,7 +751,7 @@ def evaluate(
     if not batch_seconds > 0:
         raise SertkError(f"--batch-seconds {batch_seconds} is not above 0", f"e.g. --batch-seconds {EVAL_BATCH_SECONDS:g}")
     summary = evaluate_run(run, test, batch_size, allow_changed=allow_changed_data, allow_unfinished=allow_unfinished,
-                           batch_seconds=batch_seconds, cache=cache)
+                           batch_seconds=batch_seconds, cache=cache, max_seconds=max_seconds)
     flags = run_flags(run, list(summary))
     if as_json:
         typer.echo(json.dumps(summary, indent=2))

@@ -155,25 +155,54 @@ def predict_features(model, feats: Sequence[np.ndarray], batch_size: int, device
                            fix=fix)
 
 
+def windows(length: int, most: int | None) -> list[tuple[int, int]]:
+    """(start, end) of the equal windows of at most ``most`` samples that cover ``length`` samples (the whole
+    when it fits, or when ``most`` is None)."""
+    if most is None or length <= most:
+        return [(0, length)]
+    n = -(-length // most)
+    cuts = [round(k * length / n) for k in range(n + 1)]
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
 def predict_rows(model, featurize, reader, rows: Sequence[int], batch_size: int, device,
                  workers: int = 1, *, batch_seconds: float | None = DEFAULT_BATCH_SECONDS,
-                 fix: str | None = None) -> np.ndarray:
+                 fix: str | None = None, max_seconds: float | None = None) -> np.ndarray:
     """Class probabilities for rows of a cache (features memoised for static featurisers).
 
     Waveform models stream: the rows are read from ``reader`` one batch at a time, in length order, in
     batches of at most ``batch_size`` and ``batch_seconds`` of padded audio (``workers`` is then unused);
-    the probabilities come back in the order of ``rows``.
+    the probabilities come back in the order of ``rows``. With ``max_seconds`` a longer utterance is
+    predicted in equal windows of at most that length (:func:`windows`), its probabilities the mean of its
+    windows' weighted by their lengths.
     """
     from ser_toolkit.training.data import featurize_rows
 
     rows = list(rows)
     static = getattr(model, "static_features", False)
     if getattr(model, "input_kind", None) == "wave" and featurize is not None and not static:
+        most = int(max_seconds * reader.sample_rate) if max_seconds else None
+        pieces = [(k, a, b) for k, i in enumerate(rows) for a, b in windows(int(reader.lengths[i]), most)]
         budget = batch_seconds * reader.sample_rate if batch_seconds else None
-        batches = length_batches(reader.lengths[rows] if rows else [], batch_size, budget)
-        stream = ((idx, [featurize(reader.wave(rows[i])) for i in idx]) for idx in batches)
-        return predict_batches(model, stream, len(rows), device, batch_seconds=batch_seconds, batch_size=batch_size,
-                               rate=reader.sample_rate, fix=fix)
+        batches = length_batches([b - a for _, a, b in pieces], batch_size, budget)
+        last: dict[int, np.ndarray] = {}
+
+        def wave(k: int) -> np.ndarray:  # a long utterance is read once for all of its windows in a batch
+            if k not in last:
+                last.clear()
+                last[k] = reader.wave(rows[k])
+            return last[k]
+
+        stream = ((idx, [featurize(wave(pieces[j][0])[pieces[j][1]:pieces[j][2]]) for j in idx]) for idx in batches)
+        probs = predict_batches(model, stream, len(pieces), device, batch_seconds=batch_seconds,
+                                batch_size=batch_size, rate=reader.sample_rate, fix=fix)
+        if len(pieces) == len(rows):
+            return probs
+        weights = np.array([b - a for _, a, b in pieces], dtype=np.float64)
+        owner = np.array([k for k, _, _ in pieces])
+        out = np.zeros((len(rows), probs.shape[1]), dtype=np.float64)
+        np.add.at(out, owner, probs * weights[:, None])
+        return (out / np.bincount(owner, weights=weights, minlength=len(rows))[:, None]).astype(np.float32)
     feats = featurize_rows(featurize, reader, rows, static, workers)
     return predict_features(model, feats, batch_size, device, fix=fix)
 
@@ -282,14 +311,14 @@ def _speaker_stats(run_dir: Path, cfg: Mapping[str, Any], info: dict[str, Any]):
 
 def run_probs(model, featurize, cfg: Mapping[str, Any], reader, rows: Sequence[int], batch_size: int, device,
               workers: int = 1, *, batch_seconds: float | None = DEFAULT_BATCH_SECONDS, fix: str | None = None,
-              ) -> tuple[np.ndarray, dict[str, Any]]:
+              max_seconds: float | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """Class probabilities of a run's model on rows of a cache, and what they were computed from (the feature
     cache's digest and the normalisation, for models on cached features)."""
     spec = getattr(model, "feature_spec", None) or (model.featurizer_spec() if hasattr(model, "predict_proba")
                                                     else None)
     if spec is None:
         return predict_rows(model, featurize, reader, rows, batch_size, device, workers,
-                            batch_seconds=batch_seconds, fix=fix), {}
+                            batch_seconds=batch_seconds, fix=fix, max_seconds=max_seconds), {}
     from ser_toolkit.training.features import set_features
 
     x, info = set_features(reader, rows, spec, cfg.get("normalize", "none"), workers,
@@ -401,7 +430,8 @@ def evaluate_run(run_dir: Path, specs: Sequence[str] | None = None, batch_size: 
                  workers: int = 2, allow_changed: bool = False, allow_unfinished: bool = False,
                  cross: Sequence[str] | None = None, folder: str = "eval", *,
                  batch_seconds: float | None = DEFAULT_BATCH_SECONDS, loaded: tuple | None = None,
-                 cache: Path | None = None, fix: str | None = None) -> dict[str, Any]:
+                 cache: Path | None = None, fix: str | None = None, max_seconds: float | None = None
+                 ) -> dict[str, Any]:
     """Evaluate a finished run on its test sets; writes <folder>/<name>.json, .predictions.csv, summary.json.
 
     Each eval JSON records the run id and the content digest of the set it was computed on. A study
@@ -411,7 +441,9 @@ def evaluate_run(run_dir: Path, specs: Sequence[str] | None = None, batch_size: 
     ``loaded``: the run's model as :func:`load_run_model` returns it, already in memory (a study evaluates
     the model it has just trained, or loads a run once for its test and validation sets); else it is loaded
     from the run folder after checking its seal. ``cache``: where the run's training cache is now (a moved
-    cache, found by the digest the run recorded).
+    cache, found by the digest the run recorded). ``max_seconds`` (default: the run's training crop): a
+    waveform model predicts a longer utterance in windows of at most that length (:func:`predict_rows`);
+    without it an utterance too long to hold in memory is refused, naming the option.
     """
     from ser_toolkit.atomic import remove_stale_tmp, write_text
     from ser_toolkit.training import runs
@@ -425,14 +457,20 @@ def evaluate_run(run_dir: Path, specs: Sequence[str] | None = None, batch_size: 
     summary: dict[str, Any] = {}
     remove_stale_tmp(run_dir / folder, "*")  # what a killed evaluation left half-written
     (run_dir / folder / EVAL_SEAL).unlink(missing_ok=True)  # unsealed until every file of this evaluation is in
+    wave_model = getattr(model, "input_kind", None) == "wave"
+    max_seconds = max_seconds or cfg.get("max_seconds")  # the same length rule as training
     for name, reader, rows, provenance in sets:
         rows = list(range(len(reader))) if rows is None else rows
-        if getattr(model, "input_kind", None) == "wave":
-            check_wave_lengths(reader.lengths[rows], [reader.ids[i] for i in rows], reader.sample_rate, "test")
+        if wave_model and not max_seconds:
+            check_wave_lengths(reader.lengths[rows], [reader.ids[i] for i in rows], reader.sample_rate, "test",
+                               EVAL_LONG_FIX)
         probs, features = run_probs(model, featurize, cfg, reader, rows, batch, device, workers,
-                                    batch_seconds=batch_seconds, fix=fix)
+                                    batch_seconds=batch_seconds, fix=fix, max_seconds=max_seconds)
         if features:
             provenance = {**provenance, "features": features}
+        if wave_model and max_seconds:
+            longer = int(np.sum(reader.lengths[rows] > max_seconds * reader.sample_rate))
+            provenance = {**provenance, "windows": {"max_seconds": max_seconds, "utterances": longer}}
         y_true = reader.labels[rows]
         metrics = compute_metrics(y_true, probs.argmax(1))
         speakers = reader.column("speaker")
@@ -448,6 +486,10 @@ def evaluate_run(run_dir: Path, specs: Sequence[str] | None = None, batch_size: 
     seal_evaluation(run_dir / folder, info["run_id"], list(summary))
     return summary
 
+
+EVAL_LONG_FIX = "pass --max-seconds 60 (longer utterances are predicted in windows of at most 60 s, averaged)"
+"""What :func:`evaluate_run` advises for utterances too long for a waveform model (an option ``sertk evaluate``
+has; re-caching without them would change the data the run is tied to)."""
 
 EVAL_SEAL = "final.json"
 """In ``RUN/eval`` (and ``RUN/selection``): the run id and the SHA-256 of ``summary.json`` and of every listed

@@ -369,3 +369,19 @@ def test_held_out_sets_are_what_their_names_say(trained, tmp_path):
                      cache, "-q").code == 0
     with pytest.raises(SertkError, match="holds .* of the run's own training data"):
         test_sets(runs_copy, ["cross"], info, cross=[str(locate_cache("other-corpus", cache))])
+
+
+def test_a_cache_finished_runs_depend_on_is_not_replaced_without_force(tmp_path):
+    cache, run = tmp_path / "cache", tmp_path / "run"
+    assert run_sertk("cache", "synthetic", "--set", "per_emotion=2", "--cache-dir", cache, "-q").code == 0
+    before = CacheReader(cache / "synthetic.h5").digest
+    assert run_sertk("train", "--cache-dir", cache, "--out", run, *FAST).code == 0
+    r = run_sertk("cache", "synthetic", "--set", "per_emotion=3", "--cache-dir", cache, "-q")
+    one_line_error(r, "1 finished run trained on")
+    assert str(run) in r.err and "--force" in r.err and "--name" in r.err
+    assert CacheReader(cache / "synthetic.h5").digest == before  # untouched
+    assert run_sertk("evaluate", run).code == 0
+    assert run_sertk("cache", "synthetic", "--set", "per_emotion=2", "--cache-dir", cache, "-q").code == 0  # same
+    r = run_sertk("cache", "synthetic", "--set", "per_emotion=3", "--cache-dir", cache, "-q", "--force")
+    assert r.code == 0, r.err
+    assert CacheReader(cache / "synthetic.h5").digest != before

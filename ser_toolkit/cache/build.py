@@ -347,8 +347,12 @@ def preprocess_for(dataset: Dataset, mono: str | None = None, dtype: str | None 
 
 
 def build_cache(dataset: Dataset, root: Path | None, path: Path, pre: Preprocess | None = None,
-                workers: int = 1, strict: bool = False, quiet: bool = False, force: bool = False) -> BuildSummary:
-    """Build or update the cache of ``dataset`` at ``path``; see the module doc for the guarantees."""
+                workers: int = 1, strict: bool = False, quiet: bool = False, force: bool = False,
+                protect_runs: bool = False) -> BuildSummary:
+    """Build or update the cache of ``dataset`` at ``path``; see the module doc for the guarantees.
+
+    ``protect_runs`` (``sertk cache``): other content never replaces a cache that finished runs trained on,
+    unless ``force`` (:mod:`ser_toolkit.cache.dependents`). A study leaves it off: it retrains those runs."""
     from ser_toolkit.cache.identity import check_name
 
     pre = pre or Preprocess()
@@ -367,7 +371,7 @@ def build_cache(dataset: Dataset, root: Path | None, path: Path, pre: Preprocess
     with exclusive_lock(path.with_name(path.name + ".lock"), waiting):
         for attempt in range(3):  # damaged audio found mid-assembly: decode it again
             try:
-                return _build(dataset, root, scan, path, pre, workers, strict, quiet, force, t0)
+                return _build(dataset, root, scan, path, pre, workers, strict, quiet, force, t0, protect_runs)
             except _OldAudioDamaged:
                 force = True
             except _PartDamaged:
@@ -396,7 +400,7 @@ def _identity(dataset: Dataset, root: Path | None) -> dict[str, Any]:
 
 
 def _build(dataset: Dataset, root: Path | None, scan: Any, path: Path, pre: Preprocess, workers: int,
-           strict: bool, quiet: bool, force: bool, t0: float) -> BuildSummary:
+           strict: bool, quiet: bool, force: bool, t0: float, protect_runs: bool = False) -> BuildSummary:
     """The build itself, under the lock (the existing cache is checked again: it may have changed)."""
     from ser_toolkit.registry import get
 
@@ -493,7 +497,9 @@ def _build(dataset: Dataset, root: Path | None, scan: Any, path: Path, pre: Prep
         raise SertkError(f"no utterance of dataset '{dataset.name}' could be decoded "
                          f"({len(skipped)} skipped; first: {skipped[0]['reason'] if skipped else '-'})",
                          "check the corpus files")
-    summary.digest = _assemble(path, rows, fingerprints, old, parts, pre, config, summary)
+    summary.digest = _assemble(path, rows, fingerprints, old, parts, pre, config, summary,
+                               _keep_for_runs(path, header["digest"]) if protect_runs and not force and header
+                               else None)
     shutil.rmtree(parts_dir.parent, ignore_errors=True)
     summary.seconds = time.perf_counter() - t0
     return summary
@@ -502,8 +508,10 @@ def _build(dataset: Dataset, root: Path | None, scan: Any, path: Path, pre: Prep
 def _assemble(path: Path, rows: list[Utterance], fingerprints: dict[str, str],
               old: dict[str, tuple[int, int, str, int, str, int]],
               parts: dict[str, tuple[Path, int, int, str, int, str, int]],
-              pre: Preprocess, config: dict[str, Any], summary: BuildSummary) -> str:
-    """Write the final cache from the old cache and the parts; returns its content digest."""
+              pre: Preprocess, config: dict[str, Any], summary: BuildSummary,
+              guard: Any = None) -> str:
+    """Write the final cache from the old cache and the parts; returns its content digest. ``guard(digest)``
+    may refuse the new content before it replaces the old file (the parts stay for the next run)."""
     import h5py
 
     def from_old(u: Utterance) -> bool:
@@ -558,12 +566,35 @@ def _assemble(path: Path, rows: list[Utterance], fingerprints: dict[str, str],
                         Path(src).unlink(missing_ok=True)  # its utterances are decoded again
                         raise _PartDamaged()
                 write_table(fh, rows, offsets, lengths, [fingerprints[u.id] for u in rows], clipped, digests, crcs)
-                return finish(fh, config, {"skipped": summary.skipped, "ignored": summary.ignored,
-                                           "table_digest": table_digest(rows)})
+                digest = finish(fh, config, {"skipped": summary.skipped, "ignored": summary.ignored,
+                                             "table_digest": table_digest(rows)})
+            if guard is not None:
+                guard(digest)  # before the new file replaces the old one
+            return digest
         finally:
             for f in (previous, part_file):
                 if f is not None:
                     f.close()
+
+
+def _keep_for_runs(path: Path, current: str):
+    """A guard for :func:`_assemble`: other content may not replace ``path`` while finished runs depend on its
+    ``current`` content (:mod:`ser_toolkit.cache.dependents`)."""
+    from ser_toolkit.cache.dependents import finished_runs
+    from ser_toolkit.cache.identity import short
+
+    def guard(digest: str) -> None:
+        if digest == current:
+            return
+        runs = finished_runs(path, current)
+        if runs:
+            named = ", ".join(str(r) for r in runs[:3]) + (f" and {len(runs) - 3} more" if len(runs) > 3 else "")
+            raise CacheError(f"cache {path} holds the data ({short(current)}) that {len(runs)} finished "
+                             f"run{'' if len(runs) == 1 else 's'} trained on ({named}); this build would replace it "
+                             f"with other data ({short(digest)})", "build it under another --name, or pass --force "
+                             "to replace it (those runs can then no longer be evaluated)")
+
+    return guard
 
 
 def verify_cache(path: Path, quiet: bool = True) -> dict[str, Any]:

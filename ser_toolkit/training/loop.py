@@ -348,14 +348,21 @@ def resolve_cache(dataset: str, cache_dir: str | Path) -> Path:
     return path
 
 
-def check_wave_lengths(lengths: np.ndarray, ids: list[str], rate: int, what: str) -> None:
-    """Refuse waveform inputs too long to hold in memory, naming the longest and the fix."""
-    if len(lengths) and lengths.max() > LONG_WAVE_SECONDS * rate:
-        i = int(np.argmax(lengths))
+def check_wave_lengths(lengths: np.ndarray, ids: list[str], rate: int, what: str, fix: str | None = None) -> None:
+    """Refuse waveform inputs too long to hold in memory, naming the longest and the fix (default: training's)."""
+    i = longest_over(lengths, rate)
+    if i is not None:
         raise SertkError(f"{what} utterance {ids[i]!r} is {lengths[i] / rate:.0f} s long; waveform models hold "
                          f"whole utterances in memory (limit {LONG_WAVE_SECONDS:.0f} s)",
-                         "pass --max-seconds 20 (random crops), or leave such files out of the cache "
+                         fix or "pass --max-seconds 20 (random crops), or leave such files out of the cache "
                          "(sertk cache --max-seconds 60)")
+
+
+def longest_over(lengths: np.ndarray, rate: int) -> int | None:
+    """The position of the longest utterance over :data:`LONG_WAVE_SECONDS`, if any."""
+    if len(lengths) and lengths.max() > LONG_WAVE_SECONDS * rate:
+        return int(np.argmax(lengths))
+    return None
 
 
 def augmentation_cls(name: str):
@@ -534,6 +541,14 @@ def _train_torch(cfg: TrainConfig, run_dir: Path, resume: bool, quiet: bool,
     if model.input_kind == "wave" and cfg.max_seconds is None:
         check_wave_lengths(train_items.lengths(), [train_items.readers[r].ids[i] for r, i, _ in train_items.items],
                            data.reader.sample_rate, "training")
+        test_rows = [i for i, uid in enumerate(data.reader.ids) if data.assignment.get(uid) == "test"]
+        i = longest_over(data.reader.lengths[test_rows], data.reader.sample_rate) if test_rows else None
+        if i is not None and main_process:  # said now, not hours later when the run is evaluated
+            import sys
+
+            print(f"warning: test utterance {data.reader.ids[test_rows[i]]!r} is "
+                  f"{data.reader.lengths[test_rows[i]] / data.reader.sample_rate:.0f} s long: evaluating this run "
+                  f"will need sertk evaluate --max-seconds (windows)", file=sys.stderr)
     start_epoch, best, history = 0, -math.inf, []
     step_log: list[list[float]] = []  # [epoch, step, loss]: read back once per epoch, not per step
     ckpt_path = runs.last_epoch_checkpoint(run_dir) if resume else None
@@ -821,8 +836,11 @@ def _start_run(run_dir: Path, data: dict[str, Any], resuming: bool, main_process
         return info["run_id"]
     run_id = runs.new_run_id()
     if main_process:
+        from ser_toolkit.cache.dependents import register
+
         (run_dir / runs.SEAL_FILE).unlink(missing_ok=True)
         runs.write_json(run_dir / runs.RUN_FILE, {"run_id": run_id, "data": data})
+        register(Path(data["cache"]["path"]), run_dir, run_id, data["cache"]["digest"])
     return run_id
 
 

@@ -1,0 +1,45 @@
+"""Which finished runs depend on a cache: recorded when a run starts, asked before a cache is replaced.
+
+``<cache>.runs/<run id>.json`` holds the run folder and the cache digest the run started on. A cache whose
+content would change (other options, changed audio) while finished runs still depend on its current content
+is not replaced unless the user forces it: those runs could no longer be evaluated or reported.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ser_toolkit.atomic import write_text
+
+
+def folder(cache: Path) -> Path:
+    return cache.with_name(cache.name + ".runs")
+
+
+def register(cache: Path, run_dir: Path, run_id: str, digest: str) -> None:
+    """Record that run ``run_id`` (in ``run_dir``) trains on ``cache`` as of ``digest``. Best effort: a cache
+    folder that cannot be written (read-only shared storage) protects nothing, and stops nothing."""
+    try:
+        write_text(folder(cache) / f"{run_id}.json",
+                   json.dumps({"run": str(run_dir.resolve()), "run_id": run_id, "digest": digest}) + "\n")
+    except OSError:
+        pass
+
+
+def finished_runs(cache: Path, digest: str) -> list[Path]:
+    """The finished (sealed) runs that trained on ``cache`` when it held ``digest`` and still exist there."""
+    from ser_toolkit.training import runs
+
+    found = []
+    for entry in sorted(folder(cache).glob("*.json")):
+        try:
+            record = json.loads(entry.read_text())
+            run = Path(record["run"])
+            info = runs.run_info(run)
+        except Exception:  # noqa: BLE001 - a stale or damaged record names no run
+            continue
+        if record.get("digest") == digest and info.get("run_id") == record.get("run_id") and runs.is_sealed(run) \
+                and info.get("data", {}).get("cache", {}).get("digest") == digest:
+            found.append(run)
+    return found

@@ -42,11 +42,22 @@ def _check_wav_complete(path: Path) -> None:
             fh.seek(pos)
             cid, clen = struct.unpack("<4sI", fh.read(8))
             if cid == b"data":
+                if clen == 0xFFFFFFFF:  # a streaming WAV: size unknown when written, the data runs to the end
+                    return
                 if pos + 8 + clen > size:
                     raise AudioError(f"{path}: truncated WAV (header declares {clen} data bytes, "
                                      f"{size - pos - 8} present)", "re-copy or re-export the file")
                 return
             pos += 8 + clen + (clen & 1)
+
+
+def _kind(path: Path) -> str:
+    """What a path that is neither a regular file nor a folder is (for messages)."""
+    import stat
+
+    mode = path.stat().st_mode
+    return ("a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a character device" if stat.S_ISCHR(mode)
+            else "a block device" if stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else "a special file")
 
 
 def decode(path: str | Path) -> tuple[np.ndarray, int]:
@@ -58,7 +69,13 @@ def decode(path: str | Path) -> tuple[np.ndarray, int]:
     import soundfile as sf
 
     path = Path(path)
-    if not path.is_file():
+    if not path.is_file():  # stat only: a FIFO or device is never opened (it could block)
+        if path.is_dir():
+            raise AudioError(f"{path}: is a folder, not an audio file",
+                             f"pass the audio files in it (e.g. {path}/*.wav)")
+        if path.exists():
+            raise AudioError(f"{path}: not a regular file but {_kind(path)}",
+                             "save the audio to a regular file and pass that file")
         raise AudioError(f"{path}: no such file", "check the path")
     if path.stat().st_size == 0:
         raise AudioError(f"{path}: empty file (0 bytes)", "re-copy the file or remove it")

@@ -17,7 +17,7 @@ from typing import List, Optional
 import typer
 
 from ser_toolkit import __version__
-from ser_toolkit.errors import SertkError, os_error_line
+from ser_toolkit.errors import WRITE_ELSEWHERE, DiskFull, SertkError, os_error_line
 from ser_toolkit.settings import EVAL_BATCH_SECONDS, EXECUTION, GPU_EVAL_BATCH, SETTINGS
 
 app = typer.Typer(
@@ -564,6 +564,20 @@ def _same_data(run_dir: Path, wanted: dict) -> bool:
         return False
 
 
+def _check_model_name(model: str, registry) -> None:
+    """``--model`` is a model plugin, a hub id (org/name) or a folder; a bare unknown name is a typo."""
+    import difflib
+
+    names = registry.names("model")
+    if model in names or "/" in model or "\\" in model or Path(model).expanduser().exists():
+        return
+    close = difflib.get_close_matches(model, names, n=1)
+    guess = f"did you mean '{close[0]}'? " if close else ""
+    raise SertkError(f"unknown model '{model}'",
+                     f"{guess}--model takes a model plugin ({', '.join(names)}; see 'sertk plugins'), a Hugging "
+                     "Face hub id of the form org/name, or a local model folder")
+
+
 @app.command()
 @_with_settings
 def train(
@@ -610,6 +624,7 @@ def train(
     for n in names:
         registry.get("augmentation", n)
     model_options = parse_assignments(model_set)
+    _check_model_name(model, registry)
     if model not in registry.names("model"):
         model_options = {"checkpoint": model, **model_options}
         model = "hubert"
@@ -658,6 +673,13 @@ def train(
             raise SertkError(f"{run_dir / 'config.json'} is malformed (no 'train' settings)",
                              "the run folder is damaged; train a new run with another --out")
         stored = stored["train"]
+        sealed = runs.read_json(run_dir / runs.SEAL_FILE) if runs.is_sealed(run_dir) else {}
+        recorded = sealed.get("files", {}).get("config.json") if isinstance(sealed, dict) else None
+        if recorded is not None and recorded != runs.file_digest(run_dir / "config.json"):  # not an option's fault
+            raise SertkError(f"{run_dir / 'config.json'} was changed after the run was sealed ({runs.SEAL_FILE} "
+                             "records another digest), so it no longer says how the run was trained",
+                             "restore that file (the run is finished; nothing to resume), or train a new run "
+                             "with another --out")
         changes = _resume_changes(stored, asdict(cfg), given, run_dir)
         if changes:
             raise SertkError(f"--resume: {run_dir} was trained with other settings ({'; '.join(changes)})",
@@ -885,6 +907,7 @@ def study(
     if folds is not None:
         overrides.setdefault("data", {})["folds"] = folds
     if model is not None:
+        _check_model_name(model, get_registry())
         if model in get_registry().names("model"):
             overrides["model"] = {"name": model, "options": {}}
         else:
@@ -950,6 +973,21 @@ def report(
     _console().print(f"[bold]{path}[/bold] written (figures and numbers in {files_of(path)}/)")
 
 
+_WRITE_ELSEWHERE = {
+    "cache": "write elsewhere (--cache-dir)",
+    "features": "copy the cache to a disk with room and pass that copy as CACHE (feature files are written beside it)",
+    "materialize": "copy the cache to a disk with room and pass that copy as CACHE (the sets are written beside it)",
+    "study": "write elsewhere (--runs-dir, and cache_dir in the config's [data])",
+    "evaluate": "move the run folder to a disk with room and evaluate it there",
+    "report": "write elsewhere (--output)", "split": "write elsewhere (--output)"}
+"""How each command can write elsewhere when a disk is full (the others: --cache-dir, --out)."""
+
+
+def _write_elsewhere(args: List[str]) -> str:
+    command = next((a for a in args if not a.startswith("-")), None)
+    return _WRITE_ELSEWHERE.get(command or "", WRITE_ELSEWHERE)
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     """Entry point: run the app, turning user errors into one line and exit status 2."""
     cx = _click_exceptions()
@@ -965,7 +1003,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     except SertkError as exc:
         if debug:
             raise
-        print(f"Error: {exc}", file=sys.stderr)
+        print(f"Error: {exc.elsewhere(_write_elsewhere(args)) if isinstance(exc, DiskFull) else exc}",
+              file=sys.stderr)
         sys.exit(exc.exit_code)
     except cx.Exit as exc:
         sys.exit(exc.exit_code)
@@ -984,7 +1023,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     except OSError as exc:
         if debug:
             raise
-        print(f"Error: {os_error_line(exc)}", file=sys.stderr)
+        print(f"Error: {os_error_line(exc, _write_elsewhere(args))}", file=sys.stderr)
         sys.exit(2)
     if rc == 130:  # Ctrl-C or SIGTERM (typer turns KeyboardInterrupt into exit code 130)
         import signal

@@ -52,6 +52,21 @@ def run_method(run: Path) -> str:
     return plugins[0]
 
 
+def check_run_folders(baseline: Path, runs: Sequence[Path]) -> None:
+    """``--weights-from`` folders: each an existing run folder, the baseline and at least one method run."""
+    for run in (baseline, *runs):
+        run = Path(run)
+        if not run.is_dir():
+            where = f" ({run.resolve()})" if not run.is_absolute() else ""
+            what = "does not exist" if not run.exists() else "is not a folder"
+            raise SertkError(f"--weights-from {run}: the run folder{where} {what}",
+                             "pass folders of finished 'sertk train' runs: the baseline first, then one run per "
+                             "augmentation")
+    if not runs:
+        raise SertkError(f"--weights-from names only the baseline run {baseline}",
+                         "repeat --weights-from with one run per augmentation after the baseline")
+
+
 def gains_from_runs(baseline: Path, runs: Sequence[Path],
                     part: str = "test") -> tuple[dict[str, float], dict[str, float], float]:
     """(F1 per method, the reference run's F1 on each method's set, mean reference F1), on held-out ``part``."""
@@ -65,5 +80,6 @@ def gains_from_runs(baseline: Path, runs: Sequence[Path],
 
 def weights_from_runs(baseline: Path, runs: Sequence[Path], top_k: int | None = None) -> dict[str, float]:
     """Weights over the methods of ``runs`` from their gains over ``baseline`` (paired per method)."""
+    check_run_folders(baseline, runs)
     f1, base, _ = gains_from_runs(baseline, runs)
     return weights_from_gains(0.0, {m: f1[m] - base[m] for m in f1}, top_k)

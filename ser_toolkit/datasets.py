@@ -97,10 +97,25 @@ def check_root(dataset: str, root: Path | None, allow_file: bool = False) -> Pat
     return root.resolve()
 
 
+def note_duplicates(ignored: Counter, duplicates: list[tuple[str, str]]) -> None:
+    """Count ``(ignored path, kept path)`` pairs of files with one utterance id under a reason naming the first."""
+    if duplicates:
+        (lost, kept), more = duplicates[0], len(duplicates) - 1
+        ignored[f"duplicate utterance id: {lost} (kept {kept}, the first in sorted order)"
+                + (f" and {more} more" if more else "")] += len(duplicates)
+
+
 def audio_files(root: Path, extensions: tuple[str, ...] = AUDIO_EXTENSIONS) -> list[Path]:
-    """Audio files below ``root`` (any nesting), sorted, hidden files and folders skipped."""
+    """Audio files below ``root`` (any nesting, symbolic links to folders followed once), sorted, hidden files
+    and folders skipped."""
     found: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:  # a link back to a folder already walked (a loop, or twice linked)
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for fn in sorted(filenames):
             if not fn.startswith(".") and fn.lower().endswith(extensions):

@@ -18,6 +18,26 @@ class SertkError(Exception):
         super().__init__(f"{message}; {hint}" if hint else message)
 
 
+WRITE_ELSEWHERE = "write elsewhere (--cache-dir, --out)"
+"""How to write elsewhere when a disk is full, unless the printing command says its own (``cli.main``)."""
+
+
+class DiskFull(SertkError):
+    """Not enough disk space. ``template``, the hint, holds ``{elsewhere}``: how the printing command can write
+    elsewhere (:meth:`elsewhere`; :data:`WRITE_ELSEWHERE` until a command says)."""
+
+    def __init__(self, message: str, template: str) -> None:
+        super().__init__(message, template.format(elsewhere=WRITE_ELSEWHERE))
+        self.template = template
+
+    def elsewhere(self, how: str) -> SertkError:
+        """This error with ``how`` (a command's own options) as the way to write elsewhere."""
+        return SertkError(self.message, self.template.format(elsewhere=how))
+
+    def __reduce__(self):  # the template survives process boundaries (decoding workers)
+        return type(self), (self.message, self.template)
+
+
 class PluginError(SertkError):
     """Unknown, duplicate or broken plugin."""
 
@@ -49,8 +69,9 @@ class OutOfMemory(SertkError):
         return type(self), (self.message, self.hint, self.batch)
 
 
-def os_error_line(exc: OSError) -> str:
-    """One line for an ``OSError`` a user can act on; a full disk is named as such.
+def os_error_line(exc: OSError, elsewhere: str = WRITE_ELSEWHERE) -> str:
+    """One line for an ``OSError`` a user can act on; a full disk is named as such (``elsewhere``: how the
+    printing command can write elsewhere).
 
     h5py reports a failed write as a multi-line message with ``errno = 28`` inside
     rather than as ``ENOSPC``; both forms are recognised.
@@ -66,7 +87,7 @@ def os_error_line(exc: OSError) -> str:
         filename = str(Path(named.group(1)).parent)
     if exc.errno == errno.ENOSPC or "errno = 28" in text or "No space left on device" in text:
         where = f" under {filename}" if filename else ""
-        return (f"the disk is full{where} (No space left on device); free space or write elsewhere "
-                "(--cache-dir, --out), then rerun: finished parts are kept and half-written files removed")
+        return (f"the disk is full{where} (No space left on device); free space or {elsewhere}, then rerun: "
+                "finished parts are kept and half-written files removed")
     where = f" {filename}" if filename else ""
     return f"cannot access{where}: {text}; check the path and its permissions"

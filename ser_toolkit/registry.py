@@ -138,12 +138,36 @@ class ProviderRegistry:
         return obj
 
 
+def _canonical(name: str) -> str:
+    """A plugin or distribution name as compared: case, ``_``/``-``/``.`` do not matter."""
+    return name.strip().lower().replace("_", "-").replace(".", "-")
+
+
+def _names(ep: metadata.EntryPoint) -> set[str]:
+    """The names ``SERTK_LOAD_PLUGINS`` may use for ``ep``: its entry-point name and its distribution's."""
+    return {_canonical(ep.name), *([_canonical(ep.dist.name)] if ep.dist is not None else [])}
+
+
 def _wanted(env: str | None, ep: metadata.EntryPoint) -> bool:
     if env is None:
         return True
-    names = {n.strip().lower() for n in env.split(",") if n.strip()}
-    dist = ep.dist.name.lower() if ep.dist is not None else ""
-    return ep.name.lower() in names or dist in names or dist.replace("_", "-") in names
+    names = {_canonical(n) for n in env.split(",") if n.strip()}
+    return bool(names & _names(ep))
+
+
+def _check_wanted(env: str | None, eps: list[metadata.EntryPoint]) -> None:
+    """Every name in ``SERTK_LOAD_PLUGINS`` must name an installed plugin (a typo would load nothing, silently)."""
+    if not env:
+        return
+    known = set().union(*(_names(ep) for ep in eps)) if eps else set()
+    unknown = [n.strip() for n in env.split(",") if n.strip() and _canonical(n) not in known]
+    if unknown:
+        installed = ", ".join(sorted(f"{ep.name} (distribution {ep.dist.name if ep.dist is not None else '?'})"
+                                     for ep in eps)) or "none"
+        raise PluginError(f"SERTK_LOAD_PLUGINS names {', '.join(map(repr, unknown))}, which is no installed "
+                          f"plugin (installed entry points: {installed})",
+                          "fix the name (an entry point or distribution listed), or set SERTK_LOAD_PLUGINS='' "
+                          "to load none")
 
 
 def build_plugin_manager() -> tuple[pluggy.PluginManager, dict[str, Provider]]:
@@ -155,7 +179,9 @@ def build_plugin_manager() -> tuple[pluggy.PluginManager, dict[str, Provider]]:
         pm.register(importlib.import_module(module_name), name=module_name)
         providers[module_name] = Provider(module_name.rsplit(".", 1)[-1], "sertk", __version__)
     env = os.environ.get("SERTK_LOAD_PLUGINS")
-    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+    eps = list(metadata.entry_points(group=ENTRY_POINT_GROUP))
+    _check_wanted(env, eps)
+    for ep in eps:
         if not _wanted(env, ep) or pm.get_plugin(ep.name) is not None:
             continue
         dist = ep.dist.name if ep.dist is not None else "unknown"

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator
 
-from ser_toolkit.errors import SertkError
+from ser_toolkit.errors import DiskFull
 
 MARGIN = 8 << 20  # HDF5 metadata, the utterance table and rounding
 FALLOC_FL_KEEP_SIZE = 1
@@ -29,20 +29,20 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
-def _full(what: str, folder: Path, need: int, free: int | None) -> SertkError:
+def _full(what: str, folder: Path, need: int, free: int | None,
+          hint: str = "free space or {elsewhere}, then rerun; nothing was written") -> DiskFull:
     have = f", {_gb(free)} free" if free is not None else ""
-    return SertkError(f"not enough disk space for {what}: it needs about {_gb(need)} under {folder}{have}",
-                      "free space or write elsewhere (--cache-dir, --out), then rerun; nothing was written")
+    return DiskFull(f"not enough disk space for {what}: it needs about {_gb(need)} under {folder}{have}", hint)
 
 
 def require_space(folder: Path, nbytes: int, what: str, hint: str | None = None) -> None:
-    """Raise a one-line :class:`SertkError` when ``folder``'s disk has less than ``nbytes`` (+ margin) free
-    (``hint``: the fix, when the default's "nothing was written" would not be true)."""
+    """Raise a one-line :class:`DiskFull` when ``folder``'s disk has less than ``nbytes`` (+ margin) free
+    (``hint``: the fix, when the default's "nothing was written" would not be true; ``{elsewhere}`` in it
+    becomes the printing command's way to write elsewhere)."""
     need = int(nbytes) + MARGIN
     free = shutil.disk_usage(folder).free
     if free < need:
-        error = _full(what, folder, need, free)
-        raise SertkError(error.message, hint) if hint else error
+        raise _full(what, folder, need, free, *([hint] if hint else []))
 
 
 def _fallocate(path: Path, nbytes: int) -> bool:

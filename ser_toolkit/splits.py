@@ -78,7 +78,9 @@ def parse_spec(spec: str) -> tuple[str, dict[str, float | int | str]]:
         try:
             opts[key] = float(value) if key == "test" else int(value)
         except ValueError:
-            raise SplitError(f"split option {key} must be a number (got {value!r})", "fix the value") from None
+            kind_of = "a number" if key == "test" else "an int"
+            raise SplitError(f"split option {key} must be {kind_of} (got {value!r})",
+                             f"write e.g. {kind}:{key}={_DEFAULTS[kind][key]}") from None
     if kind in ("stratified", "speaker") and not 0 < float(opts["test"]) < 1:
         raise SplitError(f"split test fraction must be between 0 and 1 (got {opts['test']})", "e.g. test=0.2")
     if kind == "kfold":

@@ -88,3 +88,16 @@ def synthetic_caches(out: Path) -> Path:
     assert run_sertk("cache", "synthetic", "--set", "per_emotion=2", "--cache-dir", out, "-q").code == 0
     assert run_sertk("cache", "synthetic-shifted", "--set", "per_emotion=1", "--cache-dir", out, "-q").code == 0
     return out
+
+
+def kill_when(path: Path, proc, timeout: float = 300) -> None:
+    """SIGKILL ``proc`` as soon as ``path`` exists (failing if it ends first or ``timeout`` passes)."""
+    import signal
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else path
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()

@@ -73,8 +73,12 @@ def test_recached_corpus_is_refused_by_evaluate_and_report(tmp_path):
     one_line_error(run_sertk("evaluate", run), "was changed after the run was sealed")
     (run / "run.json").write_text(info_text)
     before = CacheReader(cache / "synthetic.h5").digest
-    # the same name, other content: re-cached with another option
-    assert run_sertk("cache", "synthetic", "--set", "per_emotion=3", "--cache-dir", cache, "-q").code == 0
+    # the same name, other content: re-cached with another option (the finished run depends on it: --force)
+    one_line_error(run_sertk("cache", "synthetic", "--set", "per_emotion=3", "--cache-dir", cache, "-q"),
+                   "--force")
+    assert CacheReader(cache / "synthetic.h5").digest == before
+    assert run_sertk("cache", "synthetic", "--set", "per_emotion=3", "--cache-dir", cache, "-q",
+                     "--force").code == 0
     assert CacheReader(cache / "synthetic.h5").digest != before
     evals = snapshot(run / "eval")
     one_line_error(run_sertk("evaluate", run), "changed since run")

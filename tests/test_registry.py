@@ -85,11 +85,12 @@ def test_duplicate_name_names_both_providers(tmp_path):
 
 def test_load_plugins_env_var(tmp_path):
     make_dist(tmp_path, "sertk-tones", "sertk_tones", FAKE.format(name="tones"))
+    make_dist(tmp_path, "sertk-other", "sertk_other", FAKE.format(name="other"))
     names = lambda r: {e["name"] for e in json.loads(r.out)}  # noqa: E731
     assert "tones" not in names(plugins_json(tmp_path, SERTK_LOAD_PLUGINS=""))
     assert "tones" in names(plugins_json(tmp_path, SERTK_LOAD_PLUGINS="sertk-tones"))
-    assert "tones" in names(plugins_json(tmp_path, SERTK_LOAD_PLUGINS="other, sertk_tones"))
-    assert "tones" not in names(plugins_json(tmp_path, SERTK_LOAD_PLUGINS="other"))
+    assert "tones" in names(plugins_json(tmp_path, SERTK_LOAD_PLUGINS="sertk-other, sertk_tones"))
+    assert "tones" not in names(plugins_json(tmp_path, SERTK_LOAD_PLUGINS="sertk-other"))
     # built-ins always load
     assert BUILTIN_DATASETS <= names(plugins_json(tmp_path, SERTK_LOAD_PLUGINS=""))
 

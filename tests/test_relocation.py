@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
-from helpers import one_line_error, run_sertk, synthetic_cache
+from helpers import kill_when, one_line_error, run_sertk, synthetic_cache
 
 FAST = ["--model", "tiny", "--model-set", "hidden_size=16", "--batch-size", "8", "--workers", "0",
         "--split", "speaker:test=0.25", "-q"]
@@ -39,12 +37,7 @@ def test_resume_works_from_any_working_directory(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "ser_toolkit", "train", "--dataset", "synthetic",
                              "--cache-dir", "cache", "--out", "runs/r", "--epochs", "3", "--checkpoint-every", "1",
                              *FAST], cwd=here, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 300
-    while not (run / "checkpoints" / "epoch-001.pt").exists():
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when((run / "checkpoints" / "epoch-001.pt"), proc)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()  # the relative cache_dir "cache" means nothing here: the run's record is used
     r = run_sertk("train", "--out", run, "--resume", "-q", cwd=elsewhere)

@@ -79,7 +79,7 @@ def test_split_file(tmp_path):
     ("kfold:order=random", r"unknown kfold order 'random' \(allowed: shuffled, sorted\)"),
     ("kfold:order=", r"unknown kfold order ''"), ("loso:fold=-1", r"loso fold=-1 is out of range"),
     ("loso:k=2", "bad split option"), ("loso:order=sorted", "bad split option"),
-    ("kfold:k=x", "must be a number"), ("speaker:size=1", "bad split option"),
+    ("kfold:k=x", "must be an int"), ("speaker:size=1", "bad split option"),
     ("file:", "needs a path"), ("file:/nope.csv", "does not exist"), ("speaker:test=x", "must be a number"),
 ])
 def test_bad_specs(spec, needle):

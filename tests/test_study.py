@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import re
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
-from helpers import run_sertk
+from helpers import kill_when, run_sertk
 from ser_toolkit.report import files_of
 
 SMALL = """
@@ -58,12 +56,7 @@ def test_study_resumes_after_kill_and_reruns_changed_configs(tmp_path):
     base = tmp_path / "runs" / "small" / "baseline-s42"
     proc = subprocess.Popen([sys.executable, "-m", "ser_toolkit", "study", "--preset", "demo", "--config", str(cfg)],
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while not (base / "eval" / "summary.json").exists():
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when((base / "eval" / "summary.json"), proc)
     finished = base / "checkpoints" / "best.safetensors"
     stamp = finished.stat().st_mtime_ns
     r = run_sertk("study", "--preset", "demo", "--config", cfg, cwd=tmp_path, timeout=600)
@@ -90,7 +83,7 @@ def test_study_config_errors(tmp_path, cli):
     r = cli("study", "--preset", "fancy")
     assert r.code == 2 and "unknown preset 'fancy'" in r.err
     r = cli("study", "--preset", "demo", "--seeds", "0")
-    assert r.code == 2 and "[study] seeds must be an int >= 1 (got 0)" in r.err
+    assert r.code == 2 and "--seeds must be an int >= 1 (got 0)" in r.err
     other = tmp_path / "other.toml"
     other.write_text('[model]\nname = "acoustic"\n')
     out = tmp_path / "acoustic.toml"

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from helpers import run_sertk, synthetic_caches, write_audio
+from helpers import kill_when, run_sertk, synthetic_caches, write_audio
 
 torch = pytest.importorskip("torch")
 
@@ -86,12 +84,7 @@ def test_resume_after_kill_gives_the_same_weights(cache_dir, tmp_path):
     run = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "ser_toolkit", "train", "--cache-dir", str(cache_dir),
                              "--out", str(run), *FAST, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 300
-    while not (run / "checkpoints" / "epoch-001.pt").exists():
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when((run / "checkpoints" / "epoch-001.pt"), proc)
     assert not (run / "checkpoints" / "epoch-003.pt").exists()
     r = run_sertk("train", "--out", run, "--resume", "-q", "--workers", "2")
     assert r.code == 0, r.err

@@ -147,7 +147,7 @@ def _decode_task(dataset: Dataset, root: Path | None, utts: list[Utterance], pre
     return out
 
 
-PARTS_KEPT = "free space or choose another --cache-dir, then rerun: finished part files are kept and reused"
+PARTS_KEPT = "free space or {elsewhere}, then rerun: finished part files are kept and reused"
 
 
 def _check_source(u: Utterance, data: np.ndarray, rate: int, pre: Preprocess) -> None:
@@ -197,12 +197,38 @@ def _read_parts(folder: Path) -> dict[str, tuple[Path, int, int, str, int, str, 
     return found
 
 
-def _existing(path: Path, pre: Preprocess, identity: dict[str, Any], force: bool) -> tuple[dict[str, Any] | None, str]:
+def _rebuild_command(dataset: Dataset, root: Path | None, path: Path, pre: Preprocess) -> str:
+    """The ``sertk cache ... --force`` command that replaces ``path`` with this corpus (for refusals seen by a
+    caller without ``sertk cache``'s options, e.g. a study)."""
+    import shlex
+
+    def shown(v: Any) -> str:
+        return ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v).lower() if isinstance(v, bool) \
+            else str(v)
+
+    words = ["sertk", "cache", dataset.name, *(["--root", str(root)] if root is not None else [])]
+    defaults = {p.name: p.default for p in dataset.params}
+    words += [w for k, v in dataset.options.items() if v is not None and v != defaults.get(k)
+              for w in ("--set", f"{k}={shown(v)}")]
+    own = asdict(preprocess_for(dataset))
+    words += [w for k, v in asdict(pre).items() if k in _PRE_OPTIONS and v != own[k]
+              for w in (_PRE_OPTIONS[k], str(v))]
+    if path.stem != dataset.cache_name():
+        words += ["--name", path.stem]
+    return " ".join(shlex.quote(w) for w in [*words, "--cache-dir", str(path.parent), "--force"])
+
+
+_PRE_OPTIONS = {"mono": "--mono", "dtype": "--dtype", "resampler": "--resampler", "max_seconds": "--max-seconds"}
+
+
+def _existing(path: Path, pre: Preprocess, identity: dict[str, Any], force: bool,
+              rebuild: str | None = None) -> tuple[dict[str, Any] | None, str]:
     """The previous cache's header if it can be reused (None and why if not).
 
     A damaged, incomplete or older-schema sertk cache is rebuilt. A file that is
     not a sertk cache, a cache of another corpus (plugin or root) and a cache
-    built with other preprocessing options are refused unless ``force``.
+    built with other preprocessing options are refused unless ``force``. The refusals name ``sertk cache``'s
+    options, or (``rebuild``: the command that replaces the cache) what a study's config can do.
     """
     if not path.exists():
         return None, "new"
@@ -214,7 +240,8 @@ def _existing(path: Path, pre: Preprocess, identity: dict[str, Any], force: bool
         if "is not a sertk cache" in exc.message or "not an HDF5 file" in exc.message:
             raise CacheError(f"{path} exists and is not a sertk cache",
                              "choose another --cache-dir/--name, move that file away, or pass --force to "
-                             "replace it") from None
+                             "replace it" if rebuild is None else "move that file away, set another cache_dir in "
+                             f"the study config's [data], or replace it: {rebuild}") from None
         return None, "rebuilt (it was damaged, incomplete or of an older schema)"
     old = header["config"]
     old_identity = {"name": old["dataset"].get("name"), "root": old["dataset"].get("root")}
@@ -223,7 +250,9 @@ def _existing(path: Path, pre: Preprocess, identity: dict[str, Any], force: bool
             return f"dataset '{i['name']}'" + (f" at {i['root']}" if i["root"] else "")
 
         raise CacheError(f"{path} holds another corpus ({corpus(old_identity)}), not {corpus(identity)}",
-                         "give this corpus another name (--name), or pass --force to replace that cache")
+                         "give this corpus another name (--name), or pass --force to replace that cache"
+                         if rebuild is None else "set another cache_dir in the study config's [data], or replace "
+                         f"that cache: {rebuild}")
     if old.get("preprocess") != asdict(pre):
         if not force:
             was = ", ".join(f"{k}={v}" for k, v in old.get("preprocess", {}).items() if asdict(pre).get(k) != v)
@@ -231,7 +260,9 @@ def _existing(path: Path, pre: Preprocess, identity: dict[str, Any], force: bool
             raise CacheError(f"{path} was built with {was}, not {asked}",
                              "ask for the cache's own options (sertk cache: --mono/--dtype/--resampler/"
                              "--max-seconds; study configs: the same keys per corpus), another --name, or "
-                             "--force to rebuild it")
+                             "--force to rebuild it" if rebuild is None else "ask for the cache's own options "
+                             "(the same keys per corpus in the study config: mono, dtype, resampler, max_seconds), "
+                             f"set another cache_dir in its [data], or rebuild the cache: {rebuild}")
         return None, "rebuilt (--force)"
     if force:
         return None, "rebuilt (--force)"
@@ -352,7 +383,8 @@ def build_cache(dataset: Dataset, root: Path | None, path: Path, pre: Preprocess
     """Build or update the cache of ``dataset`` at ``path``; see the module doc for the guarantees.
 
     ``protect_runs`` (``sertk cache``): other content never replaces a cache that finished runs trained on,
-    unless ``force`` (:mod:`ser_toolkit.cache.dependents`). A study leaves it off: it retrains those runs."""
+    unless ``force`` (:mod:`ser_toolkit.cache.dependents`). A study leaves it off: it retrains those runs; its
+    refusals then name what a study can do (its config, a ``sertk cache ... --force`` command), not options."""
     from ser_toolkit.cache.identity import check_name
 
     pre = pre or Preprocess()
@@ -365,7 +397,8 @@ def build_cache(dataset: Dataset, root: Path | None, path: Path, pre: Preprocess
         raise SertkError(f"dataset '{dataset.name}' found no utterances under {root}",
                          "check --root (it should be the corpus's top folder)")
     _check_strings(scan.utterances)
-    _existing(path, pre, _identity(dataset, root), force)
+    _existing(path, pre, _identity(dataset, root), force,
+              None if protect_runs else _rebuild_command(dataset, root, path, pre))
     path.parent.mkdir(parents=True, exist_ok=True)
     waiting = f"another sertk process is building {path}; waiting for it to finish"
     with exclusive_lock(path.with_name(path.name + ".lock"), waiting):
@@ -417,7 +450,8 @@ def _build(dataset: Dataset, root: Path | None, scan: Any, path: Path, pre: Prep
                 raise AudioError(reason, "fix the file or run without --strict") from None
             skipped.append({"id": u.id, "path": u.path or "", "reason": reason, "fingerprint": ""})
     identity = _identity(dataset, root)
-    header, mode = _existing(path, pre, identity, force)
+    header, mode = _existing(path, pre, identity, force,
+                             None if protect_runs else _rebuild_command(dataset, root, path, pre))
     summary.rebuilt = mode not in ("new", "incremental")
     summary.mode = mode
     try:

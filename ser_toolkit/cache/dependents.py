@@ -1,6 +1,6 @@
-"""Which finished runs depend on a cache: recorded when a run starts, asked before a cache is replaced.
+"""Which finished runs depend on a cache: recorded when a run is sealed, asked before a cache is replaced.
 
-``<cache>.runs/<run id>.json`` holds the run folder and the cache digest the run started on. A cache whose
+``<cache>.runs/<run id>.json`` holds the run folder and the cache digest the run trained on. A cache whose
 content would change (other options, changed audio) while finished runs still depend on its current content
 is not replaced unless the user forces it: those runs could no longer be evaluated or reported.
 """
@@ -18,7 +18,7 @@ def folder(cache: Path) -> Path:
 
 
 def register(cache: Path, run_dir: Path, run_id: str, digest: str) -> None:
-    """Record that run ``run_id`` (in ``run_dir``) trains on ``cache`` as of ``digest``. Best effort: a cache
+    """Record that finished run ``run_id`` (in ``run_dir``) trained on ``cache`` as of ``digest``. Best effort: a cache
     folder that cannot be written (read-only shared storage) protects nothing, and stops nothing."""
     try:
         write_text(folder(cache) / f"{run_id}.json",

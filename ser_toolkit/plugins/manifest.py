@@ -131,7 +131,9 @@ class Manifest(Dataset):
         ignored: Counter = Counter()
         found: dict[str, Utterance] = {}
         unmapped: set[str] = set()
+        rows = 0
         for row in self._rows(path):
+            rows += 1
             file_key = next((k for k in _PATH_KEYS if row.get(k)), None)
             label_key = next((k for k in _LABEL_KEYS if row.get(k) not in (None, "")), None)
             if file_key is None or label_key is None:
@@ -162,12 +164,29 @@ class Manifest(Dataset):
         if unmapped:
             raise SertkError(f"{path}: labels {sorted(unmapped)} are not canonical emotions",
                              "map them with --set labels=SRC=EMOTION,... (empty target drops)")
+        if not rows:
+            raise SertkError(f"manifest {path} lists no utterances (no row below its header)" if
+                             path.suffix.lower() not in (".jsonl", ".json", ".ndjson") else
+                             f"manifest {path} lists no utterances (no JSON line)",
+                             "add one row per recording (path and label at least), or pass another manifest")
         return Scan(sorted(found.values(), key=lambda u: u.id), ignored)
 
     def source_path(self, utterance: Utterance, root: Path | None) -> Path:
         assert utterance.path is not None
         p = Path(utterance.path)
         return p if p.is_absolute() else self.resolve_root(root) / p
+
+    def fingerprint(self, utterance: Utterance, root: Path | None) -> str:
+        """As for every dataset; a missing file says where it was looked for (relative paths: the manifest's
+        folder, not the working directory)."""
+        try:
+            return super().fingerprint(utterance, root)
+        except FileNotFoundError as exc:
+            full = self.source_path(utterance, root)
+            where = "" if Path(str(utterance.path)).is_absolute() else (
+                f"; relative paths are relative to the manifest's folder {self.resolve_root(root)} "
+                "(write them so, or absolute)")
+            raise FileNotFoundError(exc.errno, f"no such file {full}{where}", str(full)) from None
 
 
 @hookimpl

@@ -13,7 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 from ser_toolkit import hookimpl
-from ser_toolkit.datasets import Dataset, Scan, Utterance, audio_files, check_root
+from ser_toolkit.datasets import Dataset, Scan, Utterance, audio_files, check_root, note_duplicates
 from ser_toolkit.params import Param
 
 _NAME = re.compile(r"^(\d{2})-(\d{2})-(\d{2})-(\d{2})-(\d{2})-(\d{2})-(\d{2})$")
@@ -42,6 +42,7 @@ class Ravdess(Dataset):
         mapping = self.labels()
         ignored: Counter = Counter()
         found: dict[str, Utterance] = {}
+        duplicates: list[tuple[str, str]] = []
         for path in audio_files(root):
             m = _NAME.match(path.stem)
             if not m or m.group(3) not in CODES:
@@ -60,7 +61,7 @@ class Ravdess(Dataset):
                 ignored[f"{label} (dropped)"] += 1
                 continue
             if path.stem in found:
-                ignored["duplicate utterance id"] += 1
+                duplicates.append((path.relative_to(root).as_posix(), found[path.stem].path))
                 continue
             actor_no = int(actor)
             found[path.stem] = Utterance(
@@ -74,6 +75,7 @@ class Ravdess(Dataset):
                        "statement": STATEMENTS.get(statement, statement),
                        "repetition": int(repetition), "modality": modality},
             )
+        note_duplicates(ignored, duplicates)
         return Scan(sorted(found.values(), key=lambda u: u.id), ignored)
 
 

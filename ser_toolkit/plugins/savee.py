@@ -15,7 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 from ser_toolkit import hookimpl
-from ser_toolkit.datasets import Dataset, Scan, Utterance, audio_files, check_root
+from ser_toolkit.datasets import Dataset, Scan, Utterance, audio_files, check_root, note_duplicates
 from ser_toolkit.errors import SertkError
 from ser_toolkit.params import Param
 
@@ -47,6 +47,7 @@ class Savee(Dataset):
         root = check_root(self.name, root)
         ignored: Counter = Counter()
         found: dict[str, Utterance] = {}
+        duplicates: list[tuple[str, str]] = []
         for path in audio_files(root):
             m = _OFFICIAL.match(path.stem)
             if m and _SPEAKER.match(path.parent.name):
@@ -59,12 +60,13 @@ class Savee(Dataset):
                 speaker, code, number = m.groups()
             uid = f"{speaker}/{code}{int(number):02d}"
             if uid in found:
-                ignored["duplicate utterance id"] += 1
+                duplicates.append((path.relative_to(root).as_posix(), found[uid].path))
                 continue
             label = CODES[code]
             found[uid] = Utterance(id=uid, path=path.relative_to(root).as_posix(),
                                    emotion=self.label_map[label], speaker=speaker, corpus=self.name,
                                    gender="male", extra={"label": label, "number": int(number)})
+        note_duplicates(ignored, duplicates)
         utterances = sorted(found.values(), key=lambda u: u.id)
         if self.options["subset"] == "reference":
             keep = self._reference_ids(root, utterances)

@@ -152,6 +152,21 @@ def _check_data(models: list["Model"], allow_changed: bool) -> list[str]:
     return notes
 
 
+def _listed_run(study: Path, listed: str) -> Path:
+    """A run a study.json lists: its path as recorded (relative: to the folder the study ran in), else the run
+    folder of that name beside the study.json (a study moved, or reported from another folder); one line naming
+    both absolute paths tried when neither is a run folder."""
+    run, beside = Path(listed), study / Path(listed).name
+    for candidate in (run, beside):
+        if (candidate / "config.json").is_file():
+            return candidate
+    how = "" if run.is_absolute() else " (relative to the working directory)"
+    raise SertkError(f"{(study / 'study.json').resolve()} lists run {listed}, but neither {run.resolve()}{how} nor "
+                     f"{beside.resolve()} is a sertk run folder (no config.json): that entry points at a run that was "
+                     "moved, removed or belongs to another study", "run 'sertk report' from the folder the study ran "
+                     "in, or pass the study's run folders themselves")
+
+
 def _role(plugins: list[str], weights: Any) -> str:
     if not plugins:
         return "baseline"
@@ -176,6 +191,7 @@ def collect(paths: Sequence[Path], allow_changed: bool = False,
     for p in map(Path, paths):
         if (p / "study.json").is_file():
             study = read_json(p / "study.json")
+            study["runs"] = [{**e, "run": str(_listed_run(p, e["run"]))} for e in study["runs"]]
             entries += study["runs"]
         elif (p / "config.json").is_file():
             check_run(p, allow_unfinished=True)  # a malformed config.json is one line, not a KeyError

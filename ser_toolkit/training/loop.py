@@ -836,11 +836,8 @@ def _start_run(run_dir: Path, data: dict[str, Any], resuming: bool, main_process
         return info["run_id"]
     run_id = runs.new_run_id()
     if main_process:
-        from ser_toolkit.cache.dependents import register
-
         (run_dir / runs.SEAL_FILE).unlink(missing_ok=True)
         runs.write_json(run_dir / runs.RUN_FILE, {"run_id": run_id, "data": data})
-        register(Path(data["cache"]["path"]), run_dir, run_id, data["cache"]["digest"])
     return run_id
 
 

@@ -410,6 +410,11 @@ def seal(run_dir: Path, run_id: str, known: dict[str, tuple[int, int, str]] | No
     write_json(run_dir / SEAL_FILE, record)
     for state in resumable_states(run_dir):
         state.unlink(missing_ok=True)
+    cache = (run_info(run_dir).get("data") or {}).get("cache") or {}
+    if cache.get("path") and cache.get("digest"):
+        from ser_toolkit.cache.dependents import register
+
+        register(Path(cache["path"]), run_dir, run_id, cache["digest"])
     return record
 
 

@@ -389,18 +389,20 @@ class Weighted(Augmentation):
         return f"Weighted({dict(zip(self.names, self.probabilities.round(3)))})"
 
 
-def weights_from_gains(baseline: float, results: Mapping[str, float], top_k: int | None = None) -> dict[str, float]:
-    """The reference study's weights: gain = F1 - baseline F1, normalised over positive gains.
+def weights_from_gains(baseline: float, results: Mapping[str, float], top_k: int | None = None,
+                       min_gain: float = 0.0) -> dict[str, float]:
+    """The reference study's weights: gain = F1 - baseline F1, normalised over the gains that count.
 
-    A method with zero or negative gain is left out with a warning; ``top_k``
-    keeps the k largest gains. Raises :class:`ParameterError` if none is left.
+    A gain counts when it is positive and at least ``min_gain`` (a declared minimal effect); a method whose gain
+    does not count is left out with a warning; ``top_k`` keeps the k largest gains. Raises
+    :class:`ParameterError` if none is left.
     """
     gains = {m: float(f1) - float(baseline) for m, f1 in results.items()}
     for m, g in gains.items():
-        if g <= 0:
-            warnings.warn(f"augmentation '{m}' has no gain over the baseline ({g:+.3f}); left out of the weights",
-                          stacklevel=2)
-    positive = sorted(((g, m) for m, g in gains.items() if g > 0), reverse=True)
+        if g <= 0 or g < min_gain:
+            warnings.warn(f"augmentation '{m}' gains {g:+.3f} over the baseline, less than "
+                          f"{max(min_gain, 0.0):g}; left out of the weights", stacklevel=2)
+    positive = sorted(((g, m) for m, g in gains.items() if g > 0 and g >= min_gain), reverse=True)
     if top_k is not None:
         if top_k < 1:
             raise ParameterError(f"top-k must be at least 1 (got {top_k})", "e.g. top_k=2")

@@ -194,6 +194,8 @@ EVAL_BATCH_SECONDS = 160.0
 GPU_EVAL_BATCH = 64
 """Default cap on utterances per evaluation batch on CUDA (inference keeps no activations for backward)."""
 METRICS = ("uar", "weighted_f1", "macro_f1", "accuracy")
+MIN_GAIN = 0.01
+"""The smallest selection gain (weighted F1) that counts as an improvement (``[augmentations] min_gain``)."""
 
 TRAIN_SETTINGS: tuple[Setting, ...] = (
     Setting("dataset", "synthetic", "Cache name in --cache-dir, or a cache path.", study=False),
@@ -442,6 +444,8 @@ def study_schema() -> tuple[Setting, ...]:
         Setting("methods", None, "augmentation plugin names", type="list[str]", required=True),
         Setting("control", "duplicate", "the clean control (as many steps as an augmented model)"),
         Setting("top_k", [], "Top-k weighted combinations to train", type="list[int]", min=1),
+        Setting("min_gain", MIN_GAIN, "smallest selection gain (weighted F1) that counts as an improvement: a "
+                "method that gains less gets no weight in a Top-k model", type="float", min=0),
         Setting("options", {}, "parameters per augmentation: { METHOD = { key = value } }", type="table"),
     )
     study = (

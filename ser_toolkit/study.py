@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ser_toolkit.errors import SertkError
-from ser_toolkit.settings import RUNTIME
+from ser_toolkit.settings import MIN_GAIN, RUNTIME
 
 PRESETS = ("demo", "reference", "reference-cpu")
 IGNORED_FOR_REUSE = RUNTIME  # declared in ser_toolkit.settings
@@ -745,14 +745,17 @@ def _execute(prepared: _Prepared, progress) -> Path:
         base_f1s[m] = sum(e[1][m] for e in each) / len(pairs)
         gains[m] = f1s[m] - base_f1s[m]
     combos: dict[str, dict[str, float]] = {}
-    positive = [m for m in usable if gains[m] > 0]
+    min_gain = float(aug.get("min_gain", MIN_GAIN))
+    positive = [m for m in usable if gains[m] > 0 and gains[m] >= min_gain]
     for k in aug.get("top_k", []):
         if k > len(positive):
-            progress(f"top-{k}: skipped, only {len(positive)} augmentations improve on the {ref_name} model")
+            n = len(positive)
+            progress(f"top-{k}: skipped, {'only ' if n else ''}{n or 'no'} augmentation{'' if n == 1 else 's'} "
+                     f"gain{'s' if n == 1 else ''} at least {min_gain:g} (min_gain) over the {ref_name} model")
             continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            combos[f"top{k}"] = weights_from_gains(0.0, gains, top_k=k)
+            combos[f"top{k}"] = weights_from_gains(0.0, gains, top_k=k, min_gain=min_gain)
     if aug.get("top_k"):
         progress.topk_known(len(combos) * len(folds) * len(seeds))
         more = len(combos) * len(folds) * len(seeds)
@@ -766,6 +769,7 @@ def _execute(prepared: _Prepared, progress) -> Path:
              "selection": {"set": "validation" if part == "valid" else "test", "reference": reference,
                            "reference_model": ref_name, "metric": "weighted F1 on clean + the method's own "
                            "augmented " + ("validation" if part == "valid" else "test") + " set",
+                           "min_gain": min_gain,
                            "valid_share": study_cfg.get("valid") if part == "valid" else None,
                            "split_files": [s for _, _, s in folds] if part == "valid" else None},
              "commit": runs.git_commit(), "versions": runs.versions(), "hardware": runs.hardware(),

@@ -261,6 +261,21 @@ def test_weights_from_gains_reproduce_the_reference():
             weights_from_gains(0.9, f1)
 
 
+def test_a_gain_below_the_declared_minimal_effect_gets_no_weight():
+    from ser_toolkit.settings import MIN_GAIN, study_schema
+
+    aug = next(s for s in study_schema() if s.name == "augmentations")
+    assert next(e for e in aug.entries if e.name == "min_gain").default == MIN_GAIN == 0.01
+    f1 = {"specaugment": 0.756, "timestretch": 0.5903, "noise": 0.5862}  # +0.170, +0.0043, +0.0002
+    with pytest.warns(UserWarning, match="less than 0.01; left out") as record:
+        w = weights_from_gains(0.586, f1, min_gain=MIN_GAIN)
+    assert sorted(str(r.message).split("'")[1] for r in record) == ["noise", "timestretch"]
+    assert w == {"specaugment": 1.0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert set(weights_from_gains(0.586, f1)) == set(f1)  # min_gain 0: every positive gain, as before
+
+
 @given(data=st.data())
 @settings(max_examples=20, deadline=None)
 def test_never_nan_or_inf_on_odd_inputs(data):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import re
@@ -140,6 +141,12 @@ def test_one_seed_says_training_variance_is_unmeasured(runs, tmp_path):
     assert "One seed: differences to the baseline are not tested" in md
     paired = table(md, "## Differences", "### UAR", "#### against baseline")
     assert not any(cell.startswith("**") for row in paired[2:] for cell in row[1:])
+    # and no p-value anywhere: not in the tables, not in the CSV
+    assert not any("p=" in cell for row in paired[2:] for cell in row[1:])
+    assert "One seed: not tested (no p-value" in md and "p adjusted together" not in md
+    rows = list(csv.DictReader(open(files_of(tmp_path / "r.md") / "numbers.csv")))
+    paired_rows = [r for r in rows if r["section"] == "paired"]
+    assert paired_rows and all(r["p"] == "" and r["p_adjusted"] == "" for r in paired_rows)
 
 
 def test_control_share_for_every_sign_combination():

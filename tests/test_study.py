@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -46,6 +47,11 @@ def test_demo_preset_end_to_end(tmp_path):
     assert "`rbf-svm` on `acoustic` features (588 values), normalisation speaker" in md
     assert "cross-corpus: synthetic-shifted" in md
     assert (files_of(tmp_path / "reports" / "demo.md") / "numbers.json").is_file()
+    study = json.loads((tmp_path / "runs" / "demo" / "study.json").read_text())
+    min_gain = study["selection"]["min_gain"]
+    assert min_gain == 0.01 and f"min_gain = {min_gain:g}" in md
+    assert all(study["gains"][m] >= min_gain for weights in study["weights"].values() for m in weights)
+    assert "p=" not in md.split("## Differences", 1)[1].split("## Emotion coverage", 1)[0]  # one seed: untested
 
 
 @pytest.mark.timeout(2200)  # above the subprocess limits inside

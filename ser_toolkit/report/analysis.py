@@ -19,6 +19,7 @@ import numpy as np
 
 from ser_toolkit.emotions import EMOTIONS
 from ser_toolkit.report.collect import Model
+from ser_toolkit.settings import MIN_GAIN
 
 ROUNDS = 1000
 """Bootstrap rounds of every interval."""
@@ -27,8 +28,8 @@ TEST_ROUNDS = 4000
 ALPHA = 0.05
 CORRECTION = "Benjamini–Hochberg"
 """How the p-values of a table are adjusted (false discovery rate ALPHA over the table's comparisons)."""
-MIN_GAIN_FOR_SHARE = 0.01
-"""Below this gain over the baseline, a share of the gain is noise over noise."""
+MIN_GAIN_FOR_SHARE = MIN_GAIN
+"""Below this gain over the baseline, a share of the gain is noise over noise (the declared minimal effect)."""
 
 
 @dataclass

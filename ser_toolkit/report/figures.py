@@ -19,6 +19,7 @@ import numpy as np
 
 from ser_toolkit.emotions import EMOTIONS
 from ser_toolkit.report.analysis import Comparison, per_emotion_interval
+from ser_toolkit.settings import MIN_GAIN
 from ser_toolkit.report.collect import METRIC_NAMES, Model, label
 
 
@@ -60,7 +61,7 @@ def _run(tasks: list[Callable[[], list[str]]]) -> list[str]:
 
 
 def figures(models: list[Model], tests: list[str], comps: list[Comparison], study: dict[str, Any],
-            folder: Path, metric: str = "uar") -> dict[str, str]:
+            folder: Path, metric: str = "uar", selection: dict[str, Comparison] | None = None) -> dict[str, str]:
     """Draw every figure into ``folder``; returns {name: path relative to the report}."""
     plt = _plt()
     folder.mkdir(parents=True, exist_ok=True)
@@ -92,7 +93,7 @@ def figures(models: list[Model], tests: list[str], comps: list[Comparison], stud
 
     @task
     def gains() -> list[str]:
-        return _gains(plt, save, study)
+        return _gains(plt, save, study, selection or {})
 
     return {name: f"{folder.name}/{name}" for name in _run(tasks)}
 
@@ -234,19 +235,31 @@ def _learning_curves(plt, save, models, metric) -> list[str]:
     return []
 
 
-def _gains(plt, save, study) -> list[str]:
-    """Each method's selection gain and its weight in every Top-k model."""
+def _gains(plt, save, study, selection: dict[str, Comparison]) -> list[str]:
+    """Each method's selection gain with its 95 % interval (paired test), the declared minimal gain, and its
+    weight in every Top-k model."""
     gains = study.get("gains") or {}
     if gains:
+        sel = study.get("selection") or {}
+        min_gain = float(sel.get("min_gain", MIN_GAIN))
         methods = sorted(gains, key=lambda m: -gains[m])
         combos = study.get("weights") or {}
         fig, axes = plt.subplots(1, 1 + bool(combos), figsize=(5 + 4 * bool(combos), 3.5), squeeze=False)
         ax = axes[0][0]
-        ax.bar(methods, [gains[m] for m in methods], color=["tab:green" if gains[m] > 0 else "tab:red"
-                                                              for m in methods])
+        counts = [gains[m] > 0 and gains[m] >= min_gain for m in methods]
+        ax.bar(methods, [gains[m] for m in methods],
+               color=["tab:green" if c else "tab:gray" if gains[m] > 0 else "tab:red" for m, c in zip(methods, counts)])
+        tested = [(i, selection[m]) for i, m in enumerate(methods) if m in selection]
+        if tested:
+            x, c = zip(*tested)
+            ax.errorbar(x, [gains[methods[i]] for i in x],
+                        yerr=[[max(gains[methods[i]] - t.lo, 0) for i, t in tested],
+                              [max(t.hi - gains[methods[i]], 0) for i, t in tested]],
+                        fmt="none", ecolor="black", capsize=3, lw=1, label="95 % interval")
         ax.axhline(0, color="black", lw=0.8)
+        ax.axhline(min_gain, color="tab:green", lw=0.8, ls="--", label=f"min_gain {min_gain:g}")
+        ax.legend(fontsize=7)
         ax.set_xlabel("augmentation")
-        sel = study.get("selection") or {}
         ax.set_ylabel(f"gain in weighted F1 vs {sel.get('reference_model', 'baseline')}")
         ax.set_title(f"Selection gains ({sel.get('set', 'test')} set)")
         ax.tick_params(axis="x", rotation=30)

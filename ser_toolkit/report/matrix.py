@@ -147,8 +147,9 @@ def write_matrix_report(study_dir: Path, output: Path, allow_changed: bool = Fal
                     mark = "\\*" if c.replicates > 1 and c.p_adj < ALPHA else ""
                     cell += f" ({c.delta:+.3f}{mark} [{c.lo:+.2f}, {c.hi:+.2f}])"
                     numbers.add(section="matrix_vs_baseline", model=name, train=train, test=column,
-                                metric="weighted_f1", delta=c.delta, ci_low=c.lo, ci_high=c.hi, p=c.p,
-                                p_adj=c.p_adj, replicates=c.replicates)
+                                metric="weighted_f1", delta=c.delta, ci_low=c.lo, ci_high=c.hi,
+                                p=c.p if c.replicates > 1 else None, p_adj=c.p_adj if c.replicates > 1 else None,
+                                replicates=c.replicates)
                 elif vals and bvals and m is not base:
                     cell += f" ({np.mean(vals) - np.mean(bvals):+.3f})"
                 cells.append(f"**{cell}**" if column == train and vals else cell)

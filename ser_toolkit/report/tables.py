@@ -11,6 +11,7 @@ from ser_toolkit.emotions import EMOTIONS
 from ser_toolkit.report.analysis import (ALPHA, CORRECTION, MIN_GAIN_FOR_SHARE, Comparison, chance, control_share, estimate,
                                          per_emotion_interval, same_table)
 from ser_toolkit.report.collect import METRIC_NAMES, Model, Numbers, _delta, _fmt, label
+from ser_toolkit.settings import MIN_GAIN
 
 
 def headline(models: list[Model], tests: list[str], numbers: Numbers) -> str:
@@ -86,14 +87,19 @@ def comparison_table(comps: list[Comparison], metric: str, numbers: Numbers) -> 
                 if c is None:
                     cells.append("–")
                     continue
+                tested = c.replicates > 1  # one seed cannot tell an effect from seed luck: no p-value
                 numbers.add(section="paired", metric=metric, model=model, reference=ref, test=t, delta=c.delta,
-                            ci_low=c.lo, ci_high=c.hi, p=c.p, p_adjusted=c.p_adj, correction=CORRECTION,
-                            significant=c.significant)
+                            ci_low=c.lo, ci_high=c.hi, p=c.p if tested else None,
+                            p_adjusted=c.p_adj if tested else None, correction=CORRECTION if tested else None,
+                            significant=c.significant, replicates=c.replicates)
                 cell = (f"{label(t)}: " if t not in shared else "") + \
-                    f"{_delta(c.delta)} [{c.lo:+.3f}, {c.hi:+.3f}] p={c.p_adj:.2g}"
+                    f"{_delta(c.delta)} [{c.lo:+.3f}, {c.hi:+.3f}]" + (f" p={c.p_adj:.2g}" if tested else "")
                 cells.append(f"**{cell}**" if c.significant else cell)
             lines.append(f"| {model} | " + " | ".join(cells) + " |")
-        out.append("\n".join(lines) + f"\n\n{len(family)} comparisons against {ref}, p adjusted together.\n")
+        tested = max(c.replicates for c in family) > 1
+        out.append("\n".join(lines) + (f"\n\n{len(family)} comparisons against {ref}, p adjusted together.\n"
+                                       if tested else "\n\nOne seed: not tested (no p-value; seed-to-seed "
+                                       "variation is unmeasured), the intervals cover test sampling only.\n"))
     return "\n".join(out) + (
         f"\nΔ {METRIC_NAMES[metric]} (model − reference) on the same utterances and seeds, 95 % interval, and the "
         f"{CORRECTION}-adjusted p (false discovery rate {ALPHA:.0%} over the table); bold: significant after "
@@ -188,7 +194,9 @@ def selection_sentence(study: dict[str, Any]) -> str:
             "are biased upwards (selection on test).")
 
 
-def gains_section(study: dict[str, Any], numbers: Numbers) -> str:
+def gains_section(study: dict[str, Any], numbers: Numbers, tested: dict[str, Comparison] | None = None) -> str:
+    """Each method's selection gain, its interval and p (``tested``: :func:`analysis.selection_comparisons`),
+    whether it counts as an improvement (the declared ``min_gain``) and its weight in every Top-k model."""
     if "gains" not in study:
         return "_No study file: gains and weights are only reported for `sertk study` folders._\n"
     sentence = selection_sentence(study) + "\n\n"
@@ -198,26 +206,31 @@ def gains_section(study: dict[str, Any], numbers: Numbers) -> str:
     part = "validation" if sel.get("set") == "validation" else "test"
     ref = sel.get("reference_model", "baseline")
     combos = study.get("weights", {})
-    from ser_toolkit.report.analysis import selection_comparisons
-
-    tested = selection_comparisons(study)
+    tested = tested or {}
+    min_gain = float(sel.get("min_gain", MIN_GAIN))
     columns = [f"F1 (clean + its augmented {part} set)", f"{ref} F1 (same set)", "gain",
-               "95 % interval", f"p ({CORRECTION})", *(f"weight in {c}" for c in combos)]
+               "95 % interval", f"p ({CORRECTION})", f"counts (gain ≥ {min_gain:g})",
+               *(f"weight in {c}" for c in combos)]
     lines = ["| method | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for m, g in sorted(study["gains"].items(), key=lambda kv: -kv[1]):
         f1, b = study["combined_f1"][m], study["baseline_combined_f1"][m]
         ws = [combos[c].get(m) for c in combos]
         c = tested.get(m)
+        counts = g > 0 and g >= min_gain
         numbers.add(section="gains", method=m, f1=f1, baseline_f1=b, gain=g, reference=ref, selection_set=part,
+                    counts=counts, min_gain=min_gain,
                     **({"ci_low": c.lo, "ci_high": c.hi, "p": c.p, "p_adj": c.p_adj, "replicates": c.replicates}
                        if c else {}), **{f"weight_{cn}": w for cn, w in zip(combos, ws)})
         iv = f"[{_delta(c.lo)}, {_delta(c.hi)}]" if c else "—"
         pv = (f"{c.p_adj:.3g}" if c.replicates > 1 else "not tested (1 seed)") if c else "—"
-        lines.append("| " + " | ".join([m, f"{f1:.3f}", f"{b:.3f}", _delta(g), iv, pv, *(_fmt(w) for w in ws)])
+        lines.append("| " + " | ".join([m, f"{f1:.3f}", f"{b:.3f}", _delta(g), iv, pv, "yes" if counts else "no",
+                                        *(_fmt(w) for w in ws)])
                      + " |")
     note = (f"\nGain = weighted F1 on the clean {part} set plus the {part} set augmented by that method, minus "
             f"the {ref} model's on the same utterances (seed-averaged); weights = gains normalised over the k "
-            "largest positive gains (the reference study's rule). Methods with no gain get no weight. The interval "
+            "largest gains (the reference study's rule). A gain counts as an improvement only when it reaches the "
+            f"declared minimal effect min_gain = {min_gain:g} ([augmentations] min_gain); smaller gains get no weight. "
+            "The interval "
             "and p come from the paired test over seeds and speakers of the selection set"
             + (" (a seed's folds pooled, so the interval is of the pooled difference)" if study.get("folds") else "")
             + "; the rule itself uses the mean gain, as the reference study did.\n")

@@ -34,13 +34,14 @@ def write_report(paths: Sequence[Path], output: Path, allow_changed: bool = Fals
     models, study = collect(paths, allow_changed, allow_unfinished)
     tests = _test_order(models)
     comps = {metric: analysis.comparisons(models, tests, metric) for metric in ("uar", "weighted_f1")}
+    selection = analysis.selection_comparisons(study) if study.get("gains") else {}
 
     def render(folder: Path, prefix: str) -> str:
         from ser_toolkit.atomic import write_text
 
         numbers = Numbers()
         figs = {k: f"{prefix}/{k}" for k in figures(models, tests, comps["uar"] + comps["weighted_f1"], study,
-                                                      folder)}
+                                                      folder, selection=selection)}
         title = study.get("config", {}).get("name", output.stem)
         clean = "test" if "test" in tests else tests[0]
         cross = [t for t in tests if t.startswith("cross")]
@@ -64,7 +65,7 @@ def write_report(paths: Sequence[Path], output: Path, allow_changed: bool = Fals
             *([f"#### {label(cross[0])}", "", tables.pareto(models, cross[0], numbers)] if cross else []),
             "## Augmentation gains and weights", "",
             *([f"![gains and weights]({figs['gains.png']})", ""] if "gains.png" in figs else []),
-            tables.gains_section(study, numbers),
+            tables.gains_section(study, numbers, selection),
             "## The control: more steps or better data?", "", tables.control(models, numbers, comps["weighted_f1"]),
             "## Confusion matrices", "", "Rows: true emotion; colour normalised per row; numbers: counts.", "",
             *[f"![confusion {label(t)}]({figs[k]})\n" for t in tests

@@ -436,9 +436,15 @@ def materialize(
 
 def _cross_paths(specs: Optional[List[str]], cache_dir: str) -> list:
     """``--cross`` values (cache names in ``cache_dir`` or cache paths) as absolute paths of existing caches."""
+    from ser_toolkit.cache.identity import cache_name
+    from ser_toolkit.cache.reader import CacheReader
+    from ser_toolkit.evaluation import distinct_sets
     from ser_toolkit.training.loop import resolve_cache
 
-    return [str(resolve_cache(spec, cache_dir).resolve()) for spec in specs or ()]
+    paths = [resolve_cache(spec, cache_dir).resolve() for spec in specs or ()]
+    readers = [CacheReader(p) for p in paths]  # each named by what it holds: two of one name are refused now
+    distinct_sets([(f"cross-{cache_name(r.config)}", r, None, {}) for r in readers])
+    return [str(p) for p in paths]
 
 
 def _parse_weights(text: Optional[str]) -> Optional[dict]:

@@ -351,7 +351,7 @@ def test_sets(run_dir: Path, specs: Sequence[str] | None, info: dict[str, Any] |
     run folder (a moved study), or at ``cache`` (``--cache``); a cross-corpus cache likewise.
     """
     from ser_toolkit.augment_sets import sets_dir, split_key
-    from ser_toolkit.cache.identity import assignment_digest
+    from ser_toolkit.cache.identity import assignment_digest, cache_name
     from ser_toolkit.cache.reader import CacheReader
     from ser_toolkit.splits import make_split
     from ser_toolkit.training import runs
@@ -392,7 +392,7 @@ def test_sets(run_dir: Path, specs: Sequence[str] | None, info: dict[str, Any] |
                         (reader.digest, split_key(assignment), part) or p.stem != f"{part}-{key.get('name')}":
                     raise SertkError(f"augmented set {p} was not made as the {part} part of this run's split "
                                      "(renamed, moved or copied?)", "delete it; sertk materialize makes it again")
-                out.append((p.stem, aug, None, {**source, "rows": "all"}))
+                out.append((f"{part}-{key['name']}", aug, None, {**source, "rows": "all"}))
         elif spec == "cross":
             if not declared and specs:
                 raise SertkError(f"run {run_dir} declares no cross-corpus set",
@@ -403,7 +403,7 @@ def test_sets(run_dir: Path, specs: Sequence[str] | None, info: dict[str, Any] |
                     p = (run_dir / moved[str(p)]).resolve() if str(p) in moved else p
                 other = CacheReader(p)
                 _check_disjoint(other, reader, assignment)
-                out.append((f"cross-{p.stem}", other, None, {"rows": "all"}))
+                out.append((f"cross-{cache_name(other.config)}", other, None, {"rows": "all"}))
         else:
             p = Path(spec)
             if not p.exists() and not p.suffix:
@@ -411,10 +411,34 @@ def test_sets(run_dir: Path, specs: Sequence[str] | None, info: dict[str, Any] |
             if not p.exists():
                 raise SertkError(f"test set {spec!r} is neither test, augmented, cross nor a cache file",
                                  "pass --test test|augmented|cross|CACHE.h5")
-            same = p.resolve() == cache.resolve()
-            out.append((f"cross-{p.stem}" if not same else "all", reader if same else CacheReader(p), None,
-                        {**source, "rows": "all"} if same else {"rows": "all"}))
-    return out
+            other = reader if p.resolve() == cache.resolve() else CacheReader(p)
+            same = other.digest == reader.digest
+            out.append((f"cross-{cache_name(other.config)}" if not same else "all", reader if same else other, None,
+                        {**source, "rows": "all"} if same else {"rows": "all", ADHOC: True}))
+    return distinct_sets(out)
+
+
+ADHOC = "adhoc"
+"""Provenance key (never written) of a set given by path that the run does not declare."""
+
+
+def distinct_sets(sets: list[tuple[str, Any, list[int] | None, dict[str, Any]]]
+                  ) -> list[tuple[str, Any, list[int] | None, dict[str, Any]]]:
+    """``sets`` if no two share a name (their result files): the same set twice, or two sets of one name with
+    other data, is one line."""
+    seen: dict[str, Any] = {}
+    for name, reader, rows, _ in sets:
+        if name in seen:
+            other, other_rows = seen[name]
+            if other.digest == reader.digest and other_rows == rows:
+                raise SertkError(f"test set {name} is given twice ({other.path} and {reader.path}: the same data "
+                                 f"{other.digest[:12]})", "pass each set once")
+            raise SertkError(f"two test sets are both named {name} but hold other data ({other.path}: "
+                             f"{other.digest[:12]}, {reader.path}: {reader.digest[:12]}), so their results would "
+                             "share one file", f"rebuild one under another name (sertk cache DATASET --name "
+                             f"{name.removeprefix('cross-')}-2 ...) and pass that cache")
+        seen[name] = (reader, rows)
+    return sets
 
 
 def _check_disjoint(other, reader, assignment: Mapping[str, str]) -> None:
@@ -451,6 +475,15 @@ def evaluate_run(run_dir: Path, specs: Sequence[str] | None = None, batch_size: 
 
     info = runs.run_info(run_dir) if loaded is not None else runs.check_run(run_dir, allow_unfinished)
     sets = test_sets(run_dir, specs, info, allow_changed, cross, cache)
+    for name, reader, rows, provenance in sets:  # a set given by path never replaces another set's results
+        earlier = run_dir / folder / f"{name}.json"
+        if provenance.get(ADHOC) and earlier.is_file():
+            recorded = (runs.read_json(earlier).get("data") or {}).get("digest")
+            if recorded not in (None, reader.digest):
+                raise SertkError(f"{earlier} holds the results of another set named {name} (data "
+                                 f"{str(recorded)[:12]}); {reader.path} holds other data ({reader.digest[:12]})",
+                                 f"rebuild that cache under another name (sertk cache DATASET --name "
+                                 f"{name.removeprefix('cross-')}-2 ...) and evaluate that")
     model, featurize, cfg, device = loaded if loaded is not None else load_run_model(run_dir, info=info)
     cuda = device is not None and device.type == "cuda"
     batch = batch_size or max(GPU_EVAL_BATCH if cuda else 8, cfg["batch_size"])
@@ -460,6 +493,7 @@ def evaluate_run(run_dir: Path, specs: Sequence[str] | None = None, batch_size: 
     wave_model = getattr(model, "input_kind", None) == "wave"
     max_seconds = max_seconds or cfg.get("max_seconds")  # the same length rule as training
     for name, reader, rows, provenance in sets:
+        provenance = {k: v for k, v in provenance.items() if k != ADHOC}
         rows = list(range(len(reader))) if rows is None else rows
         if wave_model and not max_seconds:
             check_wave_lengths(reader.lengths[rows], [reader.ids[i] for i in rows], reader.sample_rate, "test",

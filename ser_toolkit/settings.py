@@ -421,6 +421,8 @@ def study_schema() -> tuple[Setting, ...]:
         Setting("dataset", None, "dataset plugin name (see 'sertk plugins')", required=True),
         Setting("root", None, "corpus folder (corpora read from disk need one)", type="path"),
         Setting("options", {}, "dataset parameters", type="table"),
+        Setting("name", None, "cache name, which also names its results (default: the dataset's own, e.g. "
+                "savee-reference); two sources of one corpus need two names"),
     )
     data = (*corpus,
             Setting("split", SETTINGS["split"].default, SETTINGS["split"].help),

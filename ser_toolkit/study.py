@@ -219,21 +219,38 @@ def _cache(entry: Mapping[str, Any], cache_dir: Path, workers: int) -> Path:
     ds = get("dataset", dataset).obj(**entry.get("options", {}))
     if ds.needs_root and not root:
         raise SertkError(f"dataset '{dataset}' needs a root folder in the study config", "set its root")
-    path = cache_file(cache_dir, ds.cache_name())
+    path = cache_file(cache_dir, _cache_name(entry))
     root_path = check_root(dataset, Path(root), allow_file=ds.root_may_be_file) if ds.needs_root else None
     pre = preprocess_for(ds, entry.get("mono"), entry.get("dtype"), entry.get("resampler"), entry.get("max_seconds"))
     build_cache(ds, root_path, path, pre, workers=workers, quiet=True)
     return path.resolve()
 
 
-CORPUS_KEYS = ("dataset", "root", "options", "mono", "dtype", "resampler", "max_seconds")
+CORPUS_KEYS = ("dataset", "root", "options", "name", "mono", "dtype", "resampler", "max_seconds")
 """The keys of a corpus entry that say which cache it is (a cross entry has these only)."""
 
 
 def _cache_name(entry: Mapping[str, Any]) -> str:
+    """The entry's ``name``, else its dataset's cache name (e.g. savee-reference)."""
+    from ser_toolkit.cache.identity import check_name
     from ser_toolkit.registry import get
 
+    if entry.get("name"):
+        return check_name(entry["name"])
     return get("dataset", entry["dataset"]).obj(**entry.get("options", {})).cache_name()
+
+
+def _check_cache_names(data: Mapping[str, Any]) -> None:
+    """Two corpus entries of other settings never share a cache (nor a result file): one line naming both."""
+    seen: dict[str, tuple[str, dict[str, Any]]] = {}
+    for where, entry in [("[data]", data), *((f"[data] cross[{i}]", c) for i, c in enumerate(data.get("cross", [])))]:
+        name, keys = _cache_name(entry), {k: entry.get(k) for k in CORPUS_KEYS}
+        if name in seen and seen[name][1] != keys:
+            raise SertkError(f"{seen[name][0]} and {where} would share the cache '{name}' with other settings",
+                             f"give one a name of its own in the study config (name = \"{name}-2\")")
+        if name in seen and where != "[data]":
+            raise SertkError(f"{where} repeats {seen[name][0]} (cache '{name}')", "list each corpus once")
+        seen.setdefault(name, (where, keys))
 
 
 def corpus_studies(cfg: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -663,6 +680,7 @@ def _prepare(cfg: dict[str, Any], progress) -> _Prepared:
     workers = int(cfg.get("training", {}).get("workers", 2))
     runs_dir = Path(study_cfg.get("runs_dir") or f"runs/{cfg.get('name', 'study')}")
     selection = study_cfg.get("selection", "validation")
+    _check_cache_names(data)
     progress.phase("cache", "caching corpora (" + ", ".join(
         _cache_name(e) for e in [data, *data.get("cross", [])]) + ")")
     cache = _cache(data, cache_dir, workers)

@@ -460,6 +460,7 @@ def _build(dataset: Dataset, root: Path | None, scan: Any, path: Path, pre: Prep
     except SertkError:  # a dataset object built directly (tests, scripts)
         plugin = {"distribution": type(dataset).__module__, "version": None}
     config = {
+        "name": path.stem,  # the name it was built under: a renamed or copied file keeps it (set names)
         "preprocess": asdict(pre),
         "dataset": {**identity, "options": dataset.options, "plugin": plugin},
         "sertk_version": __version__,

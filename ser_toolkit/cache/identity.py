@@ -100,6 +100,21 @@ def validate_table(path: Path, columns: Mapping[str, Any], audio_len: int, max_s
         raise damaged(path, "duplicate utterance ids")
 
 
+def cache_name(config: Mapping[str, Any]) -> str:
+    """The name a cache was built under (``sertk cache --name``, else its dataset's cache name), from its header
+    ``config``: never from its file name, so a renamed or copied cache keeps its name. Caches written before the
+    name was recorded: the dataset's cache name for the recorded options (its plugin name if not installed)."""
+    if config.get("name"):
+        return str(config["name"])
+    dataset = config.get("dataset") or {}
+    try:
+        from ser_toolkit.registry import get
+
+        return get("dataset", dataset["name"]).obj(**(dataset.get("options") or {})).cache_name()
+    except Exception:  # noqa: BLE001 - a plugin not installed here, or options it no longer takes
+        return str(dataset.get("name", "unnamed"))
+
+
 def check_name(name: str) -> str:
     """A cache name is a file stem: letters, digits, '.', '_', '-', not starting with '.' or '-'."""
     if not isinstance(name, str) or not _NAME.fullmatch(name) or name.endswith(".h5"):

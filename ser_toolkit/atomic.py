@@ -53,15 +53,18 @@ def _writer(tmp: Path) -> tuple[str | None, int | None]:
 def destination(path: Path) -> tuple[Path, str]:
     """Where a write to ``path`` lands and how: ``("file", target)``-like pair ``(target, kind)``.
 
-    A symbolic link is followed (its target is written, the link stays); ``kind`` is ``file`` (absent or a
-    regular file: replaced atomically), ``stream`` (a character device or a FIFO, e.g. ``/dev/null``: written
-    through, never renamed over) or refused in one line (a folder, a socket, a block device).
+    ``kind`` is ``file`` (absent or a regular file: replaced atomically), ``stream`` (a character device or a
+    FIFO, e.g. ``/dev/null``: written through, never renamed over); a symbolic link (its target may be anyone's
+    file), a folder, a socket or a block device is refused in one line.
     """
     import stat
 
     from ser_toolkit.errors import SertkError
 
-    target = Path(os.path.realpath(path)) if path.is_symlink() else path
+    if path.is_symlink():
+        raise SertkError(f"{path} is a symbolic link (to {os.readlink(path)}): sertk never writes through a link, "
+                         "whose target may be a file it did not write", "give the target's own path, or another path")
+    target = path
     try:
         mode = os.stat(target).st_mode
     except FileNotFoundError:
@@ -142,12 +145,17 @@ def remove_stale_tmp(folder: Path, stem: str) -> int:
 
     Another host's temporaries are left alone: whether their writer lives cannot be told from here.
     """
+    import shutil
+
     removed = 0
     for p in folder.glob(f"{stem}{TMP_MARK}*"):
         host, pid = _writer(p)
         if pid is not None and host in (None, _HOST) and pid != os.getpid() and not _alive(pid):
             with contextlib.suppress(OSError):
-                p.unlink()
+                if p.is_dir() and not p.is_symlink():  # a folder written whole, then renamed into place
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
                 removed += 1
     return removed
 
@@ -160,6 +168,21 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def try_lock(path: Path, busy: Exception):
+    """Take an exclusive advisory lock on ``path`` now, or raise ``busy``; the lock is held while the returned
+    file object lives (and released if the process dies)."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(path, "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.close()
+        raise busy from None
+    return fh
 
 
 @contextlib.contextmanager

@@ -76,6 +76,9 @@ def decode(path: str | Path) -> tuple[np.ndarray, int]:
         if path.exists():
             raise AudioError(f"{path}: not a regular file but {_kind(path)}",
                              "save the audio to a regular file and pass that file")
+        if path.is_symlink():
+            raise AudioError(f"{path}: a symbolic link that leads to no file (a loop, or its target is gone)",
+                             "fix the link, or pass the audio file itself")
         raise AudioError(f"{path}: no such file", "check the path")
     if path.stat().st_size == 0:
         raise AudioError(f"{path}: empty file (0 bytes)", "re-copy the file or remove it")

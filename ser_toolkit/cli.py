@@ -390,7 +390,15 @@ def augment(
     if out.size and np.abs(out).max() > 1:
         params = {**params, "output_peak": float(np.abs(out).max())}
     with atomic.atomic_path(output_file) as tmp:
-        sf.write(str(tmp), out, 16000, format=fmt, subtype="FLOAT" if fmt == "WAV" else None)
+        try:
+            sf.write(str(tmp), out, 16000, format=fmt, subtype="FLOAT" if fmt == "WAV" else None)
+        except sf.LibsndfileError as exc:  # libsndfile says "System error." for a full disk
+            import errno
+            import shutil
+
+            if shutil.disk_usage(tmp.parent).free < 4 * out.nbytes + (1 << 20):
+                raise OSError(errno.ENOSPC, "No space left on device", str(output_file.parent)) from None
+            raise SertkError(f"cannot write {output_file}: {exc}", "check the path and its permissions") from None
     if as_json:
         typer.echo(json.dumps({"augmentation": name, "params": params}))
         return
@@ -570,6 +578,18 @@ def _same_data(run_dir: Path, wanted: dict) -> bool:
         return False
 
 
+def _is_run_config(run_dir: Path) -> bool:
+    """Whether ``run_dir/config.json`` is a regular file sertk wrote for a run (JSON with its 'train' table)."""
+    import json
+
+    path = run_dir / "config.json"
+    try:
+        return path.is_file() and not path.is_symlink() and isinstance(json.loads(path.read_text()).get("train"),
+                                                                        dict)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _check_model_name(model: str, registry) -> None:
     """``--model`` is a model plugin, a hub id (org/name) or a folder; a bare unknown name is a typo."""
     import difflib
@@ -671,6 +691,15 @@ def train(
     if cfg.split.startswith("file:"):  # a split file is found again from any working directory
         cfg.split = "file:" + str(Path(cfg.split[5:]).expanduser().resolve())
     run_dir = out or Path("runs") / "-".join([Path(cfg.dataset).stem, cfg.model, *(cfg.plugins or ["clean"])])
+    if int(os.environ.get("RANK", 0)) == 0:  # held until the command ends: one writer per run folder
+        from ser_toolkit.atomic import try_lock
+        from ser_toolkit.executors import lock_path
+
+        _held = try_lock(lock_path(run_dir), SertkError(  # noqa: F841 - the lock lives as long as it does
+            f"another sertk process is training run {run_dir} now", "wait for it to end, or pass another --out"))
+    if run_dir.exists() and not resume and (run_dir / "config.json").exists() and not _is_run_config(run_dir):
+        raise SertkError(f"{run_dir} holds a config.json that is not a sertk run's",
+                         "pass another --out (sertk never writes over a file it did not write)")
     if resume:
         if not (run_dir / "config.json").is_file():
             raise SertkError(f"{run_dir} holds no run to resume", "drop --resume to start it")
@@ -761,7 +790,7 @@ def evaluate(
                                                   f"batch size, at least 8; {GPU_EVAL_BATCH} on CUDA)."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Where the run's training cache is now, if it "
                                          "moved (the run checks it holds the data it trained on)."),
-    max_seconds: Optional[float] = typer.Option(None, "--max-seconds", min=1.0,
+    max_seconds: Optional[float] = typer.Option(None, "--max-seconds", min=1.0, max=6 * 3600.0,
                                                 help="Waveform models: predict longer utterances in windows of at "
                                                      "most this many seconds, averaged (default: the run's "
                                                      "training crop; without one, longer than 60 s is refused)."),
@@ -842,6 +871,11 @@ def predict(
                                                                            fix=PREDICT_FIX)
     else:
         probs = predict_waves(model, featurize, waves, 8, device, fix=PREDICT_FIX)
+    import numpy as np
+
+    if not np.isfinite(np.asarray(probs)).all():
+        raise SertkError(f"run {run} predicts NaN or infinite probabilities (its weights are damaged or training "
+                         "diverged)", "retrain the run (a lower --lr, if its training loss became NaN)")
     results = [{"file": str(p), "emotion": EMOTIONS[int(pr.argmax())],
                 "probabilities": {e: float(v) for e, v in zip(EMOTIONS, pr)}} for p, pr in zip(audio, probs)]
     if as_json:
@@ -985,7 +1019,8 @@ _WRITE_ELSEWHERE = {
     "materialize": "copy the cache to a disk with room and pass that copy as CACHE (the sets are written beside it)",
     "study": "write elsewhere (--runs-dir, and cache_dir in the config's [data])",
     "evaluate": "move the run folder to a disk with room and evaluate it there",
-    "report": "write elsewhere (--output)", "split": "write elsewhere (--output)"}
+    "report": "write elsewhere (--output)", "split": "write elsewhere (--output)",
+    "augment": "write OUT elsewhere"}
 """How each command can write elsewhere when a disk is full (the others: --cache-dir, --out)."""
 
 
@@ -1030,6 +1065,13 @@ def main(argv: Optional[List[str]] = None) -> None:
         if debug:
             raise
         print(f"Error: {os_error_line(exc, _write_elsewhere(args))}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as exc:  # a library's own error type for a full disk (safetensors, libsndfile...)
+        if debug or not any(s in str(exc) for s in ("No space left on device", "os error 28", "errno = 28")):
+            raise
+        import errno
+
+        print(f"Error: {os_error_line(OSError(errno.ENOSPC, str(exc)), _write_elsewhere(args))}", file=sys.stderr)
         sys.exit(2)
     if rc == 130:  # Ctrl-C or SIGTERM (typer turns KeyboardInterrupt into exit code 130)
         import signal

@@ -500,6 +500,11 @@ def evaluate_run(run_dir: Path, specs: Sequence[str] | None = None, batch_size: 
                                EVAL_LONG_FIX)
         probs, features = run_probs(model, featurize, cfg, reader, rows, batch, device, workers,
                                     batch_seconds=batch_seconds, fix=fix, max_seconds=max_seconds)
+        bad = int((~np.isfinite(probs).all(1)).sum())
+        if bad:  # NaN weights (or a diverged run): never sealed as predictions
+            raise SertkError(f"run {run_dir} predicts no finite probabilities for {bad} of {len(rows)} utterances "
+                             f"of {name} (NaN or infinite outputs: its weights are damaged or training diverged)",
+                             "retrain the run (a lower --lr, if its training loss became NaN)")
         if features:
             provenance = {**provenance, "features": features}
         if wave_model and max_seconds:

@@ -233,7 +233,7 @@ class StudyProgress:
 
     def eta(self) -> float | None:
         """Estimated seconds left for the runs planned (see :func:`estimate_left`)."""
-        trained = [r.seconds for r in self.records if r.state != REUSED]
+        trained = [r.seconds for r in self.records if not r.state.startswith(REUSED)]
         running = self.clock() - self._started if self.current is not None and self._trains else None
         left = estimate_left(trained, self.planned - len(self.records), running)
         return None if left is None else left / max(1, self.parallel)
@@ -279,7 +279,7 @@ class StudyProgress:
             for h in head:
                 table.add_column(h, justify="right" if h in ("seed", "fold", "seconds") else "left")
             for row in rows:
-                table.add_row(*row, style="dim" if row[head.index("state")] == REUSED else None)
+                table.add_row(*row, style="dim" if row[head.index("state")].startswith(REUSED) else None)
             (self.console or _console()).print(table)
             return
         widths = [max(len(x) for x in col) for col in zip(head, *rows)]

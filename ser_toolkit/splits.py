@@ -189,6 +189,9 @@ def loso(utts: Sequence[Utterance], fold: int = 0) -> dict[str, str]:
 def from_file(utts: Sequence[Utterance], path: str | Path) -> dict[str, str]:
     """Read an ``utterance,split`` CSV; every utterance must be listed."""
     path = Path(path).expanduser()
+    if path.exists() and not path.is_file():
+        what = "a folder" if path.is_dir() else "not a regular file (a FIFO or a device)"
+        raise SplitError(f"split file {path} is {what}", "pass an utterance,split CSV file after file:")
     if not path.is_file():
         raise SplitError(f"split file {path} does not exist", "check the path after file:")
     with open(path, newline="", encoding="utf-8") as fh:

@@ -204,7 +204,7 @@ def dump_config(cfg: Mapping[str, Any]) -> str:
     return head + "\n" + tomli_w.dumps(cfg)
 
 
-def _cache(entry: Mapping[str, Any], cache_dir: Path, workers: int) -> Path:
+def _cache(entry: Mapping[str, Any], cache_dir: Path, workers: int, runs_dir: Path) -> Path:
     """Build (or find unchanged) the cache of one corpus entry of the study config ([data] or a cross entry).
 
     The entry's ``mono``/``dtype``/``resampler``/``max_seconds`` are its cache
@@ -222,7 +222,7 @@ def _cache(entry: Mapping[str, Any], cache_dir: Path, workers: int) -> Path:
     path = cache_file(cache_dir, _cache_name(entry))
     root_path = check_root(dataset, Path(root), allow_file=ds.root_may_be_file) if ds.needs_root else None
     pre = preprocess_for(ds, entry.get("mono"), entry.get("dtype"), entry.get("resampler"), entry.get("max_seconds"))
-    build_cache(ds, root_path, path, pre, workers=workers, quiet=True)
+    build_cache(ds, root_path, path, pre, workers=workers, quiet=True, protect_runs=True, own_runs=runs_dir)
     return path.resolve()
 
 
@@ -368,6 +368,52 @@ def _trained_on(run_dir: Path) -> str | None:
         return None
 
 
+def _elsewhere(run_dir: Path) -> list[Path]:
+    """Where an earlier study may have placed the run ``run_dir`` will hold: one level up (a study over one
+    training corpus, now run with --cross-matrix: RUNS_DIR/<corpus>/RUN) and in the per-corpus folders of a
+    study over several (RUNS_DIR/<corpus>/RUN, now run over one)."""
+    here = run_dir.parent
+    found = [here.parent / run_dir.name]
+    if here.is_dir():
+        found += [d / run_dir.name for d in sorted(here.iterdir()) if (d / "study.json").is_file()]
+    return [p for p in found if p.resolve() != run_dir.resolve()]
+
+
+def _adopt(run_dir: Path, wanted: Mapping[str, Any], digest: str) -> Path | None:
+    """Link (hard links: no bytes copied) a finished run of the same settings, data and split found where an
+    earlier study placed it (:func:`_elsewhere`) into ``run_dir``; its folder there stays as it was (every
+    file of a run is replaced by rename, never rewritten in place). Returns where it came from, or None."""
+    import os
+
+    from ser_toolkit.atomic import remove_stale_tmp, tmp_name
+    from ser_toolkit.training import runs
+
+    for other in _elsewhere(run_dir):
+        try:
+            stored = runs.read_json(other / "config.json").get("train") or {}
+            if not runs.is_sealed(other) or _trained_on(other) != digest or \
+                    _comparable(stored) != _comparable(wanted) or not _same_split(other, stored, wanted):
+                continue
+            runs.check_run(other)  # intact: its seal vouches for its weights and records
+        except (SertkError, OSError, AttributeError, TypeError):
+            continue
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_tmp(run_dir.parent, f"{run_dir.name}.adopt")
+        tmp = tmp_name(run_dir.with_name(f"{run_dir.name}.adopt"))
+
+        def link(src: str, dst: str) -> None:
+            try:
+                os.link(src, dst)
+            except OSError:  # another file system: a copy
+                shutil.copy2(src, dst)
+
+        shutil.copytree(other, tmp, copy_function=link,
+                        ignore=shutil.ignore_patterns("*.tmp-*", runs.STATE_GLOB))
+        os.replace(tmp, run_dir)
+        return other
+    return None
+
+
 def _evaluated(run_dir: Path, specs: list[str] | None, cross: list[str], folder: str = "eval") -> bool:
     """Whether every set of ``specs`` has an evaluation of this run on its current data in ``folder``."""
     from ser_toolkit.evaluation import check_evaluation, test_sets
@@ -409,6 +455,7 @@ def run_model(run_dir: Path, tcfg, log, digest: str, selection: bool = False,
     progress = as_reporter(log)
     wanted = asdict(tcfg)
     state = "trained"
+    adopted = None if (run_dir / "config.json").is_file() else _adopt(run_dir, wanted, digest)
     if (run_dir / "config.json").is_file():
         record = runs.read_json(run_dir / "config.json")
         stored = record.get("train") if isinstance(record, dict) else None
@@ -478,6 +525,8 @@ def run_model(run_dir: Path, tcfg, log, digest: str, selection: bool = False,
     if trained is not None:
         trained.sealed()  # the run is finished only now (an error of the write is raised here)
         runs.write_json(run_dir / "wall_time.json", {"train_seconds": train_seconds})
+    if state == "reused" and adopted is not None:
+        state = f"reused (from {adopted})"
     if not isinstance(log, StudyProgress):
         log(f"{run_dir.name}: {state}")
     return state
@@ -683,8 +732,8 @@ def _prepare(cfg: dict[str, Any], progress) -> _Prepared:
     _check_cache_names(data)
     progress.phase("cache", "caching corpora (" + ", ".join(
         _cache_name(e) for e in [data, *data.get("cross", [])]) + ")")
-    cache = _cache(data, cache_dir, workers)
-    cross = [str(_cache(c, cache_dir, workers)) for c in data.get("cross", [])]
+    cache = _cache(data, cache_dir, workers, runs_dir)
+    cross = [str(_cache(c, cache_dir, workers, runs_dir)) for c in data.get("cross", [])]
     runs_dir.mkdir(parents=True, exist_ok=True)
     reader = CacheReader(cache)
     methods = list(aug["methods"])

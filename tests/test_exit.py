@@ -81,3 +81,35 @@ def test_a_killed_study_leaves_no_process_behind(tmp_path):
     finally:
         for pid in _group(proc.pid):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_a_killed_cache_build_leaves_no_worker_holding_its_lock(tmp_path):
+    """kill -9 of `sertk cache -j 2` while its workers decode: they end with it (an orphan held the build lock,
+    so the rerun waited forever), and the rerun finishes the cache."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = ["cache", "synthetic", "--set", "per_emotion=40", "--set", "speakers=4", "--cache-dir", str(tmp_path),
+            "-j", "2", "-q"]
+    proc = subprocess.Popen([sys.executable, "-m", "ser_toolkit", *args], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True,
+                            env={**os.environ, "SERTK_CACHE_TASK_SIZE": "4"})
+    deadline = time.monotonic() + 120
+    try:
+        while len(_group(proc.pid)) < 3:  # the command and its two decoding workers
+            assert proc.poll() is None and time.monotonic() < deadline, "the build ended before its workers started"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 30
+        while _group(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _group(proc.pid) == []
+    finally:
+        for pid in _group(proc.pid):
+            os.kill(pid, signal.SIGKILL)
+    r = run_sertk(*args, timeout=120)
+    assert r.code == 0, r.err

@@ -16,6 +16,7 @@ import h5py
 import numpy as np
 import pytest
 
+from helpers import one_line_error as one_line
 from helpers import run_sertk, write_audio
 from ser_toolkit.cache.build import Preprocess, build_cache, verify_cache
 from ser_toolkit.cache.reader import CacheReader
@@ -386,6 +387,19 @@ def test_a_cache_finished_runs_depend_on_is_not_replaced_without_force(tmp_path)
     assert CacheReader(cache / "synthetic.h5").digest == before  # untouched
     assert run_sertk("evaluate", run).code == 0
     assert run_sertk("cache", "synthetic", "--set", "per_emotion=2", "--cache-dir", cache, "-q").code == 0  # same
+    # a study over that cache with other content: the runs are not its own, so it refuses too
+    cfg = tmp_path / "s.toml"
+    cfg.write_text(f'[data]\ncache_dir = "{cache}"\noptions = {{ per_emotion = 3 }}\ncross = []\n')
+    r = run_sertk("study", "--preset", "demo", "--config", cfg, cwd=tmp_path)
+    one_line(r, "1 finished run trained on", "study config's [data]", "sertk cache synthetic")
+    assert CacheReader(cache / "synthetic.h5").digest == before
+    # a moved run is still protected (its record cannot tell moved from deleted)
+    moved = tmp_path / "elsewhere"
+    run.rename(moved)
+    r = run_sertk("cache", "synthetic", "--set", "per_emotion=3", "--cache-dir", cache, "-q")
+    one_line(r, "(not there now: moved or deleted)", "synthetic.h5.runs/")
+    assert CacheReader(cache / "synthetic.h5").digest == before
+    assert run_sertk("evaluate", moved).code == 0
     r = run_sertk("cache", "synthetic", "--set", "per_emotion=3", "--cache-dir", cache, "-q", "--force")
     assert r.code == 0, r.err
     assert CacheReader(cache / "synthetic.h5").digest != before

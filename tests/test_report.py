@@ -230,10 +230,20 @@ def test_the_same_run_twice_is_never_two_replicates(runs, tmp_path):
     from ser_toolkit.errors import SertkError
 
     twice = [shutil.copytree(r, tmp_path / "again" / r.name) for r in runs]
-    with pytest.raises(SertkError, match="the same run twice, not two replicates"):
+    with pytest.raises(SertkError, match=r"are the same run \(run id"):
         write_report(runs + twice, tmp_path / "r.md")
-    other = tmp_path / "other" / "noise-s4"
-    fake_run(other, ["noise"], 4, 0.9, np.random.default_rng(1), lr=0.5)
+    # a copy under another folder name, or with its seed edited (and its seal recomputed), is still that run
+    renamed = shutil.copytree(runs[0], tmp_path / "z" / "run2")
+    with pytest.raises(SertkError, match="are the same run"):
+        write_report(runs + [renamed], tmp_path / "r.md")
+    # the same settings and seed trained again (another run id): one replicate, not two
+    again = tmp_path / "again2" / "noise-s1"
+    fake_run(again, ["noise"], 1, 0.95, np.random.default_rng(5))
+    with pytest.raises(SertkError, match="the same settings and seed trained twice are one replicate"):
+        write_report(runs + [again], tmp_path / "r.md")
+    # another model of one name and seed (another study's): named apart by its settings, not "the same run"
+    other = tmp_path / "other" / "noise-s1"
+    fake_run(other, ["noise"], 1, 0.9, np.random.default_rng(1), lr=0.5)
     with pytest.raises(SertkError, match="are both named 'noise' but differ in lr"):
         write_report(runs + [other], tmp_path / "r.md")
     assert not (tmp_path / "r.md").exists()

@@ -143,3 +143,31 @@ top_k = [2]
     assert "`svm` on `acoustic` features (588 values), normalisation speaker (transductive" in md
     assert "fitted once (no epochs)" in md and "augmentation offline, 1 copy per file" in md
     assert {n["method"] for n in numbers if n["section"] == "gains"} == {"specaugment", "timestretch", "ncp", "noise"}
+
+
+@pytest.mark.timeout(1500)  # above the subprocess limits inside
+@pytest.mark.slow
+def test_cross_matrix_reuses_the_runs_of_the_study_it_extends_and_a_rerun_retrains_nothing(tmp_path):
+    import os
+
+    def last(study_json):
+        return json.loads(study_json.read_text())["invocations"][-1]
+
+    assert run_sertk("study", "--preset", "demo", "-q", cwd=tmp_path, timeout=900).code == 0
+    single = tmp_path / "runs" / "demo"
+    first = last(single / "study.json")
+    assert first["runs"] == first["trained"] > 0
+    r = run_sertk("study", "--preset", "demo", "--cross-matrix", "-q", cwd=tmp_path, timeout=900)
+    assert r.code == 0, r.err
+    primary = last(single / "synthetic" / "study.json")
+    assert primary["runs"] == primary["reused"] == first["runs"], primary  # linked, not retrained
+    model = sorted((single / "baseline-s42" / "checkpoints").iterdir())[0].relative_to(single / "baseline-s42")
+    assert os.stat(single / "baseline-s42" / model).st_ino == \
+        os.stat(single / "synthetic" / "baseline-s42" / model).st_ino  # hard links: no bytes copied
+    # the adopted runs were evaluated on the new cross-corpus set (the other training corpus) too
+    assert (single / "synthetic" / "baseline-s42" / "eval" / "cross-synthetic-shifted.json").is_file()
+    r = run_sertk("study", "--preset", "demo", "--cross-matrix", "-q", cwd=tmp_path, timeout=900)
+    assert r.code == 0, r.err
+    for corpus in ("synthetic", "synthetic-shifted"):
+        again = last(single / corpus / "study.json")
+        assert again["runs"] == again["reused"] > 0, (corpus, again)

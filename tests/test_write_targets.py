@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from helpers import one_line_error, run_sertk, synthetic_cache
+from helpers import one_line_error, run_sertk, synthetic_cache, write_audio
 
 
 @pytest.fixture(scope="module")
@@ -50,13 +50,23 @@ def test_a_fifo_is_written_through_and_one_nobody_reads_is_refused(cache, tmp_pa
     assert stat.S_ISFIFO(os.stat(fifo).st_mode)
 
 
-def test_a_symlink_keeps_pointing_at_its_file_and_a_folder_is_refused(cache, tmp_path):
+def test_a_symlink_is_never_written_through_and_a_folder_is_refused(cache, tmp_path):
     target = tmp_path / "real.csv"
-    target.write_text("old\n")
+    target.write_text("precious\n")
     link = tmp_path / "link.csv"
     link.symlink_to(target)
-    assert split_to(cache, link).code == 0
-    assert link.is_symlink() and os.readlink(link) == str(target)
+    one_line_error(split_to(cache, link), "is a symbolic link", "give the target's own path")
+    assert link.is_symlink() and os.readlink(link) == str(target) and target.read_text() == "precious\n"
+    one_line_error(run_sertk("report", tmp_path / "nothing", "-o", link), "is a symbolic link")
+    wav, wav_link, toml_link = tmp_path / "in.wav", tmp_path / "out.wav", tmp_path / "cfg.toml"
+    write_audio(wav)
+    wav_link.symlink_to(target)
+    toml_link.symlink_to(target)
+    one_line_error(run_sertk("augment", "noise", wav, wav_link), "is a symbolic link")
+    one_line_error(run_sertk("study", "--preset", "demo", "--save-config", toml_link, cwd=tmp_path),
+                   "is a symbolic link")
+    assert target.read_text() == "precious\n"
+    assert split_to(cache, target).code == 0  # the target itself, named: replaced as asked
     assert target.read_text().startswith("utterance,split\n")
     (tmp_path / "folder").mkdir()
     one_line_error(split_to(cache, tmp_path / "folder"), "is a folder", "give the path of a file")

@@ -315,7 +315,12 @@ def _decode_all(dataset: Dataset, root: Path | None, todo: list[Utterance], fing
         dataset.load(todo[0], root)
     except Exception:  # noqa: BLE001 - a bad first file is reported by the worker that decodes it
         pass
-    pool = ProcessPoolExecutor(max_workers=workers, initializer=_ignore_sigint)
+    from functools import partial
+
+    from ser_toolkit.workers import start_worker
+
+    # workers leave Ctrl-C to the parent and die with it: an orphan would hold the build lock
+    pool = ProcessPoolExecutor(max_workers=workers, initializer=partial(start_worker, os.getpid()))
     try:
         pending = set()
         for utts, fps, part in tasks:  # a bounded number of tasks in flight: memory stays flat
@@ -341,13 +346,6 @@ def _result(future: Any, parts_dir: Path) -> list[tuple[str, int, int, str | Non
         raise SertkError(f"a decoding worker process died while caching ({free / 1e9:.2f} GB free under "
                          f"{parts_dir.parent})", "rerun (finished part files are kept and half-written ones "
                          "removed); if it dies again, run with --workers 1 to find the file") from None
-
-
-def _ignore_sigint() -> None:
-    """Workers leave Ctrl-C to the parent, which stops the pool cleanly."""
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def task_size() -> int:
@@ -379,17 +377,24 @@ def preprocess_for(dataset: Dataset, mono: str | None = None, dtype: str | None 
 
 def build_cache(dataset: Dataset, root: Path | None, path: Path, pre: Preprocess | None = None,
                 workers: int = 1, strict: bool = False, quiet: bool = False, force: bool = False,
-                protect_runs: bool = False) -> BuildSummary:
+                protect_runs: bool = False, own_runs: Path | None = None) -> BuildSummary:
     """Build or update the cache of ``dataset`` at ``path``; see the module doc for the guarantees.
 
-    ``protect_runs`` (``sertk cache``): other content never replaces a cache that finished runs trained on,
-    unless ``force`` (:mod:`ser_toolkit.cache.dependents`). A study leaves it off: it retrains those runs; its
-    refusals then name what a study can do (its config, a ``sertk cache ... --force`` command), not options."""
+    ``protect_runs``: other content never replaces a cache that finished runs trained on, unless ``force``
+    (:mod:`ser_toolkit.cache.dependents`), except the runs under ``own_runs``: a study's own runs folder (it
+    retrains them). With ``own_runs`` (a study) the refusals name what a study can do (its config, a
+    ``sertk cache ... --force`` command), not ``sertk cache``'s options."""
     from ser_toolkit.cache.identity import check_name
 
     pre = pre or Preprocess()
     path = Path(path)
     check_name(path.stem)
+    if path.exists() and not path.is_file() or force and path.is_symlink():  # before decoding anything
+        from ser_toolkit.audio import _kind
+
+        what = "a symbolic link" if path.is_symlink() else "a folder" if path.is_dir() else _kind(path)
+        raise CacheError(f"{path} is {what}, not a cache file: sertk writes caches as regular files of its own",
+                         "move it away, or choose another --cache-dir or --name")
     t0 = time.perf_counter()
     # refusals (a bad corpus, another corpus or other options under this name) before anything is written
     scan = dataset.scan(root)
@@ -398,13 +403,14 @@ def build_cache(dataset: Dataset, root: Path | None, path: Path, pre: Preprocess
                          "check --root (it should be the corpus's top folder)")
     _check_strings(scan.utterances)
     _existing(path, pre, _identity(dataset, root), force,
-              None if protect_runs else _rebuild_command(dataset, root, path, pre))
+              None if own_runs is None else _rebuild_command(dataset, root, path, pre))
     path.parent.mkdir(parents=True, exist_ok=True)
     waiting = f"another sertk process is building {path}; waiting for it to finish"
     with exclusive_lock(path.with_name(path.name + ".lock"), waiting):
         for attempt in range(3):  # damaged audio found mid-assembly: decode it again
             try:
-                return _build(dataset, root, scan, path, pre, workers, strict, quiet, force, t0, protect_runs)
+                return _build(dataset, root, scan, path, pre, workers, strict, quiet, force, t0, protect_runs,
+                              own_runs)
             except _OldAudioDamaged:
                 force = True
             except _PartDamaged:
@@ -433,7 +439,8 @@ def _identity(dataset: Dataset, root: Path | None) -> dict[str, Any]:
 
 
 def _build(dataset: Dataset, root: Path | None, scan: Any, path: Path, pre: Preprocess, workers: int,
-           strict: bool, quiet: bool, force: bool, t0: float, protect_runs: bool = False) -> BuildSummary:
+           strict: bool, quiet: bool, force: bool, t0: float, protect_runs: bool = False,
+           own_runs: Path | None = None) -> BuildSummary:
     """The build itself, under the lock (the existing cache is checked again: it may have changed)."""
     from ser_toolkit.registry import get
 
@@ -451,7 +458,7 @@ def _build(dataset: Dataset, root: Path | None, scan: Any, path: Path, pre: Prep
             skipped.append({"id": u.id, "path": u.path or "", "reason": reason, "fingerprint": ""})
     identity = _identity(dataset, root)
     header, mode = _existing(path, pre, identity, force,
-                             None if protect_runs else _rebuild_command(dataset, root, path, pre))
+                             None if own_runs is None else _rebuild_command(dataset, root, path, pre))
     summary.rebuilt = mode not in ("new", "incremental")
     summary.mode = mode
     try:
@@ -533,8 +540,9 @@ def _build(dataset: Dataset, root: Path | None, scan: Any, path: Path, pre: Prep
                          f"({len(skipped)} skipped; first: {skipped[0]['reason'] if skipped else '-'})",
                          "check the corpus files")
     summary.digest = _assemble(path, rows, fingerprints, old, parts, pre, config, summary,
-                               _keep_for_runs(path, header["digest"]) if protect_runs and not force and header
-                               else None)
+                               _keep_for_runs(path, header["digest"], own_runs,
+                                              None if own_runs is None else _rebuild_command(dataset, root, path, pre))
+                               if protect_runs and not force and header else None)
     shutil.rmtree(parts_dir.parent, ignore_errors=True)
     summary.seconds = time.perf_counter() - t0
     return summary
@@ -612,22 +620,27 @@ def _assemble(path: Path, rows: list[Utterance], fingerprints: dict[str, str],
                     f.close()
 
 
-def _keep_for_runs(path: Path, current: str):
+def _keep_for_runs(path: Path, current: str, own: Path | None = None, rebuild: str | None = None):
     """A guard for :func:`_assemble`: other content may not replace ``path`` while finished runs depend on its
-    ``current`` content (:mod:`ser_toolkit.cache.dependents`)."""
+    ``current`` content (:mod:`ser_toolkit.cache.dependents`), except runs under ``own`` (the study's own, which
+    it retrains). ``rebuild``: the replacing command, for a caller without ``sertk cache``'s options."""
     from ser_toolkit.cache.dependents import finished_runs
     from ser_toolkit.cache.identity import short
 
     def guard(digest: str) -> None:
         if digest == current:
             return
-        runs = finished_runs(path, current)
-        if runs:
-            named = ", ".join(str(r) for r in runs[:3]) + (f" and {len(runs) - 3} more" if len(runs) > 3 else "")
-            raise CacheError(f"cache {path} holds the data ({short(current)}) that {len(runs)} finished "
-                             f"run{'' if len(runs) == 1 else 's'} trained on ({named}); this build would replace it "
-                             f"with other data ({short(digest)})", "build it under another --name, or pass --force "
-                             "to replace it (those runs can then no longer be evaluated)")
+        runs, gone = finished_runs(path, current, own)
+        if runs or gone:
+            every = [*map(str, runs), *(f"{r} (not there now: moved or deleted)" for r in gone)]
+            named = ", ".join(every[:3]) + (f" and {len(every) - 3} more" if len(every) > 3 else "")
+            fix = ("build it under another --name, or pass --force to replace it (those runs can then no longer "
+                   "be evaluated)" if rebuild is None else "set another cache_dir (or a corpus name) in the study "
+                   f"config's [data], or replace it (those runs can then no longer be evaluated): {rebuild}")
+            raise CacheError(f"cache {path} holds the data ({short(current)}) that {len(every)} finished "
+                             f"run{'' if len(every) == 1 else 's'} trained on ({named}); this build would replace "
+                             f"it with other data ({short(digest)})", fix + (
+                                 f"; the records of deleted runs are in {path.name}.runs/" if gone else ""))
 
     return guard
 

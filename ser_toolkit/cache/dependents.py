@@ -27,19 +27,30 @@ def register(cache: Path, run_dir: Path, run_id: str, digest: str) -> None:
         pass
 
 
-def finished_runs(cache: Path, digest: str) -> list[Path]:
-    """The finished (sealed) runs that trained on ``cache`` when it held ``digest`` and still exist there."""
+def finished_runs(cache: Path, digest: str, own: Path | None = None) -> tuple[list[Path], list[Path]]:
+    """The finished runs that trained on ``cache`` when it held ``digest``: (those still where they were sealed,
+    those no longer there: moved or deleted, and so still protected). Runs under ``own`` (a study's runs
+    folder: it retrains them) and records of a folder that now holds another or an unfinished run are not."""
     from ser_toolkit.training import runs
 
-    found = []
+    found: list[Path] = []
+    gone: list[Path] = []
     for entry in sorted(folder(cache).glob("*.json")):
         try:
             record = json.loads(entry.read_text())
             run = Path(record["run"])
-            info = runs.run_info(run)
-        except Exception:  # noqa: BLE001 - a stale or damaged record names no run
+        except Exception:  # noqa: BLE001 - a damaged record names no run
             continue
-        if record.get("digest") == digest and info.get("run_id") == record.get("run_id") and runs.is_sealed(run) \
+        if record.get("digest") != digest or (own is not None and run.is_relative_to(own.resolve())):
+            continue
+        if not run.exists():
+            gone.append(run)
+            continue
+        try:
+            info = runs.run_info(run)
+        except Exception:  # noqa: BLE001 - a folder that holds no run now
+            continue
+        if info.get("run_id") == record.get("run_id") and runs.is_sealed(run) \
                 and info.get("data", {}).get("cache", {}).get("digest") == digest:
             found.append(run)
-    return found
+    return found, gone

@@ -145,6 +145,9 @@ class FeatureReader:
         if not self.path.exists():
             raise CacheError(f"feature file {self.path} does not exist",
                              "build it with 'sertk features CACHE --featurizer NAME'")
+        from ser_toolkit.cache.reader import check_regular
+
+        check_regular(self.path)
         try:
             self._fh = h5py.File(self.path, "r")
         except OSError:

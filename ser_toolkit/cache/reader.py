@@ -31,9 +31,20 @@ def _strings(ds) -> list[str]:
     return [s.decode("utf-8") if isinstance(s, bytes) else str(s) for s in ds[()]]
 
 
+def check_regular(path: Path) -> None:
+    """A cache (or feature) file is a regular file: a FIFO or device is never opened (it would block or be
+    read as data); one line naming what it is."""
+    if path.exists() and not path.is_file():
+        from ser_toolkit.audio import _kind
+
+        what = "a folder" if path.is_dir() else _kind(path)
+        raise CacheError(f"{path} is not a sertk cache: it is {what}", "pass a cache file written by 'sertk cache'")
+
+
 def _open_hdf5(path: Path, source: str | Path | None = None):
     import h5py
 
+    check_regular(Path(path))
     try:
         return h5py.File(source or path, "r")
     except OSError:
@@ -121,6 +132,7 @@ class CacheReader:
         self.path = Path(path)
         if not self.path.exists():
             raise CacheError(f"cache {self.path} does not exist", "build it with 'sertk cache DATASET'")
+        check_regular(self.path)
         self._file = open(self.path, "rb", buffering=0)  # noqa: SIM115 - held for the reader's lifetime
         self._fd: int | None = self._file.fileno()
         self._ident = _identity(os.fstat(self._fd))

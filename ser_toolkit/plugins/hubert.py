@@ -168,6 +168,16 @@ _ENCODERS = {f"{arch}Encoder{kind}" for arch in ("Hubert", "Wav2Vec2", "Data2Vec
 keys); other architectures (WavLM...) run Hugging Face's forward."""
 
 
+def min_samples(config) -> int:
+    """The receptive field of the convolutional feature encoder in samples: the shortest input that gives one
+    frame (400 for HuBERT and wav2vec 2.0)."""
+    field, hop = 1, 1
+    for kernel, stride in zip(getattr(config, "conv_kernel", ()), getattr(config, "conv_stride", ())):
+        field += (kernel - 1) * hop
+        hop *= stride
+    return field
+
+
 def encode(hf_model, inputs, attention_mask=None, hidden_states: bool = False):
     """The base model's forward without data-dependent syncs: (last hidden state (B, T, H), frame mask
     (B, T) bool or None, every layer's hidden states as Hugging Face returns them when ``hidden_states``:
@@ -183,6 +193,11 @@ def encode(hf_model, inputs, attention_mask=None, hidden_states: bool = False):
     from transformers.masking_utils import create_bidirectional_mask
 
     base, config = hf_model.base_model, hf_model.config
+    short = min_samples(config) - inputs.shape[-1]
+    if short > 0:  # shorter than one frame's receptive field (400 samples: 25 ms): zero-padded to one frame
+        inputs = torch.nn.functional.pad(inputs, (0, short))
+        if attention_mask is not None:
+            attention_mask = torch.nn.functional.pad(attention_mask, (0, short))
     encoder = getattr(base, "encoder", None)
     give_mask = attention_mask is not None and uses_attention_mask(config)
     if type(encoder).__name__ not in _ENCODERS or getattr(base, "adapter", None) is not None:

@@ -106,10 +106,6 @@ def _check_replicate(m: "Model", run: Path, fold: int | None) -> None:
 
     cfg = read_json(run / "config.json")["train"]
     for other, seed, other_fold in zip(m.runs, m.seeds, m.folds):
-        if (seed, other_fold) == (cfg.get("seed"), fold):
-            raise SertkError(f"runs {other} and {run} are both model '{m.name}' with seed {seed}"
-                             f"{f', fold {fold}' if fold is not None else ''}: the same run twice, not two "
-                             "replicates", "report one of the studies (or runs) at a time")
         ignored = REPLICATE_IGNORED | RUNTIME
         theirs = read_json(other / "config.json")["train"]
         differ = sorted(k for k in set(cfg) | set(theirs) if k not in ignored and cfg.get(k) != theirs.get(k))
@@ -120,6 +116,10 @@ def _check_replicate(m: "Model", run: Path, fold: int | None) -> None:
                 run_info(other).get("data", {}).get("cache", {}).get("digest"):
             raise SertkError(f"runs {other} and {run} are both named '{m.name}' but trained on different data",
                              "report them separately")
+        if (seed, other_fold) == (cfg.get("seed"), fold):
+            raise SertkError(f"runs {other} and {run} are both model '{m.name}' with seed {seed}"
+                             f"{f', fold {fold}' if fold is not None else ''}: the same settings and seed trained "
+                             "twice are one replicate, not two", "report one of the studies (or runs) at a time")
 
 
 def _check_data(models: list["Model"], allow_changed: bool) -> list[str]:
@@ -153,11 +153,12 @@ def _check_data(models: list["Model"], allow_changed: bool) -> list[str]:
 
 
 def _listed_run(study: Path, listed: str) -> Path:
-    """A run a study.json lists: its path as recorded (relative: to the folder the study ran in), else the run
-    folder of that name beside the study.json (a study moved, or reported from another folder); one line naming
-    both absolute paths tried when neither is a run folder."""
+    """A run a study.json lists: the run folder of that name beside the study.json (where a study puts its runs,
+    so a copied or moved study reports its own runs, never the original's), else its path as recorded
+    (relative: to the folder the study ran in); one line naming both absolute paths tried when neither is a run
+    folder."""
     run, beside = Path(listed), study / Path(listed).name
-    for candidate in (run, beside):
+    for candidate in (beside, run):
         if (candidate / "config.json").is_file():
             return candidate
     how = "" if run.is_absolute() else " (relative to the working directory)"
@@ -203,10 +204,16 @@ def collect(paths: Sequence[Path], allow_changed: bool = False,
             raise SertkError(f"{p} is neither a study folder (study.json) nor a run folder (config.json)",
                              "pass folders written by 'sertk study' or 'sertk train'")
     models: dict[str, Model] = {}
+    seen: dict[str, Path] = {}  # run id -> the folder it was read from
     for e in entries:
         m = models.setdefault(e["name"], Model(e["name"], e["role"], e["plugins"], e.get("weights")))
         run = Path(e["run"])
         info = check_run(run, allow_unfinished)
+        if info["run_id"] in seen:  # a copy of a run (whatever its folder name or edited seed) is that run
+            raise SertkError(f"runs {seen[info['run_id']]} and {run} are the same run (run id "
+                             f"{info['run_id'][:12]}), copied: one run counted twice", "report each run once "
+                             "(one of the copies, or one of the studies)")
+        seen[info["run_id"]] = run
         if not (run / "eval" / "summary.json").is_file():
             raise SertkError(f"run {run} has not been evaluated", f"run: sertk evaluate {run}")
         tests = check_evaluation(run / "eval", info["run_id"])  # every file as the evaluation wrote it

@@ -342,7 +342,10 @@ def resolve_cache(dataset: str, cache_dir: str | Path) -> Path:
     """A cache path, or a cache name looked up in ``cache_dir``."""
     from ser_toolkit.cache.build import locate_cache
 
+    from ser_toolkit.cache.reader import check_regular
+
     path = locate_cache(dataset, cache_dir)
+    check_regular(path)  # a FIFO or a folder is named as such, never opened
     if not path.is_file():
         raise SertkError(f"no cache {path}", f"build it first: sertk cache {path.stem}")
     return path

@@ -359,6 +359,19 @@ def locate_cache(run_dir: Path, info: dict[str, Any], first: Path | str | None =
 
     record = (info.get("data") or {}).get("cache") or {}
     digest = record.get("digest")
+    if first and option == "--cache":  # named to say where the run's own cache is now: it, and nothing else
+        given = Path(first)
+        if not given.exists():
+            raise SertkError(f"--cache {given} does not exist", "pass the path of the run's training cache "
+                             f"(data {str(digest)[:12]}; sertk inspect CACHE shows a cache's digest)")
+        reader = CacheReader(given)  # not a cache (a folder, a FIFO, a damaged file): one line
+        other = reader.digest
+        reader.close()
+        if other != digest:
+            raise SertkError(f"--cache {given} holds other data ({other[:12]}) than run {run_dir} trained on "
+                             f"({str(digest)[:12]})", "pass the run's own training cache, wherever it is now "
+                             "(--cache names where it moved; other data is never evaluated as the run's)")
+        return given
     given = [Path(first)] if first else []
     found = [p for p in given + _candidates(run_dir, record) if p.is_file()]
     for p in found:
@@ -372,7 +385,7 @@ def locate_cache(run_dir: Path, info: dict[str, Any], first: Path | str | None =
             return p
     if found:
         return found[0]
-    where = " nor at ".join(str(p) for p in _candidates(run_dir, record)) or "no recorded place"
+    where = " nor at ".join(dict.fromkeys(str(p) for p in _candidates(run_dir, record))) or "no recorded place"
     raise SertkError(f"the training cache of run {run_dir} (data {str(digest)[:12]}) is not at {where}",
                      f"pass the cache of that data with {option} PATH (sertk inspect CACHE shows its data digest)")
 
@@ -434,6 +447,10 @@ def check_run(run_dir: Path, allow_unfinished: bool = False) -> dict[str, Any]:
     if not isinstance(config, dict) or not isinstance(config.get("train"), dict):
         raise SertkError(f"{run_dir / 'config.json'} is malformed (no 'train' settings)",
                          "the run folder is damaged; retrain it")
+    from ser_toolkit.settings import SETTINGS, check_settings
+
+    check_settings({k: v for k, v in config["train"].items() if k in SETTINGS},  # as declared, however sealed
+                   lambda s: f"{run_dir / 'config.json'}: {s.name}", hint="the run folder is damaged; retrain it")
     if not (run_dir / RUN_FILE).is_file():
         raise SertkError(f"{run_dir} was never started or was written by an older sertk (no {RUN_FILE})",
                          "retrain it with 'sertk train'")
@@ -458,8 +475,13 @@ def check_run(run_dir: Path, allow_unfinished: bool = False) -> dict[str, Any]:
         return info
     from safetensors import safe_open
 
-    with safe_open(str(best), framework="pt") as fh:
-        owner = (fh.metadata() or {}).get("run_id")
+    try:
+        with safe_open(str(best), framework="pt") as fh:
+            owner = (fh.metadata() or {}).get("run_id")
+    except Exception as exc:  # noqa: BLE001 - truncated, a huge or malformed header: damaged, however sealed
+        raise SertkError(f"weights {best} cannot be read ({type(exc).__name__}: "
+                         f"{str(exc).strip().splitlines()[0][:120] if str(exc).strip() else 'damaged'})",
+                         "retrain the run") from None
     if owner != info["run_id"]:
         raise SertkError(f"weights {best} belong to another run", "copy no checkpoints between runs; retrain")
     return info

@@ -170,19 +170,18 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def try_lock(path: Path, busy: Exception):
-    """Take an exclusive advisory lock on ``path`` now, or raise ``busy``; the lock is held while the returned
-    file object lives (and released if the process dies)."""
+def lock_folder(folder: Path, busy: Exception) -> int:
+    """Take an exclusive advisory lock on ``folder`` itself now (no lock file is left anywhere), or raise
+    ``busy``. Returns the descriptor: the lock is held until it is closed or the process ends."""
     import fcntl
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fh = open(path, "a+")
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        fh.close()
+        os.close(fd)
         raise busy from None
-    return fh
+    return fd
 
 
 @contextlib.contextmanager

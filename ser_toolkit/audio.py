@@ -44,6 +44,10 @@ def _check_wav_complete(path: Path) -> None:
             if cid == b"data":
                 if clen == 0xFFFFFFFF:  # a streaming WAV: size unknown when written, the data runs to the end
                     return
+                if clen == 0 and size > pos + 8:  # a writer that never went back to fill in the size
+                    raise AudioError(f"{path}: the WAV header declares 0 data bytes but {size - pos - 8} follow (its "
+                                     "writer never finished the header)", "re-export the file (e.g. sox IN.wav "
+                                     "OUT.wav, or ffmpeg -i IN.wav OUT.wav)")
                 if pos + 8 + clen > size:
                     raise AudioError(f"{path}: truncated WAV (header declares {clen} data bytes, "
                                      f"{size - pos - 8} present)", "re-copy or re-export the file")
@@ -132,9 +136,16 @@ def prepare(data: np.ndarray, rate: int, mono: str = "mean", target: int = TARGE
     return resample(to_mono(data, mono), rate, target, resampler)
 
 
+MIN_SOURCE_RATE = 4000
+"""Hz; below this a file is not speech audio (or its header is damaged): refused by caching and prediction."""
+
+
 def load(path: str | Path, mono: str = "mean", target: int = TARGET_RATE, resampler: str = RESAMPLER) -> np.ndarray:
-    """Decode a file and prepare it as model input in one step."""
+    """Decode a file and prepare it as model input in one step (the same source-rate rule as caching)."""
     data, rate = decode(path)
+    if rate < MIN_SOURCE_RATE:
+        raise AudioError(f"{path}: sample rate {rate} Hz is below {MIN_SOURCE_RATE} Hz (damaged header?)",
+                         "re-export the file")
     return prepare(data, rate, mono, target, resampler)
 
 

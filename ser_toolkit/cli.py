@@ -578,6 +578,17 @@ def _same_data(run_dir: Path, wanted: dict) -> bool:
         return False
 
 
+def _check_new_run(run_dir: Path) -> None:
+    """A new run never starts in a folder that holds one (finished or not)."""
+    from ser_toolkit.training import runs
+
+    if (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
+        if runs.is_sealed(run_dir):
+            raise SertkError(f"{run_dir} already holds a finished run", "evaluate it (sertk evaluate "
+                             f"{run_dir}), or train a new run with another --out")
+        raise SertkError(f"{run_dir} holds an unfinished run", "pass --resume to continue it, or another --out")
+
+
 def _is_run_config(run_dir: Path) -> bool:
     """Whether ``run_dir/config.json`` is a regular file sertk wrote for a run (JSON with its 'train' table)."""
     import json
@@ -691,12 +702,6 @@ def train(
     if cfg.split.startswith("file:"):  # a split file is found again from any working directory
         cfg.split = "file:" + str(Path(cfg.split[5:]).expanduser().resolve())
     run_dir = out or Path("runs") / "-".join([Path(cfg.dataset).stem, cfg.model, *(cfg.plugins or ["clean"])])
-    if int(os.environ.get("RANK", 0)) == 0:  # held until the command ends: one writer per run folder
-        from ser_toolkit.atomic import try_lock
-        from ser_toolkit.executors import lock_path
-
-        _held = try_lock(lock_path(run_dir), SertkError(  # noqa: F841 - the lock lives as long as it does
-            f"another sertk process is training run {run_dir} now", "wait for it to end, or pass another --out"))
     if run_dir.exists() and not resume and (run_dir / "config.json").exists() and not _is_run_config(run_dir):
         raise SertkError(f"{run_dir} holds a config.json that is not a sertk run's",
                          "pass another --out (sertk never writes over a file it did not write)")
@@ -724,11 +729,8 @@ def train(
         if runs.is_sealed(run_dir):
             print(f"{run_dir} is already finished (final.json); nothing to resume")
             return
-    elif (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
-        if runs.is_sealed(run_dir):
-            raise SertkError(f"{run_dir} already holds a finished run", "evaluate it (sertk evaluate "
-                             f"{run_dir}), or train a new run with another --out")
-        raise SertkError(f"{run_dir} holds an unfinished run", "pass --resume to continue it, or another --out")
+    else:
+        _check_new_run(run_dir)
     if cfg.early_stopping and not cfg.valid:
         raise SertkError("--early-stopping needs a validation split", "add --valid 0.1")
     from ser_toolkit.training.loop import resolve_cache
@@ -743,6 +745,15 @@ def train(
         cache_path = resolve_cache(cfg.dataset, cfg.cache_dir)  # fails before anything is written
     created = not run_dir.exists()
     main_process = int(os.environ.get("RANK", 0)) == 0  # under torchrun only rank 0 writes and prints
+    if main_process:  # one writer per run folder: a lock on the folder itself, held until the command ends
+        from ser_toolkit.atomic import lock_folder
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        held = lock_folder(run_dir, SertkError(f"another sertk process is training run {run_dir} now",
+                                               "wait for it to end, or pass another --out"))
+        ctx.call_on_close(lambda: os.close(held))
+        if not resume:
+            _check_new_run(run_dir)  # again, under the lock: another process may have trained it meanwhile
     if not resume and main_process:
         runs.write_run_config(run_dir, cfg, cache_path, ["sertk", *_sys.argv[1:]], _given_fields(given))
     try:

@@ -31,7 +31,7 @@ import csv
 import re
 from collections import defaultdict
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -256,4 +256,28 @@ def fold_specs(spec: str, utts: Sequence[Utterance]) -> list[str]:
     for f in range(n):
         items[at] = f"fold={f}"
         out.append(f"{kind}:{','.join(items)}")
+    return out
+
+
+def overlap(utts: Sequence[Utterance], assignment: Mapping[str, str]) -> dict[str, Any]:
+    """How far the test part is kept apart from training: test speakers (and their utterances) also in the
+    train and the validation parts, and the validation part's real share of the training data (the requested
+    one is rounded to whole speakers when validation is carved speaker-disjoint). Unknown speakers are counted
+    as unknown, never as seen."""
+    parts: dict[str, list[Utterance]] = {"train": [], "valid": [], "test": []}
+    for u in utts:
+        if assignment.get(u.id) in parts:
+            parts[assignment[u.id]].append(u)
+    known = {p: {u.speaker for u in us if u.speaker} for p, us in parts.items()}
+    test = parts["test"]
+    out: dict[str, Any] = {"test_utterances": len(test), "test_speakers": len(known["test"]),
+                           "unknown_speaker_utterances": sum(1 for u in test if not u.speaker)}
+    for part in ("train", "valid"):
+        seen = known["test"] & known[part]
+        out[f"test_speakers_in_{part}"] = len(seen)
+        out[f"test_utterances_of_speakers_in_{part}"] = sum(1 for u in test if u.speaker in seen)
+    fit = len(parts["train"]) + len(parts["valid"])
+    out["valid_share"] = len(parts["valid"]) / fit if fit else 0.0
+    out["valid_speakers"] = len(known["valid"])
+    out["valid_speakers_in_train"] = len(known["valid"] & known["train"])
     return out

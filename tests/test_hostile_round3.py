@@ -190,3 +190,18 @@ def test_a_full_disk_is_one_line_for_library_writers(world, tmp_path):
                        "write OUT elsewhere")
     finally:
         subprocess.run(["umount", "-l", str(small)])
+
+
+def test_prediction_takes_the_source_rules_of_caching(world, tmp_path):
+    import soundfile as sf
+
+    _, _, run = world
+    sf.write(tmp_path / "1hz.wav", np.full(8, 0.1, np.float32), 1)
+    one_line_error(run_sertk("predict", run, tmp_path / "1hz.wav"), "sample rate 1 Hz is below 4000 Hz")
+    sf.write(tmp_path / "zero.wav", np.full(16000, 0.1, np.float32), 16000, subtype="PCM_16")
+    data = bytearray((tmp_path / "zero.wav").read_bytes())
+    at = data.index(b"data")
+    data[at + 4:at + 8] = struct.pack("<I", 0)  # a writer that never filled in the size
+    (tmp_path / "zero.wav").write_bytes(bytes(data))
+    one_line_error(run_sertk("predict", run, tmp_path / "zero.wav"), "declares 0 data bytes but 32000 follow",
+                   "re-export the file")

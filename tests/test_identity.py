@@ -96,8 +96,10 @@ def test_recached_corpus_is_refused_by_evaluate_and_report(tmp_path):
 
 
 def test_report_refuses_runs_evaluated_on_different_data(trained, tmp_path):
-    _, run = trained
-    a, b = shutil.copytree(run, tmp_path / "a"), shutil.copytree(run, tmp_path / "b")
+    cache, run = trained
+    a, b = shutil.copytree(run, tmp_path / "a"), tmp_path / "b"  # two runs (a copy would be the same run)
+    assert run_sertk("train", "--cache-dir", cache, "--out", b, *FAST, "--seed", "7").code == 0
+    assert run_sertk("evaluate", b).code == 0
     e = json.loads((b / "eval" / "test.json").read_text())
     e["data"]["digest"] = "0" * 64
     (b / "eval" / "test.json").write_text(json.dumps(e))

@@ -57,4 +57,4 @@ def test_a_moved_cache_is_asked_for_and_checked_by_digest(tmp_path):
     r = run_sertk("evaluate", run, "--cache", moved, "--json")
     assert r.code == 0, r.err
     assert json.loads(r.out)["test"]["n"] > 0
-    one_line_error(run_sertk("evaluate", run, "--cache", other / "synthetic.h5"), "changed since run")
+    one_line_error(run_sertk("evaluate", run, "--cache", other / "synthetic.h5"), "holds other data")

@@ -237,3 +237,22 @@ def test_k_larger_than_speakers(spec):
         fold_specs(spec, utts)
     with pytest.raises(SplitError, match="k=7 is out of range"):
         fold_count(spec, utts)
+
+
+def test_overlap_counts_test_speakers_heard_in_training_and_the_real_validation_share():
+    from ser_toolkit.splits import overlap
+
+    # speakers a, b: train and test; c: valid and test; d: test only; e: train only; one test utterance unknown
+    plan = {"a": "train train test", "b": "train test test", "c": "valid valid test", "d": "test test",
+            "e": "train train train", "": "test"}
+    utts, assignment = [], {}
+    for spk, parts in plan.items():
+        for i, part in enumerate(parts.split()):
+            u = Utterance(f"{spk or 'x'}{i}", None, "happy", spk, "c")
+            utts.append(u)
+            assignment[u.id] = part
+    o = overlap(utts, assignment)
+    assert (o["test_utterances"], o["test_speakers"], o["unknown_speaker_utterances"]) == (7, 4, 1)
+    assert (o["test_speakers_in_train"], o["test_utterances_of_speakers_in_train"]) == (2, 3)
+    assert (o["test_speakers_in_valid"], o["test_utterances_of_speakers_in_valid"]) == (1, 1)
+    assert o["valid_share"] == pytest.approx(2 / 8) and (o["valid_speakers"], o["valid_speakers_in_train"]) == (1, 0)

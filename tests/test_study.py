@@ -52,6 +52,9 @@ def test_demo_preset_end_to_end(tmp_path):
     assert min_gain == 0.01 and f"min_gain = {min_gain:g}" in md
     assert all(study["gains"][m] >= min_gain for weights in study["weights"].values() for m in weights)
     assert "p=" not in md.split("## Differences", 1)[1].split("## Emotion coverage", 1)[0]  # one seed: untested
+    # the speaker statement: the demo's test speakers are unseen; validation carved by whole speakers is 33 %
+    assert "- **Speakers**: speaker-independent: none of the 2 test speakers is in training or validation; " \
+           "validation is 33 % of the training data (20 % asked, 2 speakers, by whole speakers)." in md
 
 
 @pytest.mark.timeout(2200)  # above the subprocess limits inside

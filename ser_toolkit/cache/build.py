@@ -33,7 +33,7 @@ import numpy as np
 
 from ser_toolkit import __version__
 from ser_toolkit.atomic import atomic_path, exclusive_lock, remove_stale_tmp
-from ser_toolkit.audio import CLIP_LEVEL, MONO_RULES, RESAMPLER, RESAMPLERS, TARGET_RATE, prepare
+from ser_toolkit.audio import CLIP_LEVEL, MIN_SOURCE_RATE, MONO_RULES, RESAMPLER, RESAMPLERS, TARGET_RATE, prepare
 from ser_toolkit.cache.reader import INT16_SCALE, read_header
 from ser_toolkit.cache.writer import create_audio, finish, write_table
 from ser_toolkit.datasets import Dataset, Utterance
@@ -41,7 +41,6 @@ from ser_toolkit.errors import AudioError, CacheError, SertkError
 from ser_toolkit.space import new_h5, require_space
 
 DTYPES = ("float32", "int16")
-MIN_SOURCE_RATE = 4000  # Hz; below this a file is not speech audio (or its header is damaged)
 MAX_SECONDS = 600.0  # default longest utterance kept in a cache (10 min)
 TASK_SIZE = 128  # utterances per worker task and part file
 COPY_SAMPLES = 4 * 1024 * 1024  # largest slice copied at once while assembling

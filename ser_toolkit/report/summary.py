@@ -80,7 +80,39 @@ def setup_lines(models: list[Model], study: dict[str, Any]) -> list[str]:
                 f"; augmentation {cfg.get('aug_mode')}, {copies} cop{'ies' if copies != 1 else 'y'} per file"
                 + (f"; methods {', '.join(aug.get('methods', []))}" if aug.get("methods") else "")
                 + (f" with options {aug['options']}" if aug.get("options") else ""))
-    return [f"- **Model**: {model}.", f"- **Data**: {data}.", f"- **Training**: {training}."]
+    return [f"- **Model**: {model}.", f"- **Data**: {data}.", *speaker_overlap(summary.get("overlap"),
+                                                                             cfg.get("valid") or (study.get(
+                                                                                 "selection") or {}).get("valid_share")),
+            f"- **Training**: {training}."]
+
+
+def speaker_overlap(stats: Any, asked: float | None) -> list[str]:
+    """The report's statement of how far the in-corpus test part is from training (:func:`splits.overlap`,
+    recorded by every run in train_summary.json): test speakers also in training and validation, and the
+    validation part's real share."""
+    if not isinstance(stats, dict) or "test_speakers" not in stats:
+        return ["- **Speakers**: not recorded (a run trained by an older sertk)."]
+    n, u = stats["test_speakers"], stats["test_utterances"]
+
+    def seen(part: str) -> str:
+        k, ku = stats[f"test_speakers_in_{part}"], stats[f"test_utterances_of_speakers_in_{part}"]
+        return f"{k} of {n} test speakers ({ku} of {u} test utterances) also in {part}"
+
+    if n == 0:
+        text = "speakers unknown: whether test speakers were seen in training cannot be told"
+    elif stats["test_speakers_in_train"] == 0 and stats["test_speakers_in_valid"] == 0:
+        text = f"speaker-independent: none of the {n} test speakers is in training or validation"
+    else:
+        text = f"{seen('train')}; {seen('valid')}" + (
+            ": the test part mixes seen and unseen speakers" if stats["test_speakers_in_train"] < n else
+            ": every test speaker was also heard in training (speaker-dependent test)")
+    if stats.get("unknown_speaker_utterances"):
+        text += f"; {stats['unknown_speaker_utterances']} test utterances of unknown speakers"
+    if stats.get("valid_share"):
+        text += (f"; validation is {100 * stats['valid_share']:.0f} % of the training data ("
+                 + (f"{100 * asked:.0f} % asked, " if asked else "") + f"{stats['valid_speakers']} speakers"
+                 + (", by whole speakers" if stats.get("valid_speakers_in_train") == 0 else "") + ")")
+    return [f"- **Speakers**: {text}."]
 
 
 def findings(models: list[Model], tests: list[str], comps: list[Comparison], metric: str = "uar") -> list[str]:

@@ -267,7 +267,7 @@ def prepare_data(cfg: TrainConfig, featurize, run_dir: Path | None) -> Prepared:
     from ser_toolkit.augmentations import PartnerPool
     from ser_toolkit.cache.identity import assignment_digest
     from ser_toolkit.cache.reader import CacheReader
-    from ser_toolkit.splits import make_split
+    from ser_toolkit.splits import make_split, overlap
     from ser_toolkit.training.data import TrainItems
 
     path = resolve_cache(cfg.dataset, cfg.cache_dir)
@@ -315,7 +315,7 @@ def prepare_data(cfg: TrainConfig, featurize, run_dir: Path | None) -> Prepared:
                        max_samples, cfg.seed)
     summary = {"cache": str(path), "train_utterances": len(train_rows), "valid_utterances": len(valid_rows),
                "test_utterances": sum(1 for s in assignment.values() if s == "test"),
-               "train_items_per_epoch": len(items),
+               "train_items_per_epoch": len(items), "overlap": overlap(reader.utterances, assignment),
                "train_emotions": {EMOTIONS[k]: int(n) for k, n in sorted(Counter(reader.labels[train_rows]).items())}}
     here = run_dir.resolve() if run_dir is not None else None
     data = {"cache": {"path": str(path.resolve()), "digest": reader.digest,

@@ -81,7 +81,8 @@ def plugins(
         params = "\n".join(
             f"{p['name']}={p['default']}" + (f" ({'|'.join(map(str, p['choices']))})" if "choices" in p else "")
             for p in e["params"]) or "-"
-        table.add_row(e["kind"], e["name"], f"{e['distribution']} {e['version']}", params, e["description"])
+        table.add_row(e["kind"], e["name"], f"{e['distribution']} {e['version']}", params,
+                      e["description"] + (f" (down-mix: {e['mono']})" if e.get("mono") else ""))
     _console().print(table)
 
 

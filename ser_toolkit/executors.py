@@ -255,9 +255,10 @@ def _init_worker(slots, gpus: Sequence[str | None], threads: int, share: float, 
     """A local worker: ends with the ``orchestrator`` process (also after kill -9: it is the fork server's
     child, not the orchestrator's), takes a slot, binds to its GPU (:func:`gpu_slots`) and to ``threads``
     math threads."""
-    from ser_toolkit.workers import exit_with
+    from ser_toolkit.workers import exit_with, own_mp_tempdir
 
     exit_with(orchestrator)
+    own_mp_tempdir()
     slot = slots.get()
     _SLOT["slot"] = slot
     if gpus[slot] is not None:
@@ -296,6 +297,9 @@ class _LocalPool(_Runner):
         self.slots = jobs
         per_gpu = int(study.get("runs_per_gpu", 1))
         gpus = gpu_slots(jobs, visible_gpus(), per_gpu)
+        from ser_toolkit.workers import own_mp_tempdir
+
+        own_mp_tempdir()  # before the fork server starts: its socket lives there
         ctx = mp.get_context("forkserver")
         queue = ctx.Queue()
         for i in range(jobs):

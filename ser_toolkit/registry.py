@@ -82,6 +82,8 @@ class Entry:
         label_map = getattr(self.obj, "label_map", None)
         if label_map is not None:
             out["label_map"] = dict(label_map)
+        if self.kind == "dataset":
+            out["mono"] = getattr(self.obj, "mono", None)  # its down-mix of multi-channel files
         return out
 
 

@@ -82,3 +82,26 @@ def exit_with(pid: int) -> None:
 def state(name: str) -> Any:
     """What :func:`start_worker` kept under ``name`` in this worker."""
     return _STATE[name]
+
+
+def own_mp_tempdir() -> None:
+    """Give this process's ``multiprocessing`` temporary folder (fork server socket, shared objects) a name
+    that says whose it is, ``<tmp>/sertk-mp.tmp-<host>-<pid>-<random>``, removed at exit; the folders of dead
+    sertk processes (kill -9 leaves them, as it leaves ``pymp-*``) are removed here first."""
+    import atexit
+    import shutil
+    import tempfile
+    from multiprocessing import process
+    from pathlib import Path
+
+    from ser_toolkit.atomic import remove_stale_tmp, tmp_name
+
+    base = Path(tempfile.gettempdir())
+    remove_stale_tmp(base, "sertk-mp")
+    config = getattr(process.current_process(), "_config", None)
+    if not isinstance(config, dict) or config.get("tempdir"):
+        return
+    folder = tmp_name(base / "sertk-mp")
+    folder.mkdir(mode=0o700)
+    config["tempdir"] = str(folder)
+    atexit.register(shutil.rmtree, folder, True)

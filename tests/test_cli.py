@@ -83,3 +83,14 @@ def test_debug_shows_traceback():
     assert r.code != 0 and "Traceback" in r.err
     r = run_sertk("cache", "nope")
     assert r.code == 2 and "Traceback" not in r.err
+
+
+def test_plugins_show_each_dataset_s_down_mix(cli):
+    import json
+
+    listed = {e["name"]: e for e in json.loads(cli("plugins", "--json", "--kind", "dataset").out)}
+    from ser_toolkit.registry import get
+
+    assert {n: e["mono"] for n, e in listed.items()} == {n: get("dataset", n).obj.mono for n in listed}
+    table = cli("plugins", "--kind", "dataset").out
+    assert "(down-mix:" in table and table.count("mean)") + table.count("mean") >= len(listed)

@@ -51,12 +51,28 @@ def _group(pgid: int) -> list[int]:
     return found
 
 
+def _kill_and_check_group(proc) -> None:
+    """kill -9 ``proc`` (a session leader), then assert that its whole process group ends within 30 s (the
+    survivors are killed either way, so that a failure leaves nothing running)."""
+    import os
+    import signal
+    import time
+
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while _group(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = _group(proc.pid)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert left == []
+
+
 @pytest.mark.slow
 def test_a_killed_study_leaves_no_process_behind(tmp_path):
     """kill -9 of `sertk study --jobs 2` while its runs train: its fork server, its workers and theirs (feature
     workers forked by the workers' own fork servers) all end with it."""
-    import os
-    import signal
     import subprocess
     import sys
     import time
@@ -71,23 +87,28 @@ def test_a_killed_study_leaves_no_process_behind(tmp_path):
             assert proc.poll() is None and time.monotonic() < deadline, "the study ended before its runs started"
             time.sleep(0.2)
         time.sleep(2.0)
-        assert len(_group(proc.pid)) >= 4  # the orchestrator, its fork server, two workers (and theirs)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        deadline = time.monotonic() + 30
-        while _group(proc.pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert _group(proc.pid) == []
+        members = _group(proc.pid)
+        assert len(members) >= 4  # the orchestrator, its fork server, two workers (and theirs)
     finally:
-        for pid in _group(proc.pid):
-            os.kill(pid, signal.SIGKILL)
+        _kill_and_check_group(proc)
+    # their multiprocessing folders (fork server sockets) carry their pids: the next sertk process removes them
+    import tempfile
+    from pathlib import Path
+
+    def left() -> list[Path]:
+        return [p for p in Path(tempfile.gettempdir()).glob("sertk-mp.tmp-*")
+                if int(p.name.rsplit("-", 2)[1]) in members]
+
+    assert left(), "the study's processes named no multiprocessing folder of their own"
+    subprocess.run([sys.executable, "-c", "from ser_toolkit.workers import own_mp_tempdir; own_mp_tempdir()"],
+                   check=True)
+    assert left() == []
 
 
 def test_a_killed_cache_build_leaves_no_worker_holding_its_lock(tmp_path):
     """kill -9 of `sertk cache -j 2` while its workers decode: they end with it (an orphan held the build lock,
     so the rerun waited forever), and the rerun finishes the cache."""
     import os
-    import signal
     import subprocess
     import sys
     import time
@@ -102,14 +123,7 @@ def test_a_killed_cache_build_leaves_no_worker_holding_its_lock(tmp_path):
         while len(_group(proc.pid)) < 3:  # the command and its two decoding workers
             assert proc.poll() is None and time.monotonic() < deadline, "the build ended before its workers started"
             time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        deadline = time.monotonic() + 30
-        while _group(proc.pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert _group(proc.pid) == []
     finally:
-        for pid in _group(proc.pid):
-            os.kill(pid, signal.SIGKILL)
+        _kill_and_check_group(proc)
     r = run_sertk(*args, timeout=120)
     assert r.code == 0, r.err
